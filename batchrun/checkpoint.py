@@ -1,0 +1,186 @@
+"""The checkpoint beside an output file: manifest, fingerprint check, resume skip-set, run lock.
+
+`OUTPUT.parts/` holds `manifest.json` (what the job was), `lock` (the pid of the run using it)
+and the part files. A resumed run must have the same fingerprint; it skips rows whose latest
+result is ok and tries the others again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchrun.errors import ConfigError
+from batchrun.job import Job
+from batchrun.sinks import INDEX_COLUMN, latest_results, parts_dir, scan_parts
+
+MANIFEST = "manifest.json"
+LOCK = "lock"
+_SAMPLE = 1 << 20
+
+
+def input_identity(path: Path) -> dict[str, Any]:
+    """Size and a hash of the first and last MiB: cheap, and changes when the data does."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        digest.update(file.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            file.seek(size - _SAMPLE)
+            digest.update(file.read(_SAMPLE))
+    return {"name": path.name, "size": size, "sample_sha256": digest.hexdigest()[:32]}
+
+
+def _describe_change(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += _describe_change(before, after, f"{prefix}{key}.")
+        else:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What a checkpoint already holds."""
+
+    ok_positions: Any  # polars Series of input positions whose latest result is ok
+    rows_done: int
+    rows_ok: int
+
+    def is_empty(self) -> bool:
+        return self.rows_done == 0
+
+
+class Checkpoint:
+    """A run's checkpoint folder."""
+
+    def __init__(self, output: Path) -> None:
+        self.output = output
+        self.directory = parts_dir(output)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def read_manifest(self) -> dict[str, Any]:
+        data = orjson.loads(self.manifest_path.read_bytes())
+        if not isinstance(data, dict):
+            raise ConfigError("the checkpoint manifest is damaged", path=self.manifest_path)
+        return data
+
+    def manifest_for(self, job: Job) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "fingerprint": {"input": input_identity(job.input), "job": job.fingerprint()},
+        }
+
+    def open(self, job: Job, *, restart: bool) -> None:
+        """Create the checkpoint, or check that an existing one belongs to this job.
+
+        Raises:
+            ConfigError: the job changed since the checkpoint was made, and not `restart`.
+        """
+        wanted = self.manifest_for(job)
+        if self.exists() and restart:
+            self.discard()
+        if self.exists():
+            found = self.read_manifest()
+            changes = _describe_change(found.get("fingerprint", {}), wanted["fingerprint"])
+            if changes:
+                raise ConfigError(
+                    "the job changed since its checkpoint was made ("
+                    + "; ".join(changes[:5])
+                    + "): run with --restart to discard the checkpoint and start over",
+                    path=self.directory,
+                )
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        wanted["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(wanted, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, self.manifest_path)
+
+    def discard(self) -> None:
+        """Throw the checkpoint away (what --restart does)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def resume_state(self, *, rows: int) -> ResumeState:
+        """What is done among the first `rows` input rows, reading only the position and
+        status columns."""
+        import polars as pl
+
+        frame = scan_parts(self.directory)
+        if frame is None:
+            return ResumeState(pl.Series([], dtype=pl.Int64), 0, 0)
+        frame = frame.select([INDEX_COLUMN, "status", "_part"])
+        latest = latest_results(frame.filter(pl.col(INDEX_COLUMN) < rows)).collect()
+        ok = latest.filter(pl.col("status") == "ok")[INDEX_COLUMN]
+        return ResumeState(ok, latest.height, ok.len())
+
+    def acquire_lock(self) -> None:
+        """Refuse a second run on the same output while the first is alive."""
+        path = self.directory / LOCK
+        self.directory.mkdir(parents=True, exist_ok=True)
+        body = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_lock(path)
+                if holder is not None and _alive(holder):
+                    raise ConfigError(
+                        f"another run (pid {holder}) is using this output; wait for it or "
+                        "stop it first",
+                        path=self.output,
+                    ) from None
+                path.unlink(missing_ok=True)  # a stale lock from a killed run
+                continue
+            with os.fdopen(fd, "wb") as file:
+                file.write(body)
+            return
+        raise ConfigError("could not take the run lock", path=path)
+
+    def release_lock(self) -> None:
+        path = self.directory / LOCK
+        if read_lock(path) == os.getpid():
+            path.unlink(missing_ok=True)
+
+
+def read_lock(path: Path) -> int | None:
+    """The pid in a lock file, or None if there is no readable lock."""
+    try:
+        data = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    pid = data.get("pid") if isinstance(data, dict) else None
+    if not isinstance(pid, int):
+        return None
+    if data.get("host") not in (None, socket.gethostname()):
+        return None
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,145 @@
+"""The `batchrun` command: parses flags, lays them over the job file, maps errors to exit codes.
+
+Only click and the standard library are imported at the top: the rest loads when a command
+runs, so `batchrun --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchrun import __version__
+from batchrun.errors import EXIT_USAGE, BatchrunError, RunStopped
+from batchrun.fake.command import fake_server_command
+
+
+def _absolute(value: Path | None) -> Path | None:
+    # flags name paths from where the command runs; job files from their own folder
+    return value.absolute() if value is not None else None
+
+
+def _echo_summary(summary: Any) -> None:
+    stats = summary.statistics
+    err = sys.stderr
+    state = "complete" if summary.complete else "incomplete"
+    click.echo(
+        f"{state}: {summary.rows_ok} ok, {summary.rows_error} errors "
+        f"of {summary.rows_total} rows -> {summary.output}",
+        file=err,
+    )
+    if stats is None:
+        click.echo("nothing to do: every row already has a result", file=err)
+        return
+    click.echo(
+        f"this run: {stats.rows_done} rows, {stats.requests} requests "
+        f"({stats.requests_per_s:.1f}/s) in {stats.elapsed_s:.1f} s; "
+        f"tokens: {stats.prompt_tokens} prompt ({stats.cache_hit_tokens} cache hit), "
+        f"{stats.completion_tokens} completion ({stats.reasoning_tokens} reasoning)",
+        file=err,
+    )
+    if stats.rows_skipped:
+        click.echo(f"resumed: {stats.rows_skipped} rows were already done", file=err)
+    if stats.errors_by_class:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors_by_class.items()))
+        click.echo(f"errors by class: {parts}", file=err)
+    if stats.retries_by_class:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(stats.retries_by_class.items()))
+        click.echo(f"retries by class: {parts}", file=err)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batchrun")
+def cli() -> None:
+    """Run large batches of chat-completion requests against OpenAI-compatible APIs."""
+
+
+@cli.command()
+@click.argument("job_file", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--input", "input_", type=click.Path(path_type=Path), help="Prompt set (.jsonl or .parquet)."
+)
+@click.option("--output", type=click.Path(path_type=Path), help="Result Parquet file.")
+@click.option("--model", help="Model name, e.g. deepseek-chat.")
+@click.option("--base-url", help="API base URL, e.g. https://api.deepseek.com.")
+@click.option("--api-key-env", help="Name of the variable holding the API key.")
+@click.option("--concurrency", type=click.IntRange(1, 4096), help="Requests in flight at most.")
+@click.option("--max-attempts", type=click.IntRange(1, 100), help="Attempts per row.")
+@click.option("--timeout", type=click.FloatRange(min=0.001), help="Seconds per attempt, all in.")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="max_tokens for every request.")
+@click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature.")
+@click.option("--id-column", help="Column holding each row's id.")
+@click.option("--prompt-column", help="Column holding a prompt string.")
+@click.option("--messages-column", help="Column holding a list of messages.")
+@click.option("--system", help="System prompt for every row.")
+@click.option("--template", help="Prompt template over columns, e.g. 'Classify: {text}'.")
+@click.option("--stream/--no-stream", default=None, help="Stream answers as SSE.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
+@click.option("--transport", type=click.Choice(["aiohttp", "httpx"]), help="HTTP transport.")
+@click.option("--restart", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option("--log-format", type=click.Choice(["console", "json"]), help="Log format.")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def run(
+    job_file: Path | None,
+    input_: Path | None,
+    output: Path | None,
+    restart: bool,
+    log_format: str | None,
+    verbose: int,
+    quiet: bool,
+    **flags: Any,
+) -> None:
+    """Run a job: a JOB_FILE, flags, or both (flags win)."""
+    from batchrun import logs
+
+    logs.configure(
+        verbosity=-1 if quiet else min(verbose, 1),
+        json=None if log_format is None else log_format == "json",
+    )
+    try:
+        job = _job_from(job_file, input_, output, flags)
+        from batchrun.runner import run_job
+
+        summary = run_job(job, restart=restart)
+    except RunStopped as stop:
+        if stop.summary is not None:
+            _echo_summary(stop.summary)
+        click.echo(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except BatchrunError as exc:
+        click.echo(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    _echo_summary(summary)
+    sys.exit(summary.exit_code)
+
+
+def _job_from(
+    job_file: Path | None, input_: Path | None, output: Path | None, flags: dict[str, Any]
+) -> Any:
+    from batchrun.errors import ConfigError
+    from batchrun.job import apply_flags, build_job, read_job_data
+
+    data = read_job_data(job_file) if job_file is not None else {}
+    flags = {**flags, "input": _absolute(input_), "output": _absolute(output)}
+    if job_file is None:
+        if input_ is None:
+            raise ConfigError("give a job file or --input (see batchrun run --help)")
+        if output is None:
+            flags["output"] = input_.absolute().with_name(input_.stem + ".results.parquet")
+    return build_job(apply_flags(data, flags), source=job_file)
+
+
+cli.add_command(fake_server_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:  # before a run's own handler is in place
+        click.echo("interrupted", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

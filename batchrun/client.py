@@ -1,0 +1,297 @@
+"""One HTTP client for a run: send a request body, get a `Completion` or a classified error.
+
+Errors are classified from the status code and JSON fields, never from message text. Each
+attempt has its own total deadline on top of httpx's per-read timeout, because DeepSeek's
+keep-alive blank lines restart the read timer for up to ten minutes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import orjson
+
+from batchrun.errors import (
+    AuthError,
+    BalanceError,
+    PermanentError,
+    RateLimited,
+    RetryableError,
+)
+from batchrun.sse import StreamAccumulator, StreamBroken
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+USER_AGENT = "batchrun/0.1"
+RETRYABLE_STATUS = frozenset({408, 409, 425, 500, 502, 503, 504})
+PERMANENT_CLASSES = {400: "bad_request", 404: "not_found", 413: "too_large", 422: "invalid_params"}
+
+
+@dataclass(slots=True)
+class Completion:
+    """A successful answer, with the usage the server reported (None where it sent none)."""
+
+    content: str | None
+    reasoning_content: str | None
+    finish_reason: str | None
+    model: str | None
+    response_id: str | None
+    http_status: int
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    prompt_cache_hit_tokens: int | None = None
+    prompt_cache_miss_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    headers: Mapping[str, str] | None = None
+
+
+def chat_url(base_url: str) -> str:
+    """`{base}/chat/completions`, whether the base ends in `/`, `/v1` or the full path."""
+    base = base_url.rstrip("/")
+    if base.endswith("/chat/completions"):
+        return base
+    return base + "/chat/completions"
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _fill_usage(completion: Completion, usage: Any) -> None:
+    if not isinstance(usage, dict):
+        return
+    completion.prompt_tokens = _int(usage.get("prompt_tokens"))
+    completion.completion_tokens = _int(usage.get("completion_tokens"))
+    completion.total_tokens = _int(usage.get("total_tokens"))
+    completion.prompt_cache_hit_tokens = _int(usage.get("prompt_cache_hit_tokens"))
+    completion.prompt_cache_miss_tokens = _int(usage.get("prompt_cache_miss_tokens"))
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict):
+        completion.reasoning_tokens = _int(details.get("reasoning_tokens"))
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, or `Retry-After` in seconds or
+    as an HTTP date."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(float(millis) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return max(when.timestamp() - current, 0.0)
+
+
+def _error_message(status: int, body: bytes) -> str:
+    """The server's own message where its body has one, else a short excerpt."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return f"HTTP {status}: {error['message']}"
+        if isinstance(error, str):
+            return f"HTTP {status}: {error}"
+        if isinstance(data.get("message"), str):
+            return f"HTTP {status}: {data['message']}"
+    text = " ".join(body[:300].decode("utf-8", "replace").split())
+    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+
+def _completion_from_body(data: Any, status: int) -> Completion:
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise RetryableError(
+            "the 200 answer is not a chat completion", status=status, error_class="bad_response"
+        )
+    choices = data["choices"]
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    completion = Completion(
+        content=message.get("content"),
+        reasoning_content=message.get("reasoning_content"),
+        finish_reason=choice.get("finish_reason"),
+        model=data.get("model"),
+        response_id=data.get("id"),
+        http_status=status,
+    )
+    _fill_usage(completion, data.get("usage"))
+    return completion
+
+
+def _check_finish(completion: Completion) -> Completion:
+    if completion.finish_reason == "insufficient_system_resource":
+        raise RetryableError(
+            "the server ran out of resources mid-answer (finish_reason "
+            "insufficient_system_resource)",
+            status=completion.http_status,
+            error_class="server_busy",
+        )
+    return completion
+
+
+class Client:
+    """Sends chat-completion requests over one pooled httpx client.
+
+    Use as an async context manager; `send` is safe to call from many tasks at once.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        max_connections: int,
+        timeout: float = 600.0,
+        read_timeout: float = 120.0,
+        transport: str = "aiohttp",
+    ) -> None:
+        self.url = chat_url(base_url)
+        self.timeout = timeout
+        self._api_key = api_key
+        headers = {"content-type": "application/json", "user-agent": USER_AGENT}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        http_timeout = httpx.Timeout(connect=30.0, read=read_timeout, write=60.0, pool=None)
+        if transport == "aiohttp":
+            from httpx_aiohttp import AiohttpTransport
+
+            self._http = httpx.AsyncClient(
+                transport=AiohttpTransport(limits=limits),
+                headers=headers,
+                timeout=http_timeout,
+            )
+        else:
+            self._http = httpx.AsyncClient(limits=limits, headers=headers, timeout=http_timeout)
+
+    async def __aenter__(self) -> Client:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._http.__aexit__(*exc_info)
+
+    def _redact(self, message: str) -> str:
+        if self._api_key and self._api_key in message:
+            return message.replace(self._api_key, "[redacted]")
+        return message
+
+    def _raise_for_status(self, response: httpx.Response, body: bytes) -> None:
+        status = response.status_code
+        message = self._redact(_error_message(status, body))
+        if status == 401 or status == 403:
+            raise AuthError(message)
+        if status == 402:
+            raise BalanceError(message)
+        if status == 429:
+            raise RateLimited(message, retry_after=parse_retry_after(response.headers))
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise RetryableError(message, status=status, error_class="server")
+        raise PermanentError(
+            message, status=status, error_class=PERMANENT_CLASSES.get(status, "client_error")
+        )
+
+    async def send(self, body: dict[str, Any]) -> Completion:
+        """Send one request and return its completion.
+
+        Raises:
+            RetryableError: 429, 5xx, network faults, a deadline passed, a broken 200.
+            PermanentError: 400, 404, 422 and other client errors.
+            AuthError, BalanceError: 401/403 and 402; the run must stop.
+        """
+        payload = orjson.dumps(body)
+        try:
+            with anyio.fail_after(self.timeout):
+                if body.get("stream"):
+                    return await self._send_streaming(payload)
+                return await self._send_plain(payload)
+        except TimeoutError:
+            raise RetryableError(
+                f"no complete answer within {self.timeout:g} s", error_class="timeout"
+            ) from None
+        except httpx.ConnectTimeout as exc:
+            # the aiohttp transport reports a dropped connection as ConnectTimeout
+            detail = self._redact(str(exc)) or type(exc).__name__
+            raise RetryableError(f"network error: {detail}", error_class="network") from None
+        except httpx.TimeoutException as exc:
+            raise RetryableError(
+                f"timed out: {type(exc).__name__}", error_class="timeout"
+            ) from None
+        except httpx.TransportError as exc:
+            detail = self._redact(str(exc)) or type(exc).__name__
+            raise RetryableError(f"network error: {detail}", error_class="network") from None
+
+    async def _send_plain(self, payload: bytes) -> Completion:
+        response = await self._http.post(self.url, content=payload)
+        body = response.content
+        status = response.status_code
+        if status != 200:
+            self._raise_for_status(response, body)
+        if not body.strip():
+            raise RetryableError(
+                "the 200 answer has an empty body", status=status, error_class="bad_response"
+            )
+        try:
+            data = orjson.loads(body)  # leading keep-alive blank lines are JSON whitespace
+        except orjson.JSONDecodeError:
+            raise RetryableError(
+                "the 200 answer is not valid JSON", status=status, error_class="bad_response"
+            ) from None
+        completion = _completion_from_body(data, status)
+        completion.headers = response.headers
+        return _check_finish(completion)
+
+    async def _send_streaming(self, payload: bytes) -> Completion:
+        async with self._http.stream("POST", self.url, content=payload) as response:
+            status = response.status_code
+            if status != 200:
+                self._raise_for_status(response, await response.aread())
+            stream = StreamAccumulator()
+            try:
+                async for line in response.aiter_lines():
+                    stream.feed_line(line)
+                    if stream.done:
+                        break
+                stream.finish()
+            except StreamBroken as exc:
+                raise RetryableError(str(exc), status=status, error_class="bad_response") from None
+        if not stream.done or stream.finish_reason is None:
+            raise RetryableError(
+                "the stream ended before [DONE] or without a finish_reason",
+                status=status,
+                error_class="bad_response",
+            )
+        completion = Completion(
+            content=stream.content,
+            reasoning_content=stream.reasoning_content,
+            finish_reason=stream.finish_reason,
+            model=stream.model,
+            response_id=stream.response_id,
+            http_status=status,
+            headers=response.headers,
+        )
+        _fill_usage(completion, stream.usage)
+        return _check_finish(completion)

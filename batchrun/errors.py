@@ -1,0 +1,140 @@
+"""The exception tree and the exit codes it maps to.
+
+```
+BatchrunError
+├── ConfigError              a job file or flag is wrong            -> exit 2
+├── InputError               a prompt set is wrong (file, line, row, column) -> exit 2
+├── RunStopped               the run stopped early, resumable       -> exit 3
+│   ├── AuthError            401: the key is wrong
+│   ├── BalanceError         402: the account is out of credit
+│   └── Interrupted          Ctrl-C or SIGTERM
+└── RequestError             one request failed (a row's failure, never a run's)
+    ├── RetryableError       429, 5xx, network faults, hidden failures in a 200
+    │   └── RateLimited      429, with the server's retry_after
+    └── PermanentError       400, 404, 422: the row is recorded as an error
+```
+
+Only `cli.py` turns these into exit codes and one-line messages. Classes are chosen from status
+codes and JSON fields, never from message text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_ROW_ERRORS = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+
+
+class BatchrunError(Exception):
+    """Base of every error batchrun raises on purpose."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(BatchrunError):
+    """Raised when a job file or a flag is invalid."""
+
+    def __init__(self, message: str, *, path: Path | str | None = None) -> None:
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputError(BatchrunError):
+    """Raised when a prompt set cannot be used: the message names where."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path | str,
+        line: int | None = None,
+        row: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.line = line
+        self.row = row
+        self.column = column
+        self.reason = message
+        where = self.path
+        if line is not None:
+            where += f", line {line}"
+        elif row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {message}")
+
+
+class RunStopped(BatchrunError):
+    """Raised when a run stops before every row is done; running it again resumes."""
+
+    exit_code = EXIT_STOPPED
+    #: the run's RunSummary, attached when the run had started
+    summary: Any = None
+
+
+class AuthError(RunStopped):
+    """Raised when the server rejects the API key (HTTP 401)."""
+
+    def __init__(self, message: str = "") -> None:
+        detail = f" ({message})" if message else ""
+        super().__init__(
+            f"the server rejected the API key{detail}: check the key variable and run again"
+        )
+
+
+class BalanceError(RunStopped):
+    """Raised when the account has no credit left (HTTP 402)."""
+
+    def __init__(self, message: str = "") -> None:
+        detail = f" ({message})" if message else ""
+        super().__init__(f"insufficient balance{detail}: top up and run the same command again")
+
+
+class Interrupted(RunStopped):
+    """Raised when the user or the system asked the run to stop."""
+
+    def __init__(self, signal_name: str = "interrupt") -> None:
+        self.signal_name = signal_name
+        super().__init__(f"stopped by {signal_name}: run the same command again to resume")
+
+
+class RequestError(BatchrunError):
+    """Raised when one request fails; the row records it, the run goes on."""
+
+    #: short class name written to the output's `error` column and used in logs
+    error_class = "request"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(message)
+
+
+class RetryableError(RequestError):
+    """Raised when a request failed in a way that may pass on a later attempt."""
+
+    def __init__(self, message: str, *, status: int | None = None, error_class: str) -> None:
+        super().__init__(message, status=status)
+        self.error_class = error_class
+
+
+class RateLimited(RetryableError):
+    """Raised on HTTP 429; `retry_after` is the server's requested delay in seconds, if any."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, status=429, error_class="rate_limit")
+        self.retry_after = retry_after
+
+
+class PermanentError(RequestError):
+    """Raised when the server refused the request itself (400, 404, 422): retrying won't help."""
+
+    def __init__(self, message: str, *, status: int | None = None, error_class: str) -> None:
+        super().__init__(message, status=status)
+        self.error_class = error_class

@@ -1,0 +1,270 @@
+"""The job model: what to read, where to send it, how to shape requests, and the limits.
+
+A job comes from a TOML file (`load_job`), from flags alone, or from both: flags win, and that
+precedence lives in one function, `apply_flags`. Relative paths resolve against the job file's
+folder. Validation happens here, once, so the rest of the code can trust a `Job`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from batchrun.errors import ConfigError
+
+DEFAULT_BASE_URL = "https://api.deepseek.com"
+DEFAULT_API_KEY_ENV = "DEEPSEEK_API_KEY"
+DEFAULT_MODEL = "deepseek-chat"
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Params(_Strict):
+    """Request parameters sent with every row (a row's own columns of the same name win)."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    seed: int | None = None
+    #: anything else the server accepts, sent as given
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    def to_body(self) -> dict[str, Any]:
+        """The parameters as request-body fields, leaving out the unset ones."""
+        body = self.model_dump(exclude_none=True, exclude={"extra_body"})
+        body.update(self.extra_body)
+        return body
+
+
+#: request fields a row may set for itself, overriding the job's
+ROW_OVERRIDABLE = ("model", *(name for name in Params.model_fields if name != "extra_body"))
+
+
+class PromptMapping(_Strict):
+    """How a row becomes messages."""
+
+    id_column: str | None = None
+    prompt_column: str = "prompt"
+    messages_column: str = "messages"
+    system_column: str = "system"
+    system: str | None = None
+    template: str | None = None
+    #: input columns copied into the output beside the results
+    carry: list[str] = Field(default_factory=list)
+
+
+class Limits(_Strict):
+    """How hard to push the endpoint."""
+
+    concurrency: int = Field(default=32, ge=1, le=4096)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    #: total seconds one attempt may take, keep-alive blank lines included
+    timeout: float = Field(default=600.0, gt=0)
+    #: seconds with no byte at all before an attempt is given up
+    read_timeout: float = Field(default=120.0, gt=0)
+    #: upper bound of one backoff sleep, seconds
+    max_backoff: float = Field(default=60.0, gt=0)
+    initial_backoff: float = Field(default=1.0, gt=0)
+
+
+class FakeEndpoint(_Strict):
+    """Run against the built-in fake server, started in-process on 127.0.0.1."""
+
+    latency: float = 0.0
+    latency_jitter: float = 0.0
+    fail_rate: float = Field(default=0.0, ge=0, le=1)
+    faults: list[str] | None = None
+    seed: int = 0
+    retry_after: float = 1.0
+    token_budget: int | None = None
+
+
+class Job(_Strict):
+    """A validated job."""
+
+    input: Path
+    output: Path
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    model: str = DEFAULT_MODEL
+    stream: bool = False
+    #: only the first N rows: try a job before paying for all of it
+    limit: int | None = Field(default=None, ge=1)
+    transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    params: Params = Field(default_factory=Params)
+    prompt: PromptMapping = Field(default_factory=PromptMapping)
+    limits: Limits = Field(default_factory=Limits)
+    fake: FakeEndpoint | None = None
+    #: the file the job came from, if any (for messages)
+    source: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not _ENV_NAME.match(value):
+            raise ValueError(
+                "must be the NAME of an environment variable holding the key, not the key itself"
+            )
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that shapes a request: a resumed run must match it."""
+        return {
+            "model": self.model,
+            "stream": self.stream,
+            "params": self.params.to_body(),
+            "prompt": self.prompt.model_dump(exclude={"carry"}),
+            "carry": self.prompt.carry,
+        }
+
+    def fingerprint_digest(self) -> str:
+        """A short hash of `fingerprint()`."""
+        raw = orjson.dumps(self.fingerprint(), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        elif item["type"] == "missing":
+            parts.append(f"missing key {key!r}")
+        else:
+            parts.append(f"key {key!r}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def _refuse_literal_keys(data: dict[str, Any], path: Path) -> None:
+    for key in ("api_key", "key", "token"):
+        if key in data:
+            raise ConfigError(
+                f"a literal API key ({key!r}) is not allowed in a job file: put the key in an "
+                "environment variable and name it with api_key_env",
+                path=path,
+            )
+
+
+def build_job(data: dict[str, Any], *, source: Path | None = None) -> Job:
+    """Validate a job's data; relative paths resolve against the job file's folder."""
+    where = source or "job"
+    if source is not None:
+        _refuse_literal_keys(data, source)
+    try:
+        job = Job.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc), path=where) from None
+    if source is not None:
+        base = source.parent
+        if not job.input.is_absolute():
+            job.input = Path(os.path.normpath(base.absolute() / job.input))
+        if not job.output.is_absolute():
+            job.output = Path(os.path.normpath(base.absolute() / job.output))
+    return job
+
+
+def load_job(path: Path | str) -> Job:
+    """Load and validate a job file."""
+    path = Path(path)
+    return build_job(read_job_data(path), source=path)
+
+
+#: flag name -> where it lands in the job's data
+FLAG_TARGETS: dict[str, tuple[str, ...]] = {
+    "input": ("input",),
+    "output": ("output",),
+    "model": ("model",),
+    "base_url": ("base_url",),
+    "api_key_env": ("api_key_env",),
+    "stream": ("stream",),
+    "limit": ("limit",),
+    "transport": ("transport",),
+    "concurrency": ("limits", "concurrency"),
+    "max_attempts": ("limits", "max_attempts"),
+    "timeout": ("limits", "timeout"),
+    "max_tokens": ("params", "max_tokens"),
+    "temperature": ("params", "temperature"),
+    "id_column": ("prompt", "id_column"),
+    "prompt_column": ("prompt", "prompt_column"),
+    "messages_column": ("prompt", "messages_column"),
+    "system": ("prompt", "system"),
+    "template": ("prompt", "template"),
+}
+
+
+def apply_flags(job_data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """Lay flags that were given (not None) over a job's data: flags win over the file."""
+    merged: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, dict) else v) for k, v in job_data.items()
+    }
+    for name, value in flags.items():
+        if value is None:
+            continue
+        target = FLAG_TARGETS[name]
+        node = merged
+        for part in target[:-1]:
+            node = node.setdefault(part, {})
+        node[target[-1]] = value
+    return merged
+
+
+def read_job_data(path: Path) -> dict[str, Any]:
+    """The raw TOML data of a job file, before validation (for merging flags over it)."""
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the job file: {exc.strerror}", path=path) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid TOML: {exc}", path=path) from None
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str | None:
+    """The API key from the variable the job names: the one place the key is read.
+
+    A run against the built-in fake or a loopback server may go without one.
+    """
+    env = os.environ if environ is None else environ
+    key = env.get(job.api_key_env, "").strip()
+    if key:
+        return key
+    if job.fake is not None or _is_loopback(job.base_url):
+        return None
+    raise ConfigError(
+        f"the API key variable {job.api_key_env} is not set: export it "
+        f"({job.api_key_env}=sk-...) or name another with api_key_env / --api-key-env"
+    )

@@ -1,0 +1,83 @@
+"""structlog configuration and secret redaction.
+
+Events go to stderr: readable on a terminal, JSON lines otherwise (or with `json=True`).
+Every event passes through a processor that replaces registered secrets, so an API key that a
+server echoes back in an error never reaches a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "[redacted]"
+_secrets: set[str] = set()
+
+
+def register_secret(value: str | None) -> None:
+    """Never log this value (short values are ignored: they would redact ordinary words)."""
+    if value and len(value) >= 8:
+        _secrets.add(value)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: remove registered secrets from every field."""
+    if not _secrets:
+        return event_dict
+    return {key: _scrub(value) for key, value in event_dict.items()}
+
+
+def configure(
+    *,
+    verbosity: int = 0,
+    json: bool | None = None,
+    stream: TextIO | None = None,
+) -> None:
+    """Set up logging for a CLI run. verbosity: -1 quiet, 0 normal, 1 debug."""
+    out = stream or sys.stderr
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    as_json = json if json is not None else not out.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    # httpx logs every request at INFO: far too much for a batch of a million
+    logging.getLogger("httpx").setLevel(logging.WARNING)

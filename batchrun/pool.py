@@ -1,0 +1,274 @@
+"""Runs a job: one task group, source -> bounded stream -> workers -> part files.
+
+A row's failure is a value (an error row); a run's failure (bad key, no balance, interrupt)
+is a stop: no new rows are taken, requests in flight may finish within a grace period, what
+is done is written, and the stop is raised for the CLI to report.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from tenacity import RetryCallState
+
+from batchrun.client import Client, Completion
+from batchrun.errors import Interrupted, RequestError, RunStopped
+from batchrun.job import Job
+from batchrun.progress import Tally, report_periodically
+from batchrun.prompts import RequestShape, build_request
+from batchrun.retry import build_policy
+from batchrun.sinks import INDEX_COLUMN, PartWriter
+from batchrun.sources import InputRow, InputSummary, iter_batches, row_id
+
+log = structlog.get_logger("batchrun")
+
+FLUSH_ROWS = 500
+FLUSH_SECONDS = 5.0
+#: how long requests in flight may take to finish after a stop
+STOP_GRACE_SECONDS = 30.0
+
+
+class _Abandoned(Exception):
+    """Raised inside a row's retry loop when the run is stopping: the row is not recorded."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class PoolSettings:
+    """Knobs of the pool that are not part of the job (tests shorten them)."""
+
+    flush_rows: int = FLUSH_ROWS
+    flush_seconds: float = FLUSH_SECONDS
+    stop_grace: float = STOP_GRACE_SECONDS
+    progress_every: float | None = None
+    #: turn Ctrl-C and SIGTERM into a graceful stop (only possible in the main thread)
+    handle_signals: bool = False
+
+
+@dataclass
+class Pool:
+    """The moving parts of one run, shared by its tasks."""
+
+    job: Job
+    scan: InputSummary
+    client: Client
+    writer: PartWriter
+    tally: Tally
+    skip: Any = None  # polars Series of input positions already ok, or None
+    settings: PoolSettings = field(default_factory=PoolSettings)
+    stop_reason: RunStopped | None = None
+    _stop_event: anyio.Event = field(default_factory=anyio.Event)
+    _flush_wanted: anyio.Event = field(default_factory=anyio.Event)
+    _flush_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def __post_init__(self) -> None:
+        self.shape = RequestShape.from_job(self.job)
+        self.carry = tuple(self.job.prompt.carry)
+
+    # -- stopping -------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_reason is not None
+
+    def stop(self, reason: RunStopped) -> None:
+        """Stop taking rows; the first reason given is the one reported."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.warning("run_stopping", reason=str(reason))
+            self._stop_event.set()
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._stop_event.wait()
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Send every row not yet done; returns when all are done or the run stops."""
+        limit = self.job.limits.concurrency
+        send, receive = anyio.create_memory_object_stream[InputRow](limit * 2)
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._flush_periodically)
+                if self.settings.progress_every:
+                    outer.start_soon(report_periodically, self.tally, self.settings.progress_every)
+                async with anyio.create_task_group() as group:
+                    outer.start_soon(self._cancel_after_grace, group.cancel_scope)
+                    if self.settings.handle_signals:
+                        outer.start_soon(self._watch_signals, group.cancel_scope)
+                    group.start_soon(self._produce, send)
+                    for _ in range(limit):
+                        group.start_soon(self._work, receive.clone())
+                    receive.close()
+                outer.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.flush()
+
+    async def _cancel_after_grace(self, scope: anyio.CancelScope) -> None:
+        """After a stop, requests in flight get a grace period, then are cancelled."""
+        await self._stop_event.wait()
+        await anyio.sleep(self.settings.stop_grace)
+        scope.cancel()
+
+    async def _watch_signals(self, scope: anyio.CancelScope) -> None:
+        """First Ctrl-C or SIGTERM: stop gracefully. A second one: cancel in-flight requests."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.stopping:
+                    log.warning("run_cancelling", signal=signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+                self.stop(Interrupted(signal.Signals(signum).name))
+
+    async def _produce(self, send: MemoryObjectSendStream[InputRow]) -> None:
+        async with send:
+            batches = iter_batches(self.job.input, limit=self.job.limit)
+            while not self.stopping:
+                batch = await anyio.to_thread.run_sync(next, batches, None)
+                if batch is None:
+                    break
+                for row in self._not_done(batch):
+                    if self.stopping:
+                        break
+                    await send.send(row)
+
+    def _not_done(self, batch: list[InputRow]) -> Iterator[InputRow]:
+        if self.skip is None or len(self.skip) == 0:
+            yield from batch
+            return
+        import polars as pl
+
+        positions = pl.Series([row.index for row in batch], dtype=pl.Int64)
+        done = positions.is_in(self.skip).to_list()
+        for row, is_done in zip(batch, done, strict=True):
+            if not is_done:
+                yield row
+
+    async def _work(self, receive: MemoryObjectReceiveStream[InputRow]) -> None:
+        async with receive:
+            current: list[str] = [""]
+
+            def before_sleep(state: RetryCallState) -> None:
+                error = state.outcome.exception() if state.outcome else None
+                error_class = getattr(error, "error_class", "unknown")
+                self.tally.retries_by_class[error_class] += 1
+                log.info(
+                    "request_retried",
+                    row_id=current[0],
+                    attempt=state.attempt_number,
+                    error_class=error_class,
+                    http_status=getattr(error, "status", None),
+                    delay_s=round(state.upcoming_sleep, 3),
+                )
+
+            policy = build_policy(
+                self.job.limits, before_sleep=before_sleep, sleep=self._sleep_unless_stopping
+            )
+            async for row in receive:
+                if self.stopping:
+                    continue
+                current[0] = row_id(row, self.job.prompt.id_column, self.job.input)
+                try:
+                    result = await self._process(row, current[0], policy)
+                except _Abandoned:
+                    continue
+                except RunStopped as stop:
+                    self.stop(stop)
+                    continue
+                self.writer.add(result)
+                self.tally.record_row(result)
+                if len(self.writer) >= self.settings.flush_rows:
+                    self._flush_wanted.set()
+
+    async def _process(self, row: InputRow, rid: str, policy: Any) -> dict[str, Any]:
+        body = build_request(row.data, self.shape)
+        started_at = _now()
+        t0 = time.perf_counter()
+        attempts = 0
+        completion: Completion | None = None
+        failure: RequestError | None = None
+        try:
+            async for attempt in policy:
+                with attempt:
+                    if self.stopping:
+                        raise _Abandoned
+                    attempts += 1
+                    self.tally.requests += 1
+                    self.tally.in_flight += 1
+                    try:
+                        completion = await self.client.send(body)
+                    finally:
+                        self.tally.in_flight -= 1
+        except RequestError as exc:
+            failure = exc
+        latency = time.perf_counter() - t0
+        return self._result(row, rid, completion, failure, attempts, latency, started_at)
+
+    def _result(
+        self,
+        row: InputRow,
+        rid: str,
+        completion: Completion | None,
+        failure: RequestError | None,
+        attempts: int,
+        latency: float,
+        started_at: datetime,
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = {"id": rid, INDEX_COLUMN: row.index}
+        for name in self.carry:
+            result[name] = row.data.get(name)
+        c = completion
+        result.update(
+            status="ok" if c is not None else "error",
+            content=c.content if c else None,
+            reasoning_content=c.reasoning_content if c else None,
+            finish_reason=c.finish_reason if c else None,
+            model=c.model if c else None,
+            prompt_tokens=c.prompt_tokens if c else None,
+            completion_tokens=c.completion_tokens if c else None,
+            total_tokens=c.total_tokens if c else None,
+            prompt_cache_hit_tokens=c.prompt_cache_hit_tokens if c else None,
+            prompt_cache_miss_tokens=c.prompt_cache_miss_tokens if c else None,
+            reasoning_tokens=c.reasoning_tokens if c else None,
+            attempts=attempts,
+            latency_s=latency,
+            http_status=c.http_status if c else (failure.status if failure else None),
+            error=failure.message if failure else None,
+            error_class=failure.error_class if failure else None,
+            response_id=c.response_id if c else None,
+            started_at=started_at,
+            finished_at=_now(),
+        )
+        return result
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            with anyio.move_on_after(self.settings.flush_seconds):
+                await self._flush_wanted.wait()
+            self._flush_wanted = anyio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write buffered results to a new part file."""
+        async with self._flush_lock:
+            taken = self.writer.take()
+            if taken is None:
+                return
+            path, rows = taken
+            await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
+            log.debug("checkpoint_flushed", part=path.name, rows=len(rows))

@@ -1,0 +1,155 @@
+"""Turn one input row into one request body. Pure: no I/O, so it is tested exhaustively.
+
+A row holds `messages` (a list of {role, content}), a `prompt` string, or the columns a
+template names; or it is an OpenAI Batch API line whose `body` is the request. Row columns
+named like request parameters (`model`, `temperature`, ...) win over the job's.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from batchrun.job import ROW_OVERRIDABLE, Job
+
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+
+
+class RowProblem(ValueError):
+    """Raised when a row cannot become a request; the caller adds file and line."""
+
+    def __init__(self, message: str, *, column: str | None = None) -> None:
+        super().__init__(message)
+        self.column = column
+
+
+def is_batch_line(row: dict[str, Any]) -> bool:
+    """Whether a row is an OpenAI Batch API input line."""
+    return "custom_id" in row and isinstance(row.get("body"), dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    """What every request of a job shares, computed once from the job."""
+
+    model: str
+    params: dict[str, Any]
+    stream: bool
+    prompt_column: str
+    messages_column: str
+    system_column: str
+    system: str | None
+    template: str | None
+    template_fields: tuple[str, ...]
+
+    @classmethod
+    def from_job(cls, job: Job) -> RequestShape:
+        template = job.prompt.template
+        fields: tuple[str, ...] = ()
+        if template is not None:
+            fields = template_fields(template)
+        return cls(
+            model=job.model,
+            params=job.params.to_body(),
+            stream=job.stream,
+            prompt_column=job.prompt.prompt_column,
+            messages_column=job.prompt.messages_column,
+            system_column=job.prompt.system_column,
+            system=job.prompt.system,
+            template=template,
+            template_fields=fields,
+        )
+
+
+def template_fields(template: str) -> tuple[str, ...]:
+    """The column names a `str.format` template refers to."""
+    names = []
+    try:
+        for _, field, _, _ in string.Formatter().parse(template):
+            if field is None:
+                continue
+            name = field.split(".", 1)[0].split("[", 1)[0]
+            if not name or name.isdigit():
+                raise ValueError("templates refer to columns by name, e.g. {text}")
+            names.append(name)
+    except ValueError as exc:
+        raise RowProblem(f"bad template {template!r}: {exc}") from None
+    return tuple(dict.fromkeys(names))
+
+
+def _columns(row: dict[str, Any]) -> str:
+    return ", ".join(repr(k) for k in row) or "(none)"
+
+
+def _check_messages(value: Any, column: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise RowProblem("must be a non-empty list of {role, content} objects", column=column)
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RowProblem(f"message {i} is not an object", column=column)
+        role = message.get("role")
+        if role not in ROLES:
+            raise RowProblem(f"message {i} has role {role!r}", column=column)
+        content = message.get("content")
+        if not isinstance(content, str | list) and not (content is None and role == "assistant"):
+            raise RowProblem(f"message {i} has no string content", column=column)
+    return value
+
+
+def _messages(row: dict[str, Any], shape: RequestShape) -> list[dict[str, Any]]:
+    if shape.template is not None:
+        for name in shape.template_fields:
+            if row.get(name) is None:
+                raise RowProblem(
+                    f"the template needs column {name!r}; this row has {_columns(row)}",
+                    column=name,
+                )
+        messages = [{"role": "user", "content": shape.template.format_map(row)}]
+    elif (value := row.get(shape.messages_column)) is not None:
+        messages = list(_check_messages(value, shape.messages_column))
+    elif (value := row.get(shape.prompt_column)) is not None:
+        if not isinstance(value, str):
+            raise RowProblem("must be a string", column=shape.prompt_column)
+        messages = [{"role": "user", "content": value}]
+    else:
+        raise RowProblem(
+            f"the row has neither {shape.messages_column!r} nor {shape.prompt_column!r} "
+            f"(columns: {_columns(row)})",
+            column=shape.prompt_column,
+        )
+    system = row.get(shape.system_column)
+    if system is None:
+        system = shape.system
+    elif not isinstance(system, str):
+        raise RowProblem("must be a string", column=shape.system_column)
+    if system is not None and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def build_request(row: dict[str, Any], shape: RequestShape) -> dict[str, Any]:
+    """The request body for one row.
+
+    Raises:
+        RowProblem: the row lacks what the job needs; names the column.
+    """
+    if is_batch_line(row):
+        body = dict(row["body"])
+        body.setdefault("model", shape.model)
+        if "messages" not in body:
+            raise RowProblem("the batch line's body has no 'messages'", column="body")
+        _check_messages(body["messages"], "body.messages")
+    else:
+        body = {"model": shape.model, "messages": _messages(row, shape), **shape.params}
+        for name in ROW_OVERRIDABLE:
+            value = row.get(name)
+            if value is not None:
+                body[name] = value
+    if shape.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    else:
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+    return body

@@ -1,0 +1,228 @@
+"""Streaming readers for prompt sets: JSONL (plain or OpenAI Batch API lines) and Parquet.
+
+Rows come out in batches and are never all held in memory. `scan_input` makes one fast pass
+before any request is sent: every row must build a request, ids must be unique, and the
+carried columns' types are settled, so a bad row stops the run before anything is paid for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+
+from batchrun.errors import InputError
+from batchrun.job import Job
+from batchrun.prompts import RequestShape, RowProblem, build_request, is_batch_line
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+Format = Literal["jsonl", "parquet"]
+BATCH_SIZE = 2048
+
+
+@dataclass(slots=True)
+class InputRow:
+    """One input row and where it came from."""
+
+    index: int  # 0-based position among the rows
+    line: int | None  # 1-based line number, for JSONL
+    data: dict[str, Any]
+
+    def where(self, path: Path, message: str, column: str | None = None) -> InputError:
+        """An InputError that names this row."""
+        if self.line is not None:
+            return InputError(message, path=path, line=self.line, column=column)
+        return InputError(message, path=path, row=self.index + 1, column=column)
+
+
+def detect_format(path: Path) -> Format:
+    """The input format, from the file name."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in (".parquet", ".pq"):
+        return "parquet"
+    if suffixes and suffixes[-1] in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    raise InputError(
+        "unknown input format: use a .jsonl (or .ndjson) or a .parquet file", path=path
+    )
+
+
+def _iter_jsonl(path: Path, batch_size: int) -> Iterator[list[InputRow]]:
+    batch: list[InputRow] = []
+    index = 0
+    with path.open("rb") as file:
+        for line_no, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise InputError(f"not valid JSON ({exc})", path=path, line=line_no) from None
+            if not isinstance(data, dict):
+                raise InputError("each line must be a JSON object", path=path, line=line_no)
+            batch.append(InputRow(index, line_no, data))
+            index += 1
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _open_parquet(path: Path) -> Any:
+    import pyarrow.parquet as pq  # lazy import: pyarrow adds ~160 ms to start-up
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise InputError(f"not a readable Parquet file ({exc})", path=path) from None
+
+
+def _iter_parquet(path: Path, batch_size: int) -> Iterator[list[InputRow]]:
+    file = _open_parquet(path)
+    index = 0
+    try:
+        for record_batch in file.iter_batches(batch_size=batch_size):
+            rows = record_batch.to_pylist()
+            yield [InputRow(index + i, None, data) for i, data in enumerate(rows)]
+            index += len(rows)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"not a readable Parquet file ({exc})", path=path) from None
+
+
+def iter_batches(
+    path: Path, *, batch_size: int = BATCH_SIZE, limit: int | None = None
+) -> Iterator[list[InputRow]]:
+    """Stream a prompt set as batches of rows, stopping after `limit` rows if given."""
+    if not path.exists():
+        raise InputError("no such file", path=path)
+    reader = _iter_parquet if detect_format(path) == "parquet" else _iter_jsonl
+    seen = 0
+    for batch in reader(path, batch_size):
+        if limit is not None and seen + len(batch) >= limit:
+            yield batch[: limit - seen]
+            return
+        seen += len(batch)
+        yield batch
+
+
+def row_id(row: InputRow, id_column: str | None, path: Path) -> str:
+    """A row's identity: its batch custom_id, its id column, or its position."""
+    data = row.data
+    if is_batch_line(data):
+        return str(data["custom_id"])
+    if id_column is None:
+        return str(row.index)
+    value = data.get(id_column)
+    if value is None:
+        raise row.where(path, "the id column is missing or null", column=id_column)
+    return str(value)
+
+
+@dataclass
+class InputSummary:
+    """What the scan learnt about a prompt set."""
+
+    rows: int
+    batch_format: bool
+    #: carried column -> Arrow type, in the job's order
+    carried_types: dict[str, pa.DataType] = field(default_factory=dict)
+
+
+def _arrow_type_of(values: set[type]) -> pa.DataType:
+    import pyarrow as pa
+
+    values.discard(type(None))
+    if not values:
+        return pa.string()
+    if values <= {bool}:
+        return pa.bool_()
+    if values <= {int}:
+        return pa.int64()
+    if values <= {int, float}:
+        return pa.float64()
+    if values <= {str}:
+        return pa.string()
+    return pa.large_string()  # mixed or nested: carried as JSON text
+
+
+def scan_input(job: Job) -> InputSummary:
+    """Check every row of the input before anything is sent, and count the rows.
+
+    Raises:
+        InputError: naming the file, the line or row, and the column.
+    """
+    import polars as pl  # lazy import: only a run needs it
+
+    path = job.input
+    try:
+        shape = RequestShape.from_job(job)
+    except RowProblem as exc:  # a bad template is the job's fault, but name the input
+        raise InputError(str(exc), path=path) from None
+    id_column = job.prompt.id_column
+    carry = job.prompt.carry
+    seen_types: dict[str, set[type]] = {name: set() for name in carry}
+    seen_columns: set[str] = set()
+    id_chunks: list[pl.Series] = []
+    place_chunks: list[pl.Series] = []
+    rows = 0
+    batch_format = False
+    for batch in iter_batches(path, limit=job.limit):
+        ids = []
+        places = []
+        for row in batch:
+            data = row.data
+            try:
+                build_request(data, shape)
+            except RowProblem as exc:
+                raise row.where(path, str(exc), column=exc.column) from None
+            ids.append(row_id(row, id_column, path))
+            places.append(row.line if row.line is not None else row.index + 1)
+            for name in carry:
+                seen_types[name].add(type(data.get(name)))
+            if rows == 0:
+                batch_format = is_batch_line(data)
+            if len(seen_columns) < 10_000:  # a cap, in case every row has its own keys
+                seen_columns.update(data)
+            rows += 1
+        id_chunks.append(pl.Series(ids, dtype=pl.String))
+        place_chunks.append(pl.Series(places, dtype=pl.Int64))
+    if rows == 0:
+        raise InputError("the input has no rows", path=path)
+    missing = [name for name in carry if name not in seen_columns]
+    if missing:
+        raise InputError(
+            f"carried column {missing[0]!r} is not in the input "
+            f"(columns: {', '.join(sorted(seen_columns))})",
+            path=path,
+            column=missing[0],
+        )
+    _check_unique_ids(pl.concat(id_chunks), pl.concat(place_chunks), path)
+    carried_types = _carried_types(job, seen_types)
+    return InputSummary(rows=rows, batch_format=batch_format, carried_types=carried_types)
+
+
+def _carried_types(job: Job, seen_types: dict[str, set[type]]) -> dict[str, pa.DataType]:
+    if detect_format(job.input) == "parquet" and job.prompt.carry:
+        schema = _open_parquet(job.input).schema_arrow
+        return {name: schema.field(name).type for name in job.prompt.carry}
+    return {name: _arrow_type_of(types) for name, types in seen_types.items()}
+
+
+def _check_unique_ids(ids: Any, places: Any, path: Path) -> None:
+    import polars as pl
+
+    frame = pl.DataFrame({"id": ids, "place": places})
+    dupes = frame.filter(pl.col("id").is_duplicated())
+    if dupes.height:
+        first = dupes.row(0, named=True)["id"]
+        where = dupes.filter(pl.col("id") == first)["place"].to_list()[:2]
+        unit = "lines" if detect_format(path) == "jsonl" else "rows"
+        raise InputError(f"duplicate id {first!r} in {unit} {where[0]} and {where[1]}", path=path)

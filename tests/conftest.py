@@ -1,0 +1,52 @@
+"""Shared fixtures: one fake DeepSeek server on 127.0.0.1 for the session, reset per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchrun.fake import FakeConfig, FakeServer
+
+
+@pytest.fixture(scope="session")
+def fake_session() -> Iterator[FakeServer]:
+    with FakeServer(FakeConfig()) as server:
+        yield server
+
+
+@pytest.fixture
+def fake(fake_session: FakeServer) -> FakeServer:
+    """The session's fake server, with counters, log and config reset."""
+    fake_session.reset(FakeConfig())
+    return fake_session
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+    return path
+
+
+def fast_job_data(tmp_path: Path, base_url: str, **extra: Any) -> dict[str, Any]:
+    """Job data for tests: short backoffs so retries take milliseconds."""
+    data: dict[str, Any] = {
+        "input": str(tmp_path / "in.jsonl"),
+        "output": str(tmp_path / "out.parquet"),
+        "base_url": base_url,
+        "limits": {
+            "concurrency": 4,
+            "max_attempts": 4,
+            "initial_backoff": 0.01,
+            "max_backoff": 0.05,
+            "timeout": 10,
+        },
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data

@@ -1,0 +1,369 @@
+"""End to end: jobs through the real HTTP path to the fake server on 127.0.0.1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from batchrun.cli import cli
+from batchrun.errors import AuthError, BalanceError
+from batchrun.fake import FakeServer
+from batchrun.job import build_job
+from batchrun.pool import PoolSettings
+from batchrun.runner import RunSummary, run_job
+from batchrun.sinks import list_parts, parts_dir
+from tests.conftest import fast_job_data, write_jsonl
+
+EXPECTED_COLUMNS = [
+    "id",
+    "status",
+    "content",
+    "reasoning_content",
+    "finish_reason",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_cache_hit_tokens",
+    "prompt_cache_miss_tokens",
+    "reasoning_tokens",
+    "attempts",
+    "latency_s",
+    "http_status",
+    "error",
+    "response_id",
+    "started_at",
+    "finished_at",
+    "error_class",
+]
+
+SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
+
+
+def run(tmp_path: Path, fake: FakeServer, rows: list[dict[str, Any]], **extra: Any) -> RunSummary:
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job = build_job(fast_job_data(tmp_path, fake.base_url, **extra))
+    return run_job(job, settings=PoolSettings(flush_rows=2, flush_seconds=0.05))
+
+
+def read_output(tmp_path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(tmp_path / "out.parquet").to_pylist()
+
+
+def prompts(n: int, prefix: str = "question") -> list[dict[str, Any]]:
+    return [{"id": f"r{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
+
+
+def test_jsonl_prompts_give_one_ok_row_each_in_input_order(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Each JSONL prompt comes back as one ok row answering its own prompt, in input order."""
+    summary = run(tmp_path, fake, prompts(12), prompt={"id_column": "id"})
+    rows = read_output(tmp_path)
+    assert summary.complete and summary.rows_ok == 12 and summary.exit_code == 0
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(12)]
+    assert all(r["content"] == f"echo: question {i}" for i, r in enumerate(rows))
+    assert all(r["status"] == "ok" and r["attempts"] == 1 for r in rows)
+    assert not parts_dir(tmp_path / "out.parquet").exists()
+
+
+def test_output_schema_is_exact(tmp_path: Path, fake: FakeServer) -> None:
+    """The output columns, their order and their Arrow types are the documented ones."""
+    run(tmp_path, fake, prompts(2), prompt={"id_column": "id", "carry": ["prompt"]})
+    schema = pq.read_schema(tmp_path / "out.parquet")
+    assert schema.names == ["id", "prompt", *EXPECTED_COLUMNS[1:]]
+    types = {field.name: field.type for field in schema}
+    assert types["id"] == pa.string() and types["prompt"] == pa.string()
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens"):
+        assert types[name] == pa.int64()
+    assert types["attempts"] == pa.int32() and types["http_status"] == pa.int32()
+    assert types["latency_s"] == pa.float64()
+    assert types["started_at"] == pa.timestamp("ms", tz="UTC")
+
+
+def test_usage_columns_come_from_the_server(tmp_path: Path, fake: FakeServer) -> None:
+    """Token columns hold the server's usage, cache hits included."""
+    system = "You are a careful assistant. " * 40  # long enough for 64-token cache units
+    run(tmp_path, fake, prompts(3), prompt={"system": system})
+    rows = read_output(tmp_path)
+    for row in rows:
+        assert row["total_tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+        hit, miss = row["prompt_cache_hit_tokens"], row["prompt_cache_miss_tokens"]
+        assert hit + miss == row["prompt_tokens"]
+    assert sum(r["prompt_cache_hit_tokens"] for r in rows) > 0
+
+
+def test_reasoner_rows_carry_reasoning(tmp_path: Path, fake: FakeServer) -> None:
+    """deepseek-reasoner answers fill reasoning_content and reasoning_tokens."""
+    run(tmp_path, fake, prompts(2), model="deepseek-reasoner")
+    row = read_output(tmp_path)[0]
+    assert row["reasoning_content"] == "thinking about: question 0"
+    assert row["reasoning_tokens"] and row["reasoning_tokens"] > 0
+
+
+def test_parquet_input_with_a_template(tmp_path: Path, fake: FakeServer) -> None:
+    """A Parquet prompt set with a template over its columns; carried columns keep their types."""
+    pq.write_table(
+        pa.table({"doc": [10, 11, 12], "topic": ["tides", "ice", "rain"]}), tmp_path / "in.parquet"
+    )
+    data = fast_job_data(
+        tmp_path,
+        fake.base_url,
+        input=str(tmp_path / "in.parquet"),
+        prompt={"id_column": "doc", "template": "Explain {topic}.", "carry": ["doc", "topic"]},
+    )
+    run_job(build_job(data), settings=SETTINGS)
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.schema.field("doc").type == pa.int64()
+    assert table.column("id").to_pylist() == ["10", "11", "12"]
+    assert table.column("content").to_pylist() == [
+        "echo: Explain tides.",
+        "echo: Explain ice.",
+        "echo: Explain rain.",
+    ]
+
+
+def test_messages_rows_mixed_with_prompt_rows_and_row_overrides(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Messages and prompt rows mix in one set; a row's own temperature wins over the job's."""
+    rows = [
+        {"id": "a", "messages": [{"role": "user", "content": "hi"}]},
+        {"id": "b", "prompt": "plain", "temperature": 0.0},
+    ]
+    run(tmp_path, fake, rows, prompt={"id_column": "id"}, params={"temperature": 1.5})
+    sent = {body["messages"][-1]["content"]: body for body in fake.requests()}
+    assert sent["hi"]["temperature"] == 1.5
+    assert sent["plain"]["temperature"] == 0.0
+    assert [r["content"] for r in read_output(tmp_path)] == ["echo: hi", "echo: plain"]
+
+
+def test_batch_format_input_uses_custom_id_and_body(tmp_path: Path, fake: FakeServer) -> None:
+    """OpenAI Batch API lines are recognised: custom_id is the id and body the request."""
+    rows = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "deepseek-chat",
+                "messages": [{"role": "user", "content": f"b{i}"}],
+                "max_tokens": 77,
+            },
+        }
+        for i in range(3)
+    ]
+    run(tmp_path, fake, rows)
+    assert [r["id"] for r in read_output(tmp_path)] == ["req-0", "req-1", "req-2"]
+    assert {body["max_tokens"] for body in fake.requests()} == {77}
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_class"),
+    [
+        pytest.param("429*2@0.01", "rate_limit", id="429-retry-after"),
+        pytest.param("500", "server", id="500"),
+        pytest.param("502", "server", id="502"),
+        pytest.param("503", "server", id="503-html"),
+        pytest.param("504", "server", id="504"),
+        pytest.param("drop", "network", id="dropped-connection"),
+        pytest.param("blank", "bad_response", id="whitespace-200"),
+        pytest.param("truncated", "bad_response", id="truncated-json-200"),
+        pytest.param("isr", "server_busy", id="insufficient-system-resource"),
+    ],
+)
+def test_retried_classes_recover(
+    tmp_path: Path, fake: FakeServer, fault: str, error_class: str
+) -> None:
+    """Each retryable failure is retried and the row ends ok, with its attempts counted."""
+    times = int(fault.split("*")[1].split("@")[0]) if "*" in fault else 1
+    summary = run(tmp_path, fake, [{"prompt": f"x [[fault:{fault}]]"}, {"prompt": "clean"}])
+    rows = read_output(tmp_path)
+    assert summary.exit_code == 0
+    assert rows[0]["status"] == "ok" and rows[0]["attempts"] == times + 1
+    assert rows[1]["attempts"] == 1
+    assert summary.statistics is not None
+    assert summary.statistics.retries_by_class == {error_class: times}
+
+
+def test_keepalive_blank_lines_before_the_body_are_not_an_error(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Blank keep-alive lines before a JSON body parse as one good answer, first time."""
+    fake.update(keepalive_lines=5, keepalive_interval=0.01)
+    run(tmp_path, fake, [{"prompt": "wait [[fault:keepalive]]"}])
+    row = read_output(tmp_path)[0]
+    assert row["status"] == "ok" and row["attempts"] == 1
+    assert row["content"] == "echo: wait [[fault:keepalive]]"
+
+
+def test_attempt_deadline_covers_keepalive_lines(tmp_path: Path, fake: FakeServer) -> None:
+    """Keep-alive lines that outlast the per-attempt deadline end the attempt as a timeout."""
+    fake.update(keepalive_lines=50, keepalive_interval=0.02)
+    summary = run(
+        tmp_path,
+        fake,
+        [{"prompt": "slow [[fault:keepalive*always]]"}],
+        limits={"timeout": 0.2, "max_attempts": 2},
+    )
+    row = read_output(tmp_path)[0]
+    assert row["status"] == "error" and row["error_class"] == "timeout"
+    assert row["attempts"] == 2 and summary.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "error_class"),
+    [
+        pytest.param("400", 400, "bad_request", id="400"),
+        pytest.param("404", 404, "not_found", id="404"),
+        pytest.param("422", 422, "invalid_params", id="422"),
+    ],
+)
+def test_permanent_errors_are_recorded_not_retried(
+    tmp_path: Path, fake: FakeServer, fault: str, status: int, error_class: str
+) -> None:
+    """400, 404 and 422 become error rows with the server's message after one attempt."""
+    summary = run(tmp_path, fake, [{"prompt": f"[[fault:{fault}*always]]"}, {"prompt": "fine"}])
+    bad, good = read_output(tmp_path)
+    assert bad["status"] == "error" and bad["attempts"] == 1
+    assert bad["http_status"] == status and bad["error_class"] == error_class
+    assert bad["error"].startswith(f"HTTP {status}: ")
+    assert good["status"] == "ok"
+    assert summary.complete and summary.exit_code == 1
+    assert fake.stats()["requests"] == 2
+
+
+def test_server_validation_error_is_a_row_error(tmp_path: Path, fake: FakeServer) -> None:
+    """A model the server does not know gives an error row carrying its message."""
+    run(tmp_path, fake, [{"prompt": "hi", "model": "no-such-model"}, {"prompt": "ok"}])
+    bad, good = read_output(tmp_path)
+    assert bad["status"] == "error" and bad["http_status"] == 400
+    assert "Model Not Exist" in bad["error"] and good["status"] == "ok"
+
+
+def test_exhausted_attempts_give_an_error_row_and_the_run_goes_on(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A row failing every attempt is recorded as an error; the other rows still finish."""
+    rows = [{"prompt": "[[fault:500*always]]"}, *prompts(5)]
+    summary = run(tmp_path, fake, rows, limits={"max_attempts": 3})
+    out = read_output(tmp_path)
+    assert out[0]["status"] == "error" and out[0]["attempts"] == 3
+    assert out[0]["error_class"] == "server" and out[0]["http_status"] == 500
+    assert all(r["status"] == "ok" for r in out[1:])
+    assert summary.rows_error == 1 and summary.exit_code == 1
+
+
+@pytest.mark.parametrize("usage_chunk", ["final", "separate"])
+def test_streaming_collects_content_and_usage(
+    tmp_path: Path, fake: FakeServer, usage_chunk: str
+) -> None:
+    """Streamed answers are assembled, with usage from the final or a separate chunk."""
+    fake.update(usage_chunk=usage_chunk)
+    run(tmp_path, fake, prompts(3), stream=True, model="deepseek-reasoner")
+    rows = read_output(tmp_path)
+    assert [r["content"] for r in rows] == [f"echo: question {i}" for i in range(3)]
+    assert rows[0]["reasoning_content"] == "thinking about: question 0"
+    assert all(r["prompt_tokens"] and r["completion_tokens"] for r in rows)
+    assert all(body["stream"] is True for body in fake.requests())
+
+
+def test_streaming_keepalive_comments_are_ignored(tmp_path: Path, fake: FakeServer) -> None:
+    """`: keep-alive` comments before the first chunk do not disturb a streamed answer."""
+    run(tmp_path, fake, [{"prompt": "s [[fault:keepalive]]"}], stream=True)
+    row = read_output(tmp_path)[0]
+    assert row["status"] == "ok" and row["content"] == "echo: s [[fault:keepalive]]"
+
+
+def test_unauthorized_stops_the_run(tmp_path: Path, fake: FakeServer, monkeypatch: Any) -> None:
+    """A 401 stops the whole run as AuthError, without error rows for the untried rest."""
+    fake.update(api_key="right-key-123456")
+    monkeypatch.setenv("TEST_KEY", "wrong-key-654321")
+    with pytest.raises(AuthError) as caught:
+        run(tmp_path, fake, prompts(20), api_key_env="TEST_KEY")
+    assert caught.value.summary is not None and not caught.value.summary.complete
+    assert not (tmp_path / "out.parquet").exists()
+    assert fake.stats()["requests"] <= 4 * 2  # at most the workers' first requests
+
+
+def test_right_key_is_sent_as_bearer(tmp_path: Path, fake: FakeServer, monkeypatch: Any) -> None:
+    """The key from the named variable authorises the requests."""
+    fake.update(api_key="right-key-123456")
+    monkeypatch.setenv("TEST_KEY", "right-key-123456")
+    summary = run(tmp_path, fake, prompts(3), api_key_env="TEST_KEY")
+    assert summary.rows_ok == 3
+
+
+def test_insufficient_balance_keeps_what_is_done_and_resumes(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """402 stops the run with finished rows on disk; after a top-up the same job resumes."""
+    fake.update(token_budget=400)
+    with pytest.raises(BalanceError) as caught:
+        run(tmp_path, fake, prompts(40), limits={"concurrency": 2})
+    assert "top up and run the same command again" in str(caught.value)
+    done = pq.read_table(list_parts(parts_dir(tmp_path / "out.parquet")))
+    ok_ids = set(done.filter(pa.compute.equal(done["status"], "ok"))["id"].to_pylist())
+    assert 0 < len(ok_ids) < 40
+    before = len(fake.requests())
+    fake.update(token_budget=None)
+    summary = run(tmp_path, fake, prompts(40), limits={"concurrency": 2})
+    assert summary.complete and summary.rows_ok == 40
+    resent = [b["messages"][-1]["content"] for b in fake.requests()[before:]]
+    assert not {f"question {i}" for i in range(40) if f"r{i}" in ok_ids} & set(resent)
+    assert [r["id"] for r in read_output(tmp_path)] == [str(i) for i in range(40)]
+
+
+def test_limit_sends_only_the_first_rows(tmp_path: Path, fake: FakeServer) -> None:
+    """--limit N sends N requests and writes N rows."""
+    summary = run(tmp_path, fake, prompts(10), limit=3)
+    assert summary.rows_total == 3 and fake.stats()["requests"] == 3
+    assert len(read_output(tmp_path)) == 3
+
+
+def test_finished_job_run_again_sends_nothing(tmp_path: Path, fake: FakeServer) -> None:
+    """Running a complete job again sends no request and reports it complete."""
+    run(tmp_path, fake, prompts(4))
+    sent = fake.stats()["requests"]
+    summary = run(tmp_path, fake, prompts(4))
+    assert summary.complete and summary.statistics is None
+    assert fake.stats()["requests"] == sent
+
+
+def test_cli_exit_codes(tmp_path: Path, fake: FakeServer) -> None:
+    """Exit 0 when every row is ok, 1 with error rows, 3 when stopped."""
+    write_jsonl(tmp_path / "ok.jsonl", prompts(2))
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "[[fault:400*always]]"}])
+    runner = CliRunner()
+    common = ["--base-url", fake.base_url, "--max-attempts", "2"]
+    ok = runner.invoke(cli, ["run", "--input", str(tmp_path / "ok.jsonl"), *common])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "ok.results.parquet").exists()
+    bad = runner.invoke(cli, ["run", "--input", str(tmp_path / "bad.jsonl"), *common])
+    assert bad.exit_code == 1, bad.output
+    fake.update(token_budget=0)
+    write_jsonl(tmp_path / "more.jsonl", prompts(2, "more"))
+    stopped = runner.invoke(cli, ["run", "--input", str(tmp_path / "more.jsonl"), *common])
+    assert stopped.exit_code == 3
+    assert "insufficient balance" in stopped.output
+
+
+def test_flags_override_the_job_file(tmp_path: Path, fake: FakeServer) -> None:
+    """A flag wins over the same key in the job file."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    (tmp_path / "job.toml").write_text(
+        f'input = "in.jsonl"\noutput = "out.parquet"\nbase_url = "{fake.base_url}"\n'
+        'model = "deepseek-chat"\n[params]\nmax_tokens = 100\n'
+    )
+    result = CliRunner().invoke(
+        cli, ["run", str(tmp_path / "job.toml"), "--max-tokens", "55", "--model", "fake-small"]
+    )
+    assert result.exit_code == 0, result.output
+    bodies = fake.requests()
+    assert {b["max_tokens"] for b in bodies} == {55}
+    assert {b["model"] for b in bodies} == {"fake-small"}
