@@ -8,6 +8,7 @@ folder. Validation happens here, once, so the rest of the code can trust a `Job`
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -250,7 +251,12 @@ def _is_loopback(url: str) -> bool:
     from urllib.parse import urlsplit
 
     host = urlsplit(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def resolve_api_key(job: Job, environ: Mapping[str, str] | None = None) -> str | None:

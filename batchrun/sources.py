@@ -55,7 +55,11 @@ def detect_format(path: Path) -> Format:
 def _iter_jsonl(path: Path, batch_size: int) -> Iterator[list[InputRow]]:
     batch: list[InputRow] = []
     index = 0
-    with path.open("rb") as file:
+    try:
+        file = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"cannot read the file ({exc.strerror})", path=path) from None
+    with file:
         for line_no, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -103,6 +107,8 @@ def iter_batches(
     """Stream a prompt set as batches of rows, stopping after `limit` rows if given."""
     if not path.exists():
         raise InputError("no such file", path=path)
+    if not path.is_file():
+        raise InputError("not a file", path=path)
     reader = _iter_parquet if detect_format(path) == "parquet" else _iter_jsonl
     seen = 0
     for batch in reader(path, batch_size):
