@@ -24,7 +24,7 @@ from batchrun.errors import Interrupted, RequestError, RunStopped
 from batchrun.job import Job
 from batchrun.progress import Tally, report_periodically
 from batchrun.prompts import RequestShape, build_request
-from batchrun.retry import build_policy
+from batchrun.retry import RetryPolicy
 from batchrun.sinks import INDEX_COLUMN, PartWriter
 from batchrun.sources import InputRow, InputSummary, iter_batches, row_id
 
@@ -174,7 +174,7 @@ class Pool:
                     delay_s=round(state.upcoming_sleep, 3),
                 )
 
-            policy = build_policy(
+            policy = RetryPolicy(
                 self.job.limits, before_sleep=before_sleep, sleep=self._sleep_unless_stopping
             )
             async for row in receive:
@@ -193,25 +193,28 @@ class Pool:
                 if len(self.writer) >= self.settings.flush_rows:
                     self._flush_wanted.set()
 
-    async def _process(self, row: InputRow, rid: str, policy: Any) -> dict[str, Any]:
+    async def _process(self, row: InputRow, rid: str, policy: RetryPolicy) -> dict[str, Any]:
         body = build_request(row.data, self.shape)
         started_at = _now()
         t0 = time.perf_counter()
         attempts = 0
         completion: Completion | None = None
         failure: RequestError | None = None
+
+        async def attempt() -> Completion:
+            nonlocal attempts
+            if self.stopping:
+                raise _Abandoned
+            attempts += 1
+            self.tally.requests += 1
+            self.tally.in_flight += 1
+            try:
+                return await self.client.send(body)
+            finally:
+                self.tally.in_flight -= 1
+
         try:
-            async for attempt in policy:
-                with attempt:
-                    if self.stopping:
-                        raise _Abandoned
-                    attempts += 1
-                    self.tally.requests += 1
-                    self.tally.in_flight += 1
-                    try:
-                        completion = await self.client.send(body)
-                    finally:
-                        self.tally.in_flight -= 1
+            completion = await policy.call(attempt)
         except RequestError as exc:
             failure = exc
         latency = time.perf_counter() - t0

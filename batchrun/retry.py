@@ -1,17 +1,14 @@
 """The retry policy, assembled from tenacity's named parts in one place.
 
 Only `RetryableError` is retried. The wait honours the server's Retry-After on a 429 and
-otherwise backs off exponentially with jitter. Callers use the iterator form so that every
-attempt goes through the limiter again:
-
-    async for attempt in policy:
-        with attempt:
-            ...
+otherwise backs off exponentially with jitter. `RetryPolicy.call` runs a whole attempt
+function each time, so every attempt goes through the limiter again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 from tenacity import (
@@ -25,6 +22,8 @@ from tenacity.wait import wait_base
 
 from batchrun.errors import RateLimited, RetryableError
 from batchrun.job import Limits
+
+T = TypeVar("T")
 
 #: never sleep longer than this for one Retry-After, whatever the server says
 MAX_SERVER_DELAY = 900.0
@@ -50,7 +49,7 @@ def build_policy(
     before_sleep: Callable[[RetryCallState], None] | None = None,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> AsyncRetrying:
-    """The policy for one worker; reuse it row after row, never share it between tasks."""
+    """The tenacity policy; reuse it call after call, never share it between tasks."""
     return AsyncRetrying(
         stop=stop_after_attempt(limits.max_attempts),
         wait=wait_retry_after(
@@ -65,3 +64,38 @@ def build_policy(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+class RetryPolicy:
+    """Runs an attempt function until it succeeds, fails for good, or runs out of attempts.
+
+    The first attempt runs directly: most requests succeed at once, and tenacity's per-call
+    bookkeeping costs about a quarter of the runner's throughput at high request rates. After
+    a retryable failure, tenacity takes over; the first failure is replayed as its attempt 1,
+    so its stop, wait and before_sleep see the true attempt numbers. One policy per task.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        before_sleep: Callable[[RetryCallState], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        self.max_attempts = limits.max_attempts
+        self._retrying = build_policy(limits, before_sleep=before_sleep, sleep=sleep)
+
+    async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`await attempt()` with retries; raises the last error when attempts run out."""
+        try:
+            return await attempt()
+        except RetryableError as exc:
+            if self.max_attempts <= 1:
+                raise
+            first = exc
+        async for trial in self._retrying:
+            with trial:
+                if trial.retry_state.attempt_number == 1:
+                    raise first
+                return await attempt()
+        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
