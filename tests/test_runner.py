@@ -367,3 +367,39 @@ def test_flags_override_the_job_file(tmp_path: Path, fake: FakeServer) -> None:
     bodies = fake.requests()
     assert {b["max_tokens"] for b in bodies} == {55}
     assert {b["model"] for b in bodies} == {"fake-small"}
+
+
+def test_unauthorized_mid_job_exits_3_with_done_rows_kept(
+    tmp_path: Path, fake: FakeServer, monkeypatch: Any
+) -> None:
+    """A key rejected after some rows are done exits 3 and keeps those rows on disk."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    monkeypatch.setenv("TEST_KEY", "first-key-123456")
+    fake.update(api_key="first-key-123456")
+    args = ["run", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.parquet")]
+    args += ["--base-url", fake.base_url, "--api-key-env", "TEST_KEY"]
+    runner = CliRunner()
+    assert runner.invoke(cli, [*args, "--limit", "2"]).exit_code == 0
+    fake.update(api_key="rotated-key-654321")
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 3
+    assert "rejected the API key" in result.output
+    assert "first-key-123456" not in result.output
+    kept = pq.read_table(list_parts(parts_dir(tmp_path / "o.parquet")))
+    assert sorted(kept["id"].to_pylist()) == ["0", "1"]
+
+
+def test_library_runs_the_demo_job(tmp_path: Path) -> None:
+    """load_job + run_job run the shipped demo job (its own fake, faults retried) to the end."""
+    import batchrun
+
+    job = batchrun.load_job(Path(__file__).parent.parent / "jobs" / "demo.toml")
+    job.output = tmp_path / "demo.parquet"
+    assert job.fake is not None
+    job.fake.latency = job.fake.latency_jitter = 0.0
+    job.fake.retry_after = 0.01
+    job.limits.initial_backoff = job.limits.max_backoff = 0.01
+    summary = batchrun.run_job(job)
+    assert summary.complete and summary.exit_code == 0
+    assert summary.rows_ok == 40 == pq.read_metadata(job.output).num_rows
+    assert summary.statistics is not None and summary.statistics.retries_by_class
