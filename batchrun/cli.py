@@ -69,6 +69,11 @@ def cli() -> None:
 @click.option("--concurrency", type=click.IntRange(1, 4096), help="Requests in flight at most.")
 @click.option("--max-attempts", type=click.IntRange(1, 100), help="Attempts per row.")
 @click.option("--timeout", type=click.FloatRange(min=0.001), help="Seconds per attempt, all in.")
+@click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute.")
+@click.option("--tpm", type=click.FloatRange(min=0, min_open=True), help="Tokens per minute.")
+@click.option(
+    "--adaptive/--no-adaptive", default=None, help="Learn the server's concurrency limit."
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), help="max_tokens for every request.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature.")
 @click.option("--id-column", help="Column holding each row's id.")

@@ -207,7 +207,9 @@ class Client:
         if status == 402:
             raise BalanceError(message)
         if status == 429:
-            raise RateLimited(message, retry_after=parse_retry_after(response.headers))
+            raise RateLimited(
+                message, retry_after=parse_retry_after(response.headers), headers=response.headers
+            )
         if status in RETRYABLE_STATUS or status >= 500:
             raise RetryableError(message, status=status, error_class="server")
         raise PermanentError(

@@ -20,6 +20,7 @@ codes and JSON fields, never from message text.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,16 @@ class RetryableError(RequestError):
 class RateLimited(RetryableError):
     """Raised on HTTP 429; `retry_after` is the server's requested delay in seconds, if any."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message, status=429, error_class="rate_limit")
         self.retry_after = retry_after
+        self.headers = headers
 
 
 class PermanentError(RequestError):

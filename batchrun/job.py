@@ -86,6 +86,18 @@ class Limits(_Strict):
     #: upper bound of one backoff sleep, seconds
     max_backoff: float = Field(default=60.0, gt=0)
     initial_backoff: float = Field(default=1.0, gt=0)
+    #: requests per minute (per `window`); None: no ceiling
+    rpm: float | None = Field(default=None, gt=0)
+    #: tokens per minute (per `window`); None: no ceiling
+    tpm: float | None = Field(default=None, gt=0)
+    #: how the server counts tokens against tpm: real usage, or prompt + max_tokens (OpenAI)
+    tpm_counts: Literal["usage", "max_tokens"] = "usage"
+    #: the budgets' period in seconds (a minute; tests scale it down)
+    window: float = Field(default=60.0, gt=0)
+    #: learn the server's concurrency limit, up to `concurrency`
+    adaptive: bool = True
+    #: where adaptive concurrency starts
+    start_concurrency: int = Field(default=8, ge=1)
 
 
 class FakeEndpoint(_Strict):
@@ -211,6 +223,9 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
     "concurrency": ("limits", "concurrency"),
     "max_attempts": ("limits", "max_attempts"),
     "timeout": ("limits", "timeout"),
+    "rpm": ("limits", "rpm"),
+    "tpm": ("limits", "tpm"),
+    "adaptive": ("limits", "adaptive"),
     "max_tokens": ("params", "max_tokens"),
     "temperature": ("params", "temperature"),
     "id_column": ("prompt", "id_column"),

@@ -19,9 +19,11 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from tenacity import RetryCallState
 
+from batchrun import tokens
 from batchrun.client import Client, Completion
-from batchrun.errors import Interrupted, RequestError, RunStopped
+from batchrun.errors import Interrupted, RateLimited, RequestError, RetryableError, RunStopped
 from batchrun.job import Job
+from batchrun.limits import Limiter, Outcome
 from batchrun.progress import Tally, report_periodically
 from batchrun.prompts import RequestShape, build_request
 from batchrun.retry import RetryPolicy
@@ -63,6 +65,7 @@ class Pool:
     job: Job
     scan: InputSummary
     client: Client
+    limiter: Limiter
     writer: PartWriter
     tally: Tally
     skip: Any = None  # polars Series of input positions already ok, or None
@@ -195,6 +198,8 @@ class Pool:
 
     async def _process(self, row: InputRow, rid: str, policy: RetryPolicy) -> dict[str, Any]:
         body = build_request(row.data, self.shape)
+        prompt_estimate = tokens.prompt_tokens(body)
+        cap = tokens.completion_cap(body)
         started_at = _now()
         t0 = time.perf_counter()
         attempts = 0
@@ -205,13 +210,40 @@ class Pool:
             nonlocal attempts
             if self.stopping:
                 raise _Abandoned
+            reservation = await self.limiter.reserve(
+                prompt_tokens=prompt_estimate, completion_cap=cap
+            )
             attempts += 1
             self.tally.requests += 1
             self.tally.in_flight += 1
+            outcome = Outcome.OTHER
+            answer: Completion | None = None
+            failure: RetryableError | None = None
             try:
-                return await self.client.send(body)
+                if self.stopping:
+                    raise _Abandoned
+                answer = await self.client.send(body)
+                outcome = Outcome.OK
+                return answer
+            except RetryableError as exc:
+                failure = exc
+                if isinstance(exc, RateLimited):
+                    outcome = Outcome.RATE_LIMITED
+                elif exc.error_class in ("server", "server_busy"):
+                    outcome = Outcome.SERVER_ERROR
+                raise
             finally:
                 self.tally.in_flight -= 1
+                self.limiter.settle(
+                    reservation,
+                    outcome=outcome,
+                    prompt_tokens=answer.prompt_tokens if answer else None,
+                    completion_tokens=answer.completion_tokens if answer else None,
+                    retry_after=failure.retry_after if isinstance(failure, RateLimited) else None,
+                    headers=answer.headers
+                    if answer
+                    else (failure.headers if isinstance(failure, RateLimited) else None),
+                )
 
         try:
             completion = await policy.call(attempt)

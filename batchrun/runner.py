@@ -147,6 +147,7 @@ def _run_with_checkpoint(
     import anyio
 
     from batchrun.client import Client
+    from batchrun.limits import Limiter
     from batchrun.sinks import PartWriter
 
     state = checkpoint.resume_state(rows=scan.rows)
@@ -165,10 +166,22 @@ def _run_with_checkpoint(
                 read_timeout=live.limits.read_timeout,
                 transport=live.transport,
             ) as client:
+                limits = live.limits
+                limiter = Limiter(
+                    concurrency=limits.concurrency,
+                    rpm=limits.rpm,
+                    tpm=limits.tpm,
+                    window=limits.window,
+                    adaptive=limits.adaptive,
+                    tpm_counts=limits.tpm_counts,
+                    start_concurrency=limits.start_concurrency,
+                    fallback_pause=limits.initial_backoff,
+                )
                 pool = pool_class(
                     job=live,
                     scan=scan,
                     client=client,
+                    limiter=limiter,
                     writer=writer,
                     tally=tally,
                     skip=state.ok_positions if state.rows_ok else None,

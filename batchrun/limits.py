@@ -1,0 +1,445 @@
+"""Rate budgets: RPM and TPM buckets, the shared 429 pause, and adaptive concurrency.
+
+One `Limiter` serves every worker of a run through a small interface, so that a cluster-wide
+implementation can replace it without touching the pool:
+
+    reservation = await limiter.reserve(prompt_tokens=..., completion_cap=...)
+    ... send ...
+    limiter.settle(reservation, outcome=..., tokens_used=..., headers=...)
+
+The arithmetic (`TokenBucket`, `AdaptiveConcurrency`, `parse_duration`) is pure and takes
+`now`, so it is tested without a clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+import anyio
+import structlog
+
+log = structlog.get_logger("batchrun.limits")
+
+#: a bucket holds this share of its budget: requests are paced, not burst
+BURST_SHARE = 0.02
+#: the pace keeps this share of the budget in reserve for timing jitter between us and the server
+PACE_SHARE = 0.99
+
+
+class Outcome(Enum):
+    """How an attempt ended, as far as the limiter cares."""
+
+    OK = "ok"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    OTHER = "other"
+
+
+# -- pure arithmetic --------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """A continuously refilling bucket.
+
+    It holds a small share of the budget and refills at the budget's pace. A request larger
+    than the bucket is let through alone when the bucket is full, leaving it in debt, so it
+    is never stuck.
+    """
+
+    __slots__ = ("capacity", "level", "limit", "rate", "updated", "window")
+
+    def __init__(self, limit: float, *, window: float, now: float) -> None:
+        self.window = window
+        self.limit = limit
+        self.capacity = 0.0
+        self.rate = 0.0
+        self.level = 0.0
+        self.updated = now
+        self.set_limit(limit, now=now)
+        self.level = self.capacity
+
+    def set_limit(self, limit: float, *, now: float) -> None:
+        """Change the budget (per window), keeping the current level within the new bucket."""
+        self.refill(now)
+        self.limit = limit
+        self.capacity = max(1.0, limit * BURST_SHARE)
+        self.rate = max(limit * PACE_SHARE - self.capacity, limit * 0.5) / self.window
+        self.level = min(self.level, self.capacity)
+
+    def refill(self, now: float) -> None:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+
+    def wait_time(self, amount: float, now: float) -> float:
+        """Seconds until `amount` may be taken (0 if now)."""
+        self.refill(now)
+        needed = min(amount, self.capacity) - self.level
+        return 0.0 if needed <= 1e-9 else needed / self.rate
+
+    def take(self, amount: float, now: float) -> None:
+        self.refill(now)
+        self.level -= amount
+
+    def give_back(self, amount: float, now: float) -> None:
+        """Return unused tokens (negative: charge an overrun)."""
+        self.refill(now)
+        self.level = min(self.capacity, self.level + amount)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: str) -> float | None:
+    """Seconds in a Go-style duration (`1s`, `6m0s`, `850ms`) or a plain number of seconds."""
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+class AdaptiveConcurrency:
+    """How many requests may be in flight, learnt from the server's answers.
+
+    Starts modest and grows quickly (one step per clean answer) while the pool is saturated;
+    a 429 shrinks it multiplicatively and records the level where it happened as a ceiling.
+    Below the ceiling it grows back quickly; at the ceiling it probes upward only slowly, so
+    a server's concurrency limit costs few 429s. 5xx answers pause growth, never shrink.
+    """
+
+    DECREASE = 0.7
+    #: growth per clean answer before any 429 (x1.5 a round: a bounded overshoot)
+    START_STEP = 0.5
+    #: growth per clean answer below the ceiling, and at it (one step per ~50 rounds)
+    FAST_STEP = 0.5
+    PROBE_ROUNDS = 50
+
+    def __init__(self, maximum: int, *, start: int = 8, growth_pause: float = 2.0) -> None:
+        self.maximum = maximum
+        self.value = float(min(maximum, start))
+        self.ceiling: int | None = None
+        self.growth_pause = growth_pause
+        self._no_growth_until = -math.inf
+        #: sends numbered in order; a 429 on a send from before the last shrink is old news
+        self._shrunk_at_send = 0
+
+    @property
+    def limit(self) -> int:
+        return max(1, int(self.value))
+
+    def on_success(self, *, saturated: bool, now: float, send_number: int = 0) -> None:
+        if send_number and send_number <= self._shrunk_at_send:
+            return  # sent before the last shrink: says nothing about the new level
+        if not saturated or now < self._no_growth_until or self.value >= self.maximum:
+            return
+        if self.ceiling is None or self.value < self.ceiling:
+            step = self.START_STEP if self.ceiling is None else self.FAST_STEP
+            if self.ceiling is not None:
+                self.value = min(self.value + step, float(self.ceiling))
+            else:
+                self.value += step
+        else:
+            self.value += 1.0 / (self.value * self.PROBE_ROUNDS)
+            if int(self.value) > self.ceiling:
+                self.ceiling = int(self.value)  # the probe went through: the limit moved up
+        self.value = min(self.value, float(self.maximum))
+
+    def on_rate_limited(self, *, in_flight_at_send: int, send_number: int) -> bool:
+        """Shrink after a 429; returns whether it did (once per round of sends).
+
+        A 429 on a probe above the known ceiling only steps back to the ceiling; one at or
+        below it (or before any is known) shrinks multiplicatively and lowers the ceiling.
+        """
+        if send_number <= self._shrunk_at_send:
+            return False
+        if self.ceiling is not None and in_flight_at_send > self.ceiling:
+            self.value = float(self.ceiling)
+            return True
+        below = max(1, in_flight_at_send - 1)
+        if self.ceiling is not None:
+            below = min(below, self.ceiling - 1)
+        self.ceiling = max(1, below)
+        self.value = max(1.0, min(self.value, float(in_flight_at_send)) * self.DECREASE)
+        return True
+
+    def mark_shrink(self, send_number: int) -> None:
+        self._shrunk_at_send = send_number
+
+    def on_server_error(self, now: float) -> None:
+        self._no_growth_until = now + self.growth_pause
+
+
+# -- the limiter ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LimiterStatistics:
+    """A snapshot of the limiter, for progress displays and tests."""
+
+    concurrency: int
+    in_flight: int
+    waiting: int
+    paused_for: float
+    rpm_limit: float | None
+    tpm_limit: float | None
+    rate_limited: int
+    reserved_tokens: int
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one attempt took from the budgets."""
+
+    tokens: int
+    prompt_tokens: int
+    completion_cap: int
+    send_number: int
+    in_flight_at_send: int
+
+
+class Limiter:
+    """The budgets of one run, shared by all its workers."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        window: float = 60.0,
+        adaptive: bool = True,
+        tpm_counts: str = "usage",
+        start_concurrency: int = 8,
+        fallback_pause: float = 1.0,
+    ) -> None:
+        now = anyio.current_time()
+        self.window = window
+        self.tpm_counts = tpm_counts
+        self.fallback_pause = fallback_pause
+        self._rpm_configured = rpm
+        self._tpm_configured = tpm
+        self.requests = TokenBucket(rpm, window=window, now=now) if rpm else None
+        self.tokens = TokenBucket(tpm, window=window, now=now) if tpm else None
+        self.adaptive = (
+            AdaptiveConcurrency(concurrency, start=start_concurrency) if adaptive else None
+        )
+        self._slots = anyio.CapacityLimiter(self.adaptive.limit if self.adaptive else concurrency)
+        self._dispatch = anyio.Lock()
+        self._paused_until = -math.inf
+        self._in_flight = 0
+        self._waiting = 0
+        self._sends = 0
+        self._rate_limited = 0
+        self._reserved_tokens = 0
+        self._completions: deque[int] = deque(maxlen=1000)
+        self._completion_estimate: int | None = None
+        self._seen_since_estimate = 0
+
+    # -- reserve / settle -----------------------------------------------------------------
+
+    def completion_allowance(self, cap: int) -> int:
+        """Completion tokens to reserve: the cap, or once answers have come back (and the
+        server counts real usage) a high percentile of what they used, within the cap."""
+        if self.tpm_counts == "usage" and self._completion_estimate is not None:
+            return min(cap, self._completion_estimate)
+        return cap
+
+    async def reserve(self, *, prompt_tokens: int, completion_cap: int) -> Reservation:
+        """Wait for a concurrency slot, the end of any pause, and room in the buckets."""
+        tokens = prompt_tokens + self.completion_allowance(completion_cap)
+        while True:
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+            try:
+                async with self._dispatch:  # one task at a time waits on the buckets, in order
+                    await self._wait_for_budget(tokens)
+            except BaseException:
+                self._slots.release()
+                raise
+            if self._in_flight < self._slots.total_tokens:
+                break
+            # concurrency shrank while this task waited: its slot is no longer one to use
+            self._slots.release()
+        self._in_flight += 1
+        self._sends += 1
+        self._reserved_tokens += tokens
+        return Reservation(tokens, prompt_tokens, completion_cap, self._sends, self._in_flight)
+
+    async def _wait_for_budget(self, tokens: int) -> None:
+        warned = False
+        while True:
+            now = anyio.current_time()
+            delay = self._paused_until - now
+            if self.requests is not None:
+                delay = max(delay, self.requests.wait_time(1, now))
+            if self.tokens is not None:
+                delay = max(delay, self.tokens.wait_time(tokens, now))
+                if not warned and tokens > self.tokens.limit:
+                    warned = True
+                    log.warning(
+                        "request_larger_than_tpm",
+                        tokens=tokens,
+                        tpm=self.tokens.limit,
+                        note="sent alone once the token bucket is full",
+                    )
+            if delay <= 0:
+                if self.requests is not None:
+                    self.requests.take(1, now)
+                if self.tokens is not None:
+                    self.tokens.take(tokens, now)
+                return
+            await anyio.sleep(delay)
+
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        outcome: Outcome,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Give back the slot and correct the buckets with what the attempt really cost."""
+        now = anyio.current_time()
+        self._in_flight -= 1
+        self._slots.release()
+        if headers is not None:
+            self._follow_headers(headers, now)
+        if outcome is Outcome.RATE_LIMITED:
+            self._on_rate_limited(reservation, retry_after, now)
+        elif outcome is Outcome.OK:
+            self._on_ok(reservation, prompt_tokens, completion_tokens, now)
+        elif outcome is Outcome.SERVER_ERROR and self.adaptive is not None:
+            self.adaptive.on_server_error(now)
+
+    def _on_ok(
+        self,
+        reservation: Reservation,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        now: float,
+    ) -> None:
+        if completion_tokens is not None:
+            self._record_completion(completion_tokens)
+        if self.tokens is not None and prompt_tokens is not None:
+            if self.tpm_counts == "usage":
+                used = prompt_tokens + (completion_tokens or 0)
+            else:  # the server charged the prompt plus the whole max_tokens when it admitted us
+                used = prompt_tokens + reservation.completion_cap
+            self.tokens.give_back(reservation.tokens - used, now)
+        if self.adaptive is not None:
+            before = self.adaptive.limit
+            self.adaptive.on_success(
+                saturated=self._saturated(), now=now, send_number=reservation.send_number
+            )
+            if self.adaptive.limit != before:
+                self._slots.total_tokens = self.adaptive.limit
+
+    def _saturated(self) -> bool:
+        return self._waiting > 0 or self._in_flight + 1 >= self._slots.total_tokens
+
+    def _on_rate_limited(
+        self, reservation: Reservation, retry_after: float | None, now: float
+    ) -> None:
+        self._rate_limited += 1
+        # a rejected request was not counted by the server: its budget comes back
+        if self.requests is not None:
+            self.requests.give_back(1, now)
+        if self.tokens is not None:
+            self.tokens.give_back(reservation.tokens, now)
+        if self.adaptive is not None:
+            shrunk = self.adaptive.on_rate_limited(
+                in_flight_at_send=reservation.in_flight_at_send,
+                send_number=reservation.send_number,
+            )
+            if shrunk:
+                self.adaptive.mark_shrink(self._sends)
+                self._slots.total_tokens = self.adaptive.limit
+                log.info(
+                    "concurrency_reduced",
+                    concurrency=self.adaptive.limit,
+                    ceiling=self.adaptive.ceiling,
+                    in_flight_at_send=reservation.in_flight_at_send,
+                )
+        if retry_after is not None:
+            pause = retry_after
+        elif self.adaptive is not None:
+            pause = 0.0  # a concurrency limit: fewer requests in flight is the remedy
+        else:
+            pause = self.fallback_pause
+        self.pause(pause, now=now)
+
+    def _record_completion(self, tokens: int) -> None:
+        self._completions.append(tokens)
+        self._seen_since_estimate += 1
+        if self._seen_since_estimate >= 50 or (
+            self._completion_estimate is None and len(self._completions) >= 20
+        ):
+            ordered = sorted(self._completions)
+            self._completion_estimate = ordered[int(len(ordered) * 0.95) - 1]
+            self._seen_since_estimate = 0
+
+    def _follow_headers(self, headers: Mapping[str, str], now: float) -> None:
+        """Let the server's own x-ratelimit figures correct a budget set too high."""
+        for kind, bucket_attr, configured in (
+            ("requests", "requests", self._rpm_configured),
+            ("tokens", "tokens", self._tpm_configured),
+        ):
+            limit_text = headers.get(f"x-ratelimit-limit-{kind}")
+            if limit_text is None:
+                continue
+            try:
+                server_limit = float(limit_text)
+            except ValueError:
+                continue
+            bucket: TokenBucket | None = getattr(self, bucket_attr)
+            if server_limit > 0 and (bucket is None or server_limit < bucket.limit):
+                if bucket is None:
+                    setattr(
+                        self, bucket_attr, TokenBucket(server_limit, window=self.window, now=now)
+                    )
+                else:
+                    bucket.set_limit(server_limit, now=now)
+                log.info(
+                    "budget_follows_server", kind=kind, limit=server_limit, configured=configured
+                )
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            if remaining is not None and remaining.strip() in ("0", "0.0"):
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+                if reset:
+                    self.pause(reset, now=now)
+
+    def pause(self, seconds: float, *, now: float | None = None) -> None:
+        """Hold every worker's next request for `seconds`."""
+        if seconds <= 0:
+            return
+        current = anyio.current_time() if now is None else now
+        self._paused_until = max(self._paused_until, current + seconds)
+
+    def statistics(self) -> LimiterStatistics:
+        now = anyio.current_time()
+        return LimiterStatistics(
+            concurrency=int(self._slots.total_tokens),
+            in_flight=self._in_flight,
+            waiting=self._waiting,
+            paused_for=max(0.0, self._paused_until - now),
+            rpm_limit=self.requests.limit if self.requests else None,
+            tpm_limit=self.tokens.limit if self.tokens else None,
+            rate_limited=self._rate_limited,
+            reserved_tokens=self._reserved_tokens,
+        )
