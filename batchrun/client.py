@@ -168,6 +168,8 @@ class Client:
     ) -> None:
         self.url = chat_url(base_url)
         self.timeout = timeout
+        #: a stream with no data for this long (keep-alive comments aside) has stalled
+        self.stream_idle_limit = read_timeout
         self._api_key = api_key
         headers = {"content-type": "application/json", "user-agent": USER_AGENT}
         if api_key:
@@ -272,11 +274,23 @@ class Client:
             if status != 200:
                 self._raise_for_status(response, await response.aread())
             stream = StreamAccumulator()
+            last_data = anyio.current_time()
             try:
                 async for line in response.aiter_lines():
                     stream.feed_line(line)
                     if stream.done:
                         break
+                    now = anyio.current_time()
+                    if line.startswith("data"):
+                        last_data = now
+                    elif now - last_data > self.stream_idle_limit:
+                        # keep-alive comments restart httpx's read timer but are not progress
+                        raise RetryableError(
+                            f"the stream sent only keep-alives for over "
+                            f"{self.stream_idle_limit:g} s",
+                            status=status,
+                            error_class="timeout",
+                        )
                 stream.finish()
             except StreamBroken as exc:
                 raise RetryableError(str(exc), status=status, error_class="bad_response") from None

@@ -403,3 +403,28 @@ def test_library_runs_the_demo_job(tmp_path: Path) -> None:
     assert summary.complete and summary.exit_code == 0
     assert summary.rows_ok == 40 == pq.read_metadata(job.output).num_rows
     assert summary.statistics is not None and summary.statistics.retries_by_class
+
+
+def test_stream_ending_without_done_is_retried(tmp_path: Path, fake: FakeServer) -> None:
+    """A stream cut before [DONE] is a failed attempt; the retry completes the row."""
+    run(tmp_path, fake, [{"prompt": "cut [[fault:truncated]]"}], stream=True)
+    row = read_output(tmp_path)[0]
+    assert row["status"] == "ok" and row["attempts"] == 2
+    assert row["content"] == "echo: cut [[fault:truncated]]"
+
+
+def test_stream_of_only_keepalives_past_the_idle_limit_fails(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A stream that sends keep-alive comments and nothing else stalls out as a timeout."""
+    fake.update(keepalive_lines=40, keepalive_interval=0.01)
+    run(
+        tmp_path,
+        fake,
+        [{"prompt": "stall [[fault:keepalive*always]]"}],
+        stream=True,
+        limits={"read_timeout": 0.1, "max_attempts": 2},
+    )
+    row = read_output(tmp_path)[0]
+    assert row["status"] == "error" and row["error_class"] == "timeout"
+    assert "keep-alive" in row["error"] and row["attempts"] == 2
