@@ -1,0 +1,113 @@
+"""Prices: the shipped table, user overrides, dates, off-peak hours and unknown models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from batchrun.errors import ConfigError
+from batchrun.prices import PriceTable
+
+LATE_2025 = datetime(2025, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def test_chat_cost_with_cache_hits() -> None:
+    """A deepseek-chat answer: hits, misses and completion at the V3.2 prices."""
+    table = PriceTable.load()
+    cost = table.cost(
+        "deepseek-chat",
+        LATE_2025,
+        prompt_tokens=1000,
+        cache_hit_tokens=640,
+        cache_miss_tokens=360,
+        completion_tokens=500,
+    )
+    assert cost == pytest.approx((640 * 0.028 + 360 * 0.28 + 500 * 0.42) / 1e6)
+
+
+def test_reasoner_cost_before_v31_uses_its_own_prices() -> None:
+    """A reasoner answer from mid-2025 (daytime) is priced at the reasoner's prices then."""
+    table = PriceTable.load()
+    at = datetime(2025, 6, 1, 9, 0, tzinfo=UTC)
+    cost = table.cost(
+        "deepseek-reasoner",
+        at,
+        prompt_tokens=100,
+        cache_hit_tokens=64,
+        cache_miss_tokens=36,
+        completion_tokens=2000,
+    )
+    assert cost == pytest.approx((64 * 0.14 + 36 * 0.55 + 2000 * 2.19) / 1e6)
+
+
+def test_off_peak_discount_applies_across_midnight() -> None:
+    """Between 16:30 and 00:30 UTC in 2025, before V3.1, chat is half price."""
+    table = PriceTable.load()
+    usage = {
+        "prompt_tokens": 1000,
+        "cache_hit_tokens": 0,
+        "cache_miss_tokens": 1000,
+        "completion_tokens": 0,
+    }
+    day = table.cost("deepseek-chat", datetime(2025, 6, 1, 12, 0, tzinfo=UTC), **usage)
+    night = table.cost("deepseek-chat", datetime(2025, 6, 1, 23, 59, tzinfo=UTC), **usage)
+    after_midnight = table.cost("deepseek-chat", datetime(2025, 6, 2, 0, 15, tzinfo=UTC), **usage)
+    assert day is not None and night == pytest.approx(day / 2) == after_midnight
+
+
+def test_missing_cache_fields_price_the_prompt_as_misses() -> None:
+    """A reseller that omits the cache split: every prompt token at the miss price."""
+    cost = PriceTable.load().cost(
+        "deepseek-chat",
+        LATE_2025,
+        prompt_tokens=100,
+        cache_hit_tokens=None,
+        cache_miss_tokens=None,
+        completion_tokens=0,
+    )
+    assert cost == pytest.approx(100 * 0.28 / 1e6)
+
+
+def test_unknown_model_costs_none_with_one_warning() -> None:
+    """An unknown model is never given a made-up price, and is warned about once."""
+    table = PriceTable.load()
+    usage = {
+        "prompt_tokens": 10,
+        "cache_hit_tokens": 0,
+        "cache_miss_tokens": 10,
+        "completion_tokens": 5,
+    }
+    with capture_logs() as logs:
+        assert table.cost("mystery-model", LATE_2025, **usage) is None
+        assert table.cost("mystery-model", LATE_2025, **usage) is None
+    assert [entry["event"] for entry in logs] == ["price_unknown"]
+
+
+def test_user_file_adds_and_overrides(tmp_path: Path) -> None:
+    """A user's price file adds a model and overrides a shipped entry of the same date."""
+    extra = tmp_path / "prices.toml"
+    extra.write_text(
+        '[[price]]\nmodel = "my-model"\nfrom = "2025-01-01"\ncache_hit = 1\ncache_miss = 2\n'
+        'output = 3\n[[price]]\nmodel = "deepseek-chat"\nfrom = "2025-09-29"\ncache_hit = 0\n'
+        "cache_miss = 1\noutput = 1\n"
+    )
+    table = PriceTable.load(extra)
+    usage = {
+        "prompt_tokens": 10,
+        "cache_hit_tokens": 0,
+        "cache_miss_tokens": 10,
+        "completion_tokens": 10,
+    }
+    assert table.cost("my-model", LATE_2025, **usage) == pytest.approx(50 / 1e6)
+    assert table.cost("deepseek-chat", LATE_2025, **usage) == pytest.approx(20 / 1e6)
+
+
+def test_bad_price_file_names_the_entry(tmp_path: Path) -> None:
+    """A price entry without a required key is refused, naming the file and the entry."""
+    extra = tmp_path / "prices.toml"
+    extra.write_text('[[price]]\nmodel = "x"\nfrom = "2025-01-01"\ncache_hit = 1\n')
+    with pytest.raises(ConfigError, match=r"prices.toml, price entry 1: missing key 'cache_miss'"):
+        PriceTable.load(extra)
