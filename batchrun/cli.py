@@ -85,7 +85,13 @@ def cli() -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
 @click.option("--transport", type=click.Choice(["aiohttp", "httpx"]), help="HTTP transport.")
 @click.option("--restart", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Live display on a terminal (default), or a progress log line every few seconds.",
+)
 @click.option("--log-format", type=click.Choice(["console", "json"]), help="Log format.")
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Write JSON log lines here.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def run(
@@ -93,7 +99,9 @@ def run(
     input_: Path | None,
     output: Path | None,
     restart: bool,
+    progress: bool | None,
     log_format: str | None,
+    log_file: str | None,
     verbose: int,
     quiet: bool,
     **flags: Any,
@@ -104,12 +112,16 @@ def run(
     logs.configure(
         verbosity=-1 if quiet else min(verbose, 1),
         json=None if log_format is None else log_format == "json",
+        log_file=log_file,
     )
     try:
         job = _job_from(job_file, input_, output, flags)
+        from batchrun.pool import PoolSettings
         from batchrun.runner import run_job
 
-        summary = run_job(job, restart=restart)
+        live = progress is not False and sys.stderr.isatty()
+        display = "live" if live else "lines"
+        summary = run_job(job, restart=restart, settings=PoolSettings(display=display))
     except RunStopped as stop:
         if stop.summary is not None:
             _echo_summary(stop.summary)

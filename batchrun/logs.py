@@ -51,14 +51,36 @@ def redact_secrets(
     return {key: _scrub(value) for key, value in event_dict.items()}
 
 
+class CurrentStderr:
+    """Writes to whatever `sys.stderr` is at the time, so that a live display that redirects
+    stderr can print log lines above itself instead of through them."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(
     *,
     verbosity: int = 0,
     json: bool | None = None,
     stream: TextIO | None = None,
+    log_file: str | None = None,
 ) -> None:
-    """Set up logging for a CLI run. verbosity: -1 quiet, 0 normal, 1 debug."""
-    out = stream or sys.stderr
+    """Set up logging for a CLI run. verbosity: -1 quiet, 0 normal, 1 debug.
+
+    With `log_file`, events go to that file as JSON lines instead of to stderr.
+    """
+    out: Any = stream or CurrentStderr()
+    if log_file is not None:
+        # kept open for the rest of the process: log events may come until exit
+        out = open(log_file, "a", encoding="utf-8", buffering=1)
+        json = True
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     as_json = json if json is not None else not out.isatty()
     renderer: Any = (

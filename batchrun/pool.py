@@ -24,7 +24,7 @@ from batchrun.client import Client, Completion
 from batchrun.errors import Interrupted, RateLimited, RequestError, RetryableError, RunStopped
 from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome
-from batchrun.progress import Tally, report_periodically
+from batchrun.progress import Tally, live_display, report_periodically
 from batchrun.prompts import RequestShape, build_request
 from batchrun.retry import RetryPolicy
 from batchrun.sinks import INDEX_COLUMN, PartWriter
@@ -53,7 +53,9 @@ class PoolSettings:
     flush_rows: int = FLUSH_ROWS
     flush_seconds: float = FLUSH_SECONDS
     stop_grace: float = STOP_GRACE_SECONDS
-    progress_every: float | None = None
+    #: "live" (a rich display on the terminal), "lines" (a log line every few seconds), or None
+    display: str | None = None
+    progress_every: float = 5.0
     #: turn Ctrl-C and SIGTERM into a graceful stop (only possible in the main thread)
     handle_signals: bool = False
 
@@ -105,8 +107,12 @@ class Pool:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flush_periodically)
-                if self.settings.progress_every:
-                    outer.start_soon(report_periodically, self.tally, self.settings.progress_every)
+                if self.settings.display == "live":
+                    outer.start_soon(live_display, self.tally, self.limiter)
+                elif self.settings.display == "lines":
+                    outer.start_soon(
+                        report_periodically, self.tally, self.settings.progress_every, self.limiter
+                    )
                 async with anyio.create_task_group() as group:
                     outer.start_soon(self._cancel_after_grace, group.cancel_scope)
                     if self.settings.handle_signals:

@@ -32,11 +32,19 @@ class RunStatistics:
     cache_hit_tokens: int
     cache_miss_tokens: int
     reasoning_tokens: int
+    cost_usd: float
     elapsed_s: float
 
     @property
     def rows_remaining(self) -> int:
         return self.rows_total - self.rows_skipped - self.rows_done
+
+    @property
+    def projected_cost_usd(self) -> float:
+        """Spend so far plus the remaining rows at this run's mean cost per row."""
+        if self.rows_done == 0:
+            return self.cost_usd
+        return self.cost_usd + self.cost_usd / self.rows_done * self.rows_remaining
 
     @property
     def requests_per_s(self) -> float:
@@ -59,6 +67,7 @@ class Tally:
     cache_hit_tokens: int = 0
     cache_miss_tokens: int = 0
     reasoning_tokens: int = 0
+    cost_usd: float = 0.0
     errors_by_class: Counter[str] = field(default_factory=Counter)
     retries_by_class: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -75,6 +84,7 @@ class Tally:
         self.cache_hit_tokens += row["prompt_cache_hit_tokens"] or 0
         self.cache_miss_tokens += row["prompt_cache_miss_tokens"] or 0
         self.reasoning_tokens += row["reasoning_tokens"] or 0
+        self.cost_usd += row.get("cost_usd") or 0.0
 
     def statistics(self) -> RunStatistics:
         return RunStatistics(
@@ -92,22 +102,103 @@ class Tally:
             cache_hit_tokens=self.cache_hit_tokens,
             cache_miss_tokens=self.cache_miss_tokens,
             reasoning_tokens=self.reasoning_tokens,
+            cost_usd=self.cost_usd,
             elapsed_s=time.monotonic() - self.started,
         )
 
 
-async def report_periodically(tally: Tally, every: float = 5.0) -> None:
-    """Log a short progress line every few seconds (for runs without a terminal display)."""
+def _eta(stats: RunStatistics) -> float | None:
+    if stats.rows_done == 0 or stats.elapsed_s <= 0:
+        return None
+    return stats.rows_remaining / (stats.rows_done / stats.elapsed_s)
+
+
+def progress_fields(stats: RunStatistics, limiter: Any = None) -> dict[str, Any]:
+    """The figures a progress line or display shows."""
+    elapsed = stats.elapsed_s or 1e-9
+    fields: dict[str, Any] = {
+        "done": stats.rows_done + stats.rows_skipped,
+        "total": stats.rows_total,
+        "ok": stats.rows_ok,
+        "errors": stats.rows_error,
+        "requests_per_s": round(stats.requests / elapsed, 1),
+        "prompt_tokens_per_s": round(stats.prompt_tokens / elapsed),
+        "completion_tokens_per_s": round(stats.completion_tokens / elapsed),
+        "spent_usd": round(stats.cost_usd, 6),
+        "projected_usd": round(stats.projected_cost_usd, 6),
+        "eta_s": None if (eta := _eta(stats)) is None else round(eta, 1),
+        "in_flight": stats.in_flight,
+    }
+    if limiter is not None:
+        limits = limiter.statistics()
+        fields["concurrency"] = limits.concurrency
+        fields["cooling_down_s"] = round(limits.paused_for, 2)
+    if stats.retries_by_class:
+        fields["retries"] = dict(sorted(stats.retries_by_class.items()))
+    return fields
+
+
+async def report_periodically(tally: Tally, every: float = 5.0, limiter: Any = None) -> None:
+    """Log a short progress line every few seconds (when there is no terminal display)."""
     log = structlog.get_logger("batchrun.progress")
     while True:
         await anyio.sleep(every)
-        stats = tally.statistics()
-        log.info(
-            "progress",
-            done=stats.rows_done + stats.rows_skipped,
-            total=stats.rows_total,
-            ok=stats.rows_ok,
-            errors=stats.rows_error,
-            in_flight=stats.in_flight,
-            requests_per_s=round(stats.requests_per_s, 1),
-        )
+        log.info("progress", **progress_fields(tally.statistics(), limiter))
+
+
+def _render(stats: RunStatistics, limiter: Any) -> Any:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    fields = progress_fields(stats, limiter)
+    done, total = fields["done"], max(fields["total"], 1)
+    eta = fields["eta_s"]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(justify="right", style="bold")
+    grid.add_column()
+    grid.add_row(
+        "rows",
+        f"{done}/{fields['total']} ({done / total:.0%})  ok {fields['ok']}  "
+        f"errors {fields['errors']}",
+    )
+    grid.add_row("", ProgressBar(total=total, completed=done, width=40))
+    grid.add_row(
+        "rate",
+        f"{fields['requests_per_s']} req/s  tokens/s prompt {fields['prompt_tokens_per_s']} "
+        f"completion {fields['completion_tokens_per_s']}",
+    )
+    grid.add_row(
+        "cost",
+        f"${fields['spent_usd']:.4f} spent, ${fields['projected_usd']:.4f} projected",
+    )
+    grid.add_row("eta", "-" if eta is None else f"{eta:.0f} s")
+    concurrency = fields.get("concurrency", "-")
+    cooling = fields.get("cooling_down_s") or 0
+    state = f"cooling down {cooling:.1f} s" if cooling > 0 else "sending"
+    grid.add_row("pool", f"{fields['in_flight']} in flight, limit {concurrency}, {state}")
+    retries = fields.get("retries")
+    if retries:
+        grid.add_row("retries", "  ".join(f"{k} {v}" for k, v in retries.items()))
+    return grid
+
+
+async def live_display(tally: Tally, limiter: Any = None, every: float = 0.25) -> None:
+    """Redraw a rich display on the terminal until cancelled."""
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    with Live(
+        _render(tally.statistics(), limiter),
+        console=console,
+        refresh_per_second=4,
+        transient=False,
+        redirect_stderr=True,
+        redirect_stdout=False,
+    ) as live:
+        try:
+            while True:
+                await anyio.sleep(every)
+                live.update(_render(tally.statistics(), limiter))
+        finally:
+            live.update(_render(tally.statistics(), limiter))
