@@ -84,6 +84,11 @@ def cli() -> None:
 @click.option("--stream/--no-stream", default=None, help="Stream answers as SSE.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
 @click.option("--transport", type=click.Choice(["aiohttp", "httpx"]), help="HTTP transport.")
+@click.option("--prices", type=click.Path(path_type=Path, dir_okay=False), help="Price file.")
+@click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="Spend cap, USD.")
+@click.option(
+    "--dry-run", is_flag=True, help="Estimate requests, tokens, cost and time; send nothing."
+)
 @click.option("--restart", is_flag=True, help="Discard the checkpoint and start over.")
 @click.option(
     "--progress/--no-progress",
@@ -98,6 +103,7 @@ def run(
     job_file: Path | None,
     input_: Path | None,
     output: Path | None,
+    dry_run: bool,
     restart: bool,
     progress: bool | None,
     log_format: str | None,
@@ -116,6 +122,12 @@ def run(
     )
     try:
         job = _job_from(job_file, input_, output, flags)
+        if dry_run:
+            from batchrun.estimate import describe, estimate_job
+
+            for line in describe(estimate_job(job)):
+                click.echo(line)
+            return
         from batchrun.pool import PoolSettings
         from batchrun.runner import run_job
 
@@ -142,12 +154,20 @@ def _job_from(
 
     data = read_job_data(job_file) if job_file is not None else {}
     flags = {**flags, "input": _absolute(input_), "output": _absolute(output)}
+    flags["prices"] = _absolute(flags.get("prices"))
     if job_file is None:
         if input_ is None:
             raise ConfigError("give a job file or --input (see batchrun run --help)")
         if output is None:
             flags["output"] = input_.absolute().with_name(input_.stem + ".results.parquet")
     return build_job(apply_flags(data, flags), source=job_file)
+
+
+@cli.command(params=[p for p in run.params if p.name != "dry_run"])
+@click.pass_context
+def estimate(ctx: click.Context, /, **options: Any) -> None:
+    """Estimate a job (requests, tokens, cost range, time) without sending anything."""
+    ctx.invoke(run, dry_run=True, **options)
 
 
 cli.add_command(fake_server_command)

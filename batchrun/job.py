@@ -128,6 +128,10 @@ class Job(_Strict):
     prompt: PromptMapping = Field(default_factory=PromptMapping)
     limits: Limits = Field(default_factory=Limits)
     fake: FakeEndpoint | None = None
+    #: a price file adding or overriding models in the shipped price table
+    prices: Path | None = None
+    #: a hard cap on spend in USD: no request is sent that could take the run past it
+    max_cost: float | None = Field(default=None, gt=0)
     #: the file the job came from, if any (for messages)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -201,6 +205,8 @@ def build_job(data: dict[str, Any], *, source: Path | None = None) -> Job:
             job.input = Path(os.path.normpath(base.absolute() / job.input))
         if not job.output.is_absolute():
             job.output = Path(os.path.normpath(base.absolute() / job.output))
+        if job.prices is not None and not job.prices.is_absolute():
+            job.prices = Path(os.path.normpath(base.absolute() / job.prices))
     return job
 
 
@@ -219,6 +225,8 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
     "api_key_env": ("api_key_env",),
     "stream": ("stream",),
     "limit": ("limit",),
+    "prices": ("prices",),
+    "max_cost": ("max_cost",),
     "transport": ("transport",),
     "concurrency": ("limits", "concurrency"),
     "max_attempts": ("limits", "max_attempts"),

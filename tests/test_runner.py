@@ -428,3 +428,18 @@ def test_stream_of_only_keepalives_past_the_idle_limit_fails(
     row = read_output(tmp_path)[0]
     assert row["status"] == "error" and row["error_class"] == "timeout"
     assert "keep-alive" in row["error"] and row["attempts"] == 2
+
+
+def test_estimate_sends_nothing(tmp_path: Path, fake: FakeServer) -> None:
+    """`estimate` reads the input and prints counts and a cost range; the fake sees nothing."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(25))
+    args = ["--input", str(tmp_path / "in.jsonl"), "--base-url", fake.base_url]
+    args += ["--max-tokens", "100", "--rpm", "50"]
+    runner = CliRunner()
+    for command in (["estimate", *args], ["run", *args, "--dry-run"]):
+        result = runner.invoke(cli, command)
+        assert result.exit_code == 0, result.output
+        assert "requests: 25 (deepseek-chat 25)" in result.output
+        assert "low" in result.output and "high" in result.output
+        assert "at least 0.5 minutes" in result.output
+    assert fake.stats()["requests"] == 0

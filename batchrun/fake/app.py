@@ -83,8 +83,11 @@ def _authorized(request: web.Request, api_key: str) -> bool:
     return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
 
 
-def _unauthorized(state: FakeState) -> web.Response:
-    return _error(state, 401, "Authentication Fails, Your api key is invalid")
+def _unauthorized(state: FakeState, request: web.Request) -> web.Response:
+    # some proxies echo the key they were given: the client must keep it out of its logs
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    shown = f" (key provided: {given})" if given else ""
+    return _error(state, 401, f"Authentication Fails, Your api key is invalid{shown}")
 
 
 # --- chat completions ------------------------------------------------------------------------
@@ -95,7 +98,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     config = state.config
     state.requests += 1
     if config.api_key is not None and not _authorized(request, config.api_key):
-        return _unauthorized(state)
+        return _unauthorized(state, request)
     raw = await request.read()
     try:
         body = orjson.loads(raw)
@@ -350,7 +353,7 @@ async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     api_key = state.config.api_key
     if api_key is not None and not _authorized(request, api_key):
-        return _unauthorized(state)
+        return _unauthorized(state, request)
     return _json(200, bodies.models())
 
 
@@ -358,7 +361,7 @@ async def _balance(request: web.Request) -> web.Response:
     state = request.app[STATE]
     api_key = state.config.api_key
     if api_key is not None and not _authorized(request, api_key):
-        return _unauthorized(state)
+        return _unauthorized(state, request)
     return _json(200, bodies.balance(state.remaining_tokens()))
 
 
