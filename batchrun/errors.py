@@ -97,6 +97,18 @@ class BalanceError(RunStopped):
         super().__init__(f"insufficient balance{detail}: top up and run the same command again")
 
 
+class CostCapReached(RunStopped):
+    """Raised when the next request could take spend past the job's max_cost."""
+
+    def __init__(self, *, spent: float, cap: float) -> None:
+        self.spent = spent
+        self.cap = cap
+        super().__init__(
+            f"spend cap reached: ${spent:.4f} spent of ${cap:.4f}; run again with a higher "
+            "--max-cost to go on"
+        )
+
+
 class Interrupted(RunStopped):
     """Raised when the user or the system asked the run to stop."""
 

@@ -26,7 +26,7 @@ import structlog
 log = structlog.get_logger("batchrun.limits")
 
 #: a bucket holds this share of its budget: requests are paced, not burst
-BURST_SHARE = 0.02
+BURST_SHARE = 0.01
 #: the pace keeps this share of the budget in reserve for timing jitter between us and the server
 PACE_SHARE = 0.99
 

@@ -21,9 +21,16 @@ from tenacity import RetryCallState
 
 from batchrun import tokens
 from batchrun.client import Client, Completion
-from batchrun.errors import Interrupted, RateLimited, RequestError, RetryableError, RunStopped
+from batchrun.errors import (
+    Interrupted,
+    RateLimited,
+    RequestError,
+    RetryableError,
+    RunStopped,
+)
 from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome
+from batchrun.prices import PriceTable, SpendCap
 from batchrun.progress import Tally, live_display, report_periodically
 from batchrun.prompts import RequestShape, build_request
 from batchrun.retry import RetryPolicy
@@ -68,6 +75,8 @@ class Pool:
     scan: InputSummary
     client: Client
     limiter: Limiter
+    prices: PriceTable
+    spend: SpendCap
     writer: PartWriter
     tally: Tally
     skip: Any = None  # polars Series of input positions already ok, or None
@@ -206,19 +215,32 @@ class Pool:
         body = build_request(row.data, self.shape)
         prompt_estimate = tokens.prompt_tokens(body)
         cap = tokens.completion_cap(body)
+        model = str(body.get("model"))
         started_at = _now()
         t0 = time.perf_counter()
         attempts = 0
         completion: Completion | None = None
         failure: RequestError | None = None
+        cost: float | None = None
+        spend = self.spend
+        worst = 0.0
+        if spend.cap is not None:
+            worst = self.prices.worst_case(
+                model, started_at, prompt_tokens=prompt_estimate, completion_cap=cap
+            )
 
         async def attempt() -> Completion:
-            nonlocal attempts
+            nonlocal attempts, cost
             if self.stopping:
                 raise _Abandoned
-            reservation = await self.limiter.reserve(
-                prompt_tokens=prompt_estimate, completion_cap=cap
-            )
+            await spend.reserve(worst)
+            try:
+                reservation = await self.limiter.reserve(
+                    prompt_tokens=prompt_estimate, completion_cap=cap
+                )
+            except BaseException:
+                spend.settle(worst, None)
+                raise
             attempts += 1
             self.tally.requests += 1
             self.tally.in_flight += 1
@@ -240,6 +262,16 @@ class Pool:
                 raise
             finally:
                 self.tally.in_flight -= 1
+                if answer is not None:
+                    cost = self.prices.cost(
+                        model if answer.model is None or self.prices.knows(model) else answer.model,
+                        started_at,
+                        prompt_tokens=answer.prompt_tokens,
+                        cache_hit_tokens=answer.prompt_cache_hit_tokens,
+                        cache_miss_tokens=answer.prompt_cache_miss_tokens,
+                        completion_tokens=answer.completion_tokens,
+                    )
+                spend.settle(worst, cost if answer is not None else None)
                 self.limiter.settle(
                     reservation,
                     outcome=outcome,
@@ -256,7 +288,9 @@ class Pool:
         except RequestError as exc:
             failure = exc
         latency = time.perf_counter() - t0
-        return self._result(row, rid, completion, failure, attempts, latency, started_at)
+        result = self._result(row, rid, completion, failure, attempts, latency, started_at)
+        result["cost_usd"] = cost if completion is not None else None
+        return result
 
     def _result(
         self,
@@ -302,7 +336,8 @@ class Pool:
             with anyio.move_on_after(self.settings.flush_seconds):
                 await self._flush_wanted.wait()
             self._flush_wanted = anyio.Event()
-            await self.flush()
+            with anyio.CancelScope(shield=True):  # rows taken for a part are always written
+                await self.flush()
 
     async def flush(self) -> None:
         """Write buffered results to a new part file."""

@@ -95,6 +95,19 @@ def _counts(output: Path) -> tuple[int, int]:
     return ok, len(status) - ok
 
 
+def _spent_so_far(checkpoint: Checkpoint) -> float:
+    """What the rows in the checkpoint cost, retried ones included: all of it was paid."""
+    import polars as pl
+
+    from batchrun.sinks import scan_parts
+
+    frame = scan_parts(checkpoint.directory)
+    if frame is None:
+        return 0.0
+    total = frame.select(pl.col("cost_usd").sum()).collect().item()
+    return float(total or 0.0)
+
+
 def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSummary:
     """Run a job to completion, or until it must stop; resumes from its checkpoint.
 
@@ -148,6 +161,9 @@ def _run_with_checkpoint(
 
     from batchrun.client import Client
     from batchrun.limits import Limiter
+    from batchrun.prices import PriceTable, SpendCap
+
+    prices = PriceTable.load(job.prices)
     from batchrun.sinks import PartWriter
 
     state = checkpoint.resume_state(rows=scan.rows)
@@ -182,6 +198,8 @@ def _run_with_checkpoint(
                     scan=scan,
                     client=client,
                     limiter=limiter,
+                    prices=prices,
+                    spend=SpendCap(job.max_cost, spent=_spent_so_far(checkpoint)),
                     writer=writer,
                     tally=tally,
                     skip=state.ok_positions if state.rows_ok else None,

@@ -41,15 +41,8 @@ def _result_fields() -> list[tuple[str, pa.DataType]]:
         ("started_at", pa.timestamp("ms", tz="UTC")),
         ("finished_at", pa.timestamp("ms", tz="UTC")),
         ("error_class", pa.string()),
+        ("cost_usd", pa.float64()),
     ]
-
-
-RESULT_COLUMNS = (
-    "status", "content", "reasoning_content", "finish_reason", "model", "prompt_tokens",
-    "completion_tokens", "total_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens",
-    "reasoning_tokens", "attempts", "latency_s", "http_status", "error", "response_id",
-    "started_at", "finished_at", "error_class",
-)  # fmt: skip
 
 
 def output_schema(carried: dict[str, pa.DataType]) -> pa.Schema:

@@ -40,6 +40,7 @@ EXPECTED_COLUMNS = [
     "started_at",
     "finished_at",
     "error_class",
+    "cost_usd",
 ]
 
 SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
@@ -84,6 +85,7 @@ def test_output_schema_is_exact(tmp_path: Path, fake: FakeServer) -> None:
     assert types["attempts"] == pa.int32() and types["http_status"] == pa.int32()
     assert types["latency_s"] == pa.float64()
     assert types["started_at"] == pa.timestamp("ms", tz="UTC")
+    assert types["cost_usd"] == pa.float64()
 
 
 def test_usage_columns_come_from_the_server(tmp_path: Path, fake: FakeServer) -> None:
@@ -443,3 +445,57 @@ def test_estimate_sends_nothing(tmp_path: Path, fake: FakeServer) -> None:
         assert "low" in result.output and "high" in result.output
         assert "at least 0.5 minutes" in result.output
     assert fake.stats()["requests"] == 0
+
+
+def test_cost_per_row_for_chat_and_reasoner_with_cache_hits(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """cost_usd comes from each row's own usage at the current price, cache hits included."""
+    from datetime import UTC, datetime
+
+    from batchrun.prices import PriceTable
+
+    system = "You are a careful assistant. " * 40
+    rows = [
+        {"prompt": f"q{i}", "model": m}
+        for i, m in enumerate(["deepseek-chat"] * 2 + ["deepseek-reasoner"] * 2)
+    ]
+    run(tmp_path, fake, rows, prompt={"system": system})
+    out = read_output(tmp_path)
+    price = PriceTable.load().price_for("deepseek-chat", datetime.now(UTC))
+    assert price is not None and price.off_peak is None
+    for row in out:
+        expected = (
+            row["prompt_cache_hit_tokens"] * price.cache_hit
+            + row["prompt_cache_miss_tokens"] * price.cache_miss
+            + row["completion_tokens"] * price.output
+        ) / 1e6
+        assert row["cost_usd"] == pytest.approx(expected)
+    assert sum(r["prompt_cache_hit_tokens"] for r in out) > 0
+    assert out[2]["reasoning_tokens"] > 0
+
+
+def test_unknown_model_gives_null_cost(tmp_path: Path, fake: FakeServer) -> None:
+    """A model without a price gets a null cost_usd, never a made-up number."""
+    run(tmp_path, fake, [{"prompt": "hi"}], model="fake-model")
+    row = read_output(tmp_path)[0]
+    assert row["status"] == "ok" and row["cost_usd"] is None
+
+
+def test_max_cost_stops_before_overspending_and_resumes_with_a_higher_cap(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """--max-cost stops cleanly (exit 3, spend reported) within the cap; a higher cap resumes."""
+    from batchrun.errors import CostCapReached
+
+    rows = prompts(30)
+    cap = 0.00012  # under three rows' worst case (all of max_tokens 100 at the output price)
+    with pytest.raises(CostCapReached) as caught:
+        run(tmp_path, fake, rows, max_cost=cap, params={"max_tokens": 100})
+    assert caught.value.spent <= cap
+    assert "run again with a higher --max-cost" in str(caught.value)
+    done = pq.read_table(list_parts(parts_dir(tmp_path / "out.parquet")))
+    assert 0 < done.num_rows < 30
+    assert sum(done["cost_usd"].to_pylist()) <= cap
+    summary = run(tmp_path, fake, rows, max_cost=1.0, params={"max_tokens": 100})
+    assert summary.complete and summary.rows_ok == 30, repr(summary)
