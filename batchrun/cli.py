@@ -34,21 +34,24 @@ def _echo_summary(summary: Any) -> None:
     if stats is None:
         click.echo("nothing to do: every row already has a result", file=err)
         return
-    click.echo(
-        f"this run: {stats.rows_done} rows, {stats.requests} requests "
-        f"({stats.requests_per_s:.1f}/s) in {stats.elapsed_s:.1f} s; "
-        f"tokens: {stats.prompt_tokens} prompt ({stats.cache_hit_tokens} cache hit), "
-        f"{stats.completion_tokens} completion ({stats.reasoning_tokens} reasoning)",
-        file=err,
-    )
+    lines = [
+        f"this run: {stats.rows_done} rows ({stats.rows_ok} ok, {stats.rows_error} errors), "
+        f"{stats.requests} requests in {stats.elapsed_s:.1f} s ({stats.requests_per_s:.1f}/s)",
+        f"tokens: prompt {stats.prompt_tokens} (cache hit {stats.cache_hit_tokens}, "
+        f"cache miss {stats.cache_miss_tokens}), completion {stats.completion_tokens} "
+        f"(reasoning {stats.reasoning_tokens})",
+        f"cost: ${stats.cost_usd:.6f}",
+    ]
     if stats.rows_skipped:
-        click.echo(f"resumed: {stats.rows_skipped} rows were already done", file=err)
+        lines.append(f"resumed: {stats.rows_skipped} rows were already done")
     if stats.errors_by_class:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(stats.errors_by_class.items()))
-        click.echo(f"errors by class: {parts}", file=err)
+        lines.append(f"errors by class: {parts}")
     if stats.retries_by_class:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(stats.retries_by_class.items()))
-        click.echo(f"retries by class: {parts}", file=err)
+        lines.append(f"retries by class: {parts}")
+    for line in lines:
+        click.echo(line, file=err)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

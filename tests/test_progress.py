@@ -74,3 +74,34 @@ def test_live_display_in_a_terminal_shows_counts_that_move(
     counts = [int(n) for n in re.findall(rb"rows\s+(\d+)/40", plain)]
     assert counts and counts[-1] == 40, output[-3000:]
     assert len(set(counts)) >= 3 and counts == sorted(counts)
+
+
+def test_summary_figures_match_the_output_file(tmp_path: Path, fake: FakeServer) -> None:
+    """The closing summary's rows, tokens and cost are the sums of the output file."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from batchrun.cli import cli
+
+    system = "You are a careful assistant. " * 40
+    rows = [{"prompt": f"p{i}"} for i in range(6)] + [{"prompt": "[[fault:400*always]]"}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    args = ["run", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.parquet")]
+    args += ["--base-url", fake.base_url, "--system", system, "--model", "deepseek-reasoner"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    out = pq.read_table(tmp_path / "o.parquet").to_pylist()
+
+    def total(column: str) -> int:
+        return sum(r[column] or 0 for r in out)
+
+    text = result.output
+    assert "complete: 6 ok, 1 errors of 7 rows" in text
+    assert (
+        f"tokens: prompt {total('prompt_tokens')} (cache hit {total('prompt_cache_hit_tokens')}, "
+        f"cache miss {total('prompt_cache_miss_tokens')}), completion "
+        f"{total('completion_tokens')} (reasoning {total('reasoning_tokens')})"
+    ) in text
+    assert total("prompt_cache_hit_tokens") > 0 and total("reasoning_tokens") > 0
+    assert f"cost: ${sum(r['cost_usd'] or 0 for r in out):.6f}" in text
+    assert "errors by class: bad_request 1" in text
