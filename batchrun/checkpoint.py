@@ -1,8 +1,9 @@
 """The checkpoint beside an output file: manifest, fingerprint check, resume skip-set, run lock.
 
-`OUTPUT.parts/` holds `manifest.json` (what the job was), `lock` (the pid of the run using it)
-and the part files. A resumed run must have the same fingerprint; it skips rows whose latest
-result is ok and tries the others again.
+`OUTPUT.parts/` holds `manifest.json` (what the job was, and how many rows its last run
+covered), `lock` (the pid of the run using it), the journal segments and the part files. A
+resumed run must have the same fingerprint; it first folds what a killed run left in the
+journal into part files, then skips rows whose latest result is ok and tries the others again.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from batchrun.errors import ConfigError
 from batchrun.job import Job
-from batchrun.sinks import INDEX_COLUMN, latest_results, parts_dir, scan_parts
+from batchrun.sinks import (
+    INDEX_COLUMN,
+    latest_results,
+    part_schema,
+    parts_dir,
+    recover_journals,
+    scan_parts,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
@@ -70,6 +81,7 @@ class Checkpoint:
     def __init__(self, output: Path) -> None:
         self.output = output
         self.directory = parts_dir(output)
+        self._holding_lock = False
 
     @property
     def manifest_path(self) -> Path:
@@ -112,13 +124,48 @@ class Checkpoint:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         wanted["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        self._write_manifest(wanted)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
         tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(wanted, option=orjson.OPT_INDENT_2))
+        tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
         os.replace(tmp, self.manifest_path)
 
+    def record_rows(self, rows: int, *, limit: int | None) -> None:
+        """Note in the manifest how many input rows this run covers (for `batchrun status`).
+
+        Call it holding the lock: the manifest is rewritten.
+        """
+        manifest = self.read_manifest()
+        if manifest.get("rows") != rows or manifest.get("limit") != limit:
+            self._write_manifest({**manifest, "rows": rows, "limit": limit})
+
+    def recover(self, *, carried: dict[str, pa.DataType]) -> int:
+        """Fold what a stopped or killed run left in its journal into part files, and clear
+        the temporary files a killed write left. Call it holding the lock.
+
+        Returns:
+            The number of rows recovered from the journal.
+        """
+        for leftover in self.output.parent.glob(f".{self.output.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)  # a compaction cut short
+        return recover_journals(self.directory, schema=part_schema(carried))
+
     def discard(self) -> None:
-        """Throw the checkpoint away (what --restart does)."""
+        """Throw the checkpoint away (what --restart does).
+
+        Raises:
+            ConfigError: another live run is using it.
+        """
+        holder = self.lock_holder()
+        if holder is not None and not self._holding_lock:
+            raise _locked(holder, self.output)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def lock_holder(self) -> int | None:
+        """The pid of the live run using this checkpoint, if any."""
+        holder = read_lock(self.directory / LOCK)
+        return holder if holder is not None and _alive(holder) else None
 
     def resume_state(self, *, rows: int) -> ResumeState:
         """What is done among the first `rows` input rows, reading only the position and
@@ -128,9 +175,9 @@ class Checkpoint:
         frame = scan_parts(self.directory)
         if frame is None:
             return ResumeState(pl.Series([], dtype=pl.Int64), 0, 0)
-        frame = frame.select([INDEX_COLUMN, "status", "_part"])
+        frame = frame.select(INDEX_COLUMN, (pl.col("status") == "ok").alias("ok"), "_part")
         latest = latest_results(frame.filter(pl.col(INDEX_COLUMN) < rows)).collect()
-        ok = latest.filter(pl.col("status") == "ok")[INDEX_COLUMN]
+        ok = latest.filter(pl.col("ok"))[INDEX_COLUMN]
         return ResumeState(ok, latest.height, ok.len())
 
     def acquire_lock(self) -> None:
@@ -142,24 +189,29 @@ class Checkpoint:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = read_lock(path)
-                if holder is not None and _alive(holder):
-                    raise ConfigError(
-                        f"another run (pid {holder}) is using this output; wait for it or "
-                        "stop it first",
-                        path=self.output,
-                    ) from None
+                holder = self.lock_holder()
+                if holder is not None:
+                    raise _locked(holder, self.output) from None
                 path.unlink(missing_ok=True)  # a stale lock from a killed run
                 continue
             with os.fdopen(fd, "wb") as file:
                 file.write(body)
+            self._holding_lock = True
             return
         raise ConfigError("could not take the run lock", path=path)
 
     def release_lock(self) -> None:
         path = self.directory / LOCK
-        if read_lock(path) == os.getpid():
+        if self._holding_lock and read_lock(path) == os.getpid():
             path.unlink(missing_ok=True)
+        self._holding_lock = False
+
+
+def _locked(holder: int, output: Path) -> ConfigError:
+    return ConfigError(
+        f"another run (pid {holder}) is using this output; wait for it or stop it first",
+        path=output,
+    )
 
 
 def read_lock(path: Path) -> int | None:

@@ -88,6 +88,9 @@ def cli() -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
 @click.option("--transport", type=click.Choice(["aiohttp", "httpx"]), help="HTTP transport.")
 @click.option("--prices", type=click.Path(path_type=Path, dir_okay=False), help="Price file.")
+@click.option(
+    "--cache", type=click.Path(path_type=Path, file_okay=False), help="Request cache folder."
+)
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="Spend cap, USD.")
 @click.option(
     "--dry-run", is_flag=True, help="Estimate requests, tokens, cost and time; send nothing."
@@ -158,12 +161,72 @@ def _job_from(
     data = read_job_data(job_file) if job_file is not None else {}
     flags = {**flags, "input": _absolute(input_), "output": _absolute(output)}
     flags["prices"] = _absolute(flags.get("prices"))
+    flags["cache"] = _absolute(flags.get("cache"))
     if job_file is None:
         if input_ is None:
             raise ConfigError("give a job file or --input (see batchrun run --help)")
         if output is None:
             flags["output"] = input_.absolute().with_name(input_.stem + ".results.parquet")
     return build_job(apply_flags(data, flags), source=job_file)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+def status(output: Path) -> None:
+    """Show what is done for OUTPUT (a checkpoint or a finished file), and if a run is on it."""
+    from batchrun.status import describe, read_status
+
+    output = output.absolute()
+    if output.name.endswith(".parts") and output.is_dir():  # the checkpoint folder itself
+        output = output.with_name(output.name.removesuffix(".parts"))
+    try:
+        report = read_status(output)
+    except BatchrunError as exc:
+        click.echo(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    for line in describe(report):
+        click.echo(line)
+
+
+@cli.command(name="export")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["openai-batch", "jsonl", "csv"]),
+    required=True,
+    help="OpenAI Batch API output lines, flat JSON lines, or CSV.",
+)
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write here, not stdout."
+)
+def export_command(output: Path, fmt: str, out: Path | None) -> None:
+    """Write the rows of OUTPUT as OpenAI batch output lines, JSONL or CSV."""
+    from batchrun.export import export_output, export_to_file
+
+    try:
+        if out is None:
+            export_output(output, sys.stdout.buffer, fmt=fmt)
+        else:
+            export_to_file(output, out, fmt=fmt)
+    except BatchrunError as exc:
+        click.echo(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+@cli.command(name="report")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def report_command(output: Path, as_json: bool) -> None:
+    """Per-variant figures of OUTPUT: rows, ok, errors, tokens, cost, latency, accuracy."""
+    from batchrun.report import read_report, write_report
+
+    try:
+        figures = read_report(output)
+    except BatchrunError as exc:
+        click.echo(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    write_report(figures, as_json=as_json, file=sys.stdout)
 
 
 @cli.command(params=[p for p in run.params if p.name != "dry_run"])

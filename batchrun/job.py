@@ -112,6 +112,23 @@ class FakeEndpoint(_Strict):
     token_budget: int | None = None
 
 
+FieldType = Literal["str", "float", "int", "bool", "list", "dict"]
+
+
+class ParseSpec(_Strict):
+    """Structured answers: the JSON fields each answer must hold, each an output column."""
+
+    fields: dict[str, FieldType]
+    #: re-asks after an answer that does not parse (each one paid and counted)
+    parse_attempts: int = Field(default=1, ge=0, le=10)
+    #: parsed field -> input column holding its true value, for `batchrun report`
+    reference: dict[str, str] = Field(default_factory=dict)
+
+
+#: what a [sweep] table may vary besides request parameters
+SWEEP_KEYS = ("template", "system", *ROW_OVERRIDABLE)
+
+
 class Job(_Strict):
     """A validated job."""
 
@@ -132,6 +149,12 @@ class Job(_Strict):
     prices: Path | None = None
     #: a hard cap on spend in USD: no request is sent that could take the run past it
     max_cost: float | None = Field(default=None, gt=0)
+    parse: ParseSpec | None = None
+    #: lists of values per key (and `repeat`): every row is sent once per combination
+    sweep: dict[str, Any] | None = None
+    #: a folder of answers keyed by the exact request body: a request answered before is
+    #: not sent again
+    cache: Path | None = None
     #: the file the job came from, if any (for messages)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -142,6 +165,21 @@ class Job(_Strict):
             raise ValueError(
                 "must be the NAME of an environment variable holding the key, not the key itself"
             )
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        for key, values in value.items():
+            if key == "repeat":
+                if not isinstance(values, int) or isinstance(values, bool) or values < 1:
+                    raise ValueError("repeat must be a whole number of at least 1")
+            elif key not in SWEEP_KEYS:
+                raise ValueError(f"cannot sweep {key!r}; sweepable: {', '.join(SWEEP_KEYS)}")
+            elif not isinstance(values, list) or not values:
+                raise ValueError(f"{key!r} must be a non-empty list of values")
         return value
 
     @field_validator("base_url")
@@ -159,6 +197,8 @@ class Job(_Strict):
             "params": self.params.to_body(),
             "prompt": self.prompt.model_dump(exclude={"carry"}),
             "carry": self.prompt.carry,
+            "parse": self.parse.model_dump() if self.parse else None,
+            "sweep": self.sweep,
         }
 
     def fingerprint_digest(self) -> str:
@@ -207,6 +247,8 @@ def build_job(data: dict[str, Any], *, source: Path | None = None) -> Job:
             job.output = Path(os.path.normpath(base.absolute() / job.output))
         if job.prices is not None and not job.prices.is_absolute():
             job.prices = Path(os.path.normpath(base.absolute() / job.prices))
+        if job.cache is not None and not job.cache.is_absolute():
+            job.cache = Path(os.path.normpath(base.absolute() / job.cache))
     return job
 
 
@@ -226,6 +268,7 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
     "stream": ("stream",),
     "limit": ("limit",),
     "prices": ("prices",),
+    "cache": ("cache",),
     "max_cost": ("max_cost",),
     "transport": ("transport",),
     "concurrency": ("limits", "concurrency"),

@@ -7,6 +7,7 @@ is done is written, and the stop is raised for the CLI to report.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from collections.abc import Iterator
@@ -20,9 +21,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from tenacity import RetryCallState
 
 from batchrun import tokens
+from batchrun.cache import RequestCache, request_key
 from batchrun.client import Client, Completion
 from batchrun.errors import (
     Interrupted,
+    PermanentError,
     RateLimited,
     RequestError,
     RetryableError,
@@ -32,10 +35,11 @@ from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome
 from batchrun.prices import PriceTable, SpendCap
 from batchrun.progress import Tally, live_display, report_periodically
-from batchrun.prompts import RequestShape, build_request
+from batchrun.prompts import RequestShape, build_request, expand_sweep
 from batchrun.retry import RetryPolicy
 from batchrun.sinks import INDEX_COLUMN, PartWriter
 from batchrun.sources import InputRow, InputSummary, iter_batches, row_id
+from batchrun.structured import ParseFailed, parse_fields
 
 log = structlog.get_logger("batchrun")
 
@@ -43,6 +47,38 @@ FLUSH_ROWS = 500
 FLUSH_SECONDS = 5.0
 #: how long requests in flight may take to finish after a stop
 STOP_GRACE_SECONDS = 30.0
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return b if a is None else (a if b is None else a + b)
+
+
+def _summed(answers: list[Completion]) -> Completion:
+    """The last answer, with the usage of every answer the row paid for."""
+    last = answers[-1]
+    total = dataclasses.replace(last)
+    for name in (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "prompt_cache_hit_tokens",
+        "prompt_cache_miss_tokens",
+        "reasoning_tokens",
+    ):
+        value: int | None = None
+        for answer in answers:
+            value = _add(value, getattr(answer, name))
+        setattr(total, name, value)
+    return total
+
+
+@dataclass(slots=True)
+class Work:
+    """One request to make: an input row in one sweep variant, at its output position."""
+
+    row: InputRow
+    variant: int
+    position: int
 
 
 class _Abandoned(Exception):
@@ -79,6 +115,7 @@ class Pool:
     spend: SpendCap
     writer: PartWriter
     tally: Tally
+    cache: RequestCache | None = None
     skip: Any = None  # polars Series of input positions already ok, or None
     settings: PoolSettings = field(default_factory=PoolSettings)
     stop_reason: RunStopped | None = None
@@ -87,8 +124,11 @@ class Pool:
     _flush_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def __post_init__(self) -> None:
-        self.shape = RequestShape.from_job(self.job)
+        self.variants = expand_sweep(self.job.sweep)
+        self.shapes = [RequestShape.from_job(self.job, v.settings) for v in self.variants]
+        self.variant_columns = [v.columns() for v in self.variants] if self.job.sweep else None
         self.carry = tuple(self.job.prompt.carry)
+        self.parse = self.job.parse
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -112,7 +152,7 @@ class Pool:
     async def run(self) -> None:
         """Send every row not yet done; returns when all are done or the run stops."""
         limit = self.job.limits.concurrency
-        send, receive = anyio.create_memory_object_stream[InputRow](limit * 2)
+        send, receive = anyio.create_memory_object_stream[Work](limit * 2)
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flush_periodically)
@@ -151,31 +191,34 @@ class Pool:
                     return
                 self.stop(Interrupted(signal.Signals(signum).name))
 
-    async def _produce(self, send: MemoryObjectSendStream[InputRow]) -> None:
+    async def _produce(self, send: MemoryObjectSendStream[Work]) -> None:
         async with send:
             batches = iter_batches(self.job.input, limit=self.job.limit)
             while not self.stopping:
                 batch = await anyio.to_thread.run_sync(next, batches, None)
                 if batch is None:
                     break
-                for row in self._not_done(batch):
+                for work in self._not_done(batch):
                     if self.stopping:
                         break
-                    await send.send(row)
+                    await send.send(work)
 
-    def _not_done(self, batch: list[InputRow]) -> Iterator[InputRow]:
+    def _not_done(self, batch: list[InputRow]) -> Iterator[Work]:
+        """Each row once per sweep variant, at its own position, unless already done."""
+        count = len(self.variants)
+        work = [Work(row, v, row.index * count + v) for row in batch for v in range(count)]
         if self.skip is None or len(self.skip) == 0:
-            yield from batch
+            yield from work
             return
         import polars as pl
 
-        positions = pl.Series([row.index for row in batch], dtype=pl.Int64)
+        positions = pl.Series([item.position for item in work], dtype=pl.Int64)
         done = positions.is_in(self.skip).to_list()
-        for row, is_done in zip(batch, done, strict=True):
+        for item, is_done in zip(work, done, strict=True):
             if not is_done:
-                yield row
+                yield item
 
-    async def _work(self, receive: MemoryObjectReceiveStream[InputRow]) -> None:
+    async def _work(self, receive: MemoryObjectReceiveStream[Work]) -> None:
         async with receive:
             current: list[str] = [""]
 
@@ -195,12 +238,12 @@ class Pool:
             policy = RetryPolicy(
                 self.job.limits, before_sleep=before_sleep, sleep=self._sleep_unless_stopping
             )
-            async for row in receive:
+            async for work in receive:
                 if self.stopping:
                     continue
-                current[0] = row_id(row, self.job.prompt.id_column, self.job.input)
+                current[0] = row_id(work.row, self.job.prompt.id_column, self.job.input)
                 try:
-                    result = await self._process(row, current[0], policy)
+                    result = await self._process(work, current[0], policy)
                 except _Abandoned:
                     continue
                 except RunStopped as stop:
@@ -211,8 +254,9 @@ class Pool:
                 if len(self.writer) >= self.settings.flush_rows:
                     self._flush_wanted.set()
 
-    async def _process(self, row: InputRow, rid: str, policy: RetryPolicy) -> dict[str, Any]:
-        body = build_request(row.data, self.shape)
+    async def _process(self, work: Work, rid: str, policy: RetryPolicy) -> dict[str, Any]:
+        row = work.row
+        body = build_request(row.data, self.shapes[work.variant])
         prompt_estimate = tokens.prompt_tokens(body)
         cap = tokens.completion_cap(body)
         model = str(body.get("model"))
@@ -263,7 +307,7 @@ class Pool:
             finally:
                 self.tally.in_flight -= 1
                 if answer is not None:
-                    cost = self.prices.cost(
+                    answer_cost = self.prices.cost(
                         model if answer.model is None or self.prices.knows(model) else answer.model,
                         started_at,
                         prompt_tokens=answer.prompt_tokens,
@@ -271,7 +315,11 @@ class Pool:
                         cache_miss_tokens=answer.prompt_cache_miss_tokens,
                         completion_tokens=answer.completion_tokens,
                     )
-                spend.settle(worst, cost if answer is not None else None)
+                    if answer_cost is not None:
+                        cost = answer_cost if cost is None else cost + answer_cost
+                    spend.settle(worst, answer_cost)
+                else:
+                    spend.settle(worst, None)
                 self.limiter.settle(
                     reservation,
                     outcome=outcome,
@@ -283,14 +331,62 @@ class Pool:
                     else (failure.headers if isinstance(failure, RateLimited) else None),
                 )
 
+        cache, key, cached = self.cache, "", False
+        if cache is not None:
+            variant = self.variants[work.variant]
+            # repeats of one combination are meant to be sampled again, not served twice
+            salt = f"repeat {variant.repeat}" if variant.repeats > 1 else ""
+            key = request_key(body, salt=salt)
+            completion = await cache.claim(key)
+            cached = completion is not None
+        parsed: dict[str, Any] | None = None
+        answers: list[Completion] = []
         try:
-            completion = await policy.call(attempt)
-        except RequestError as exc:
-            failure = exc
+            if completion is None:
+                asks = 1 + (self.parse.parse_attempts if self.parse else 0)
+                for _ in range(asks):
+                    try:
+                        completion = await policy.call(attempt)
+                    except RequestError as exc:
+                        failure = exc
+                        break
+                    answers.append(completion)
+                    parsed, failure = self._parsed(completion)
+                    if failure is None:
+                        break
+            else:
+                parsed, failure = self._parsed(completion)
+            if cache is not None and not cached and completion is not None and failure is None:
+                cache.put(key, completion)
+        finally:
+            if cache is not None and not cached:
+                cache.release(key)
         latency = time.perf_counter() - t0
+        if len(answers) > 1:
+            completion = _summed(answers)
         result = self._result(row, rid, completion, failure, attempts, latency, started_at)
-        result["cost_usd"] = cost if completion is not None else None
+        result[INDEX_COLUMN] = work.position
+        if self.variant_columns is not None:
+            result.update(self.variant_columns[work.variant])
+        if self.parse is not None:
+            for name in self.parse.fields:
+                result[name] = parsed.get(name) if parsed else None
+        result["cost_usd"] = 0.0 if cached else cost
+        result["cached"] = cached
         return result
+
+    def _parsed(self, completion: Completion) -> tuple[dict[str, Any] | None, RequestError | None]:
+        """The parsed fields of an answer, or the parse failure to record."""
+        if self.parse is None:
+            return None, None
+        try:
+            return parse_fields(completion.content, self.parse.fields), None
+        except ParseFailed as exc:
+            return None, PermanentError(
+                f"the answer does not parse: {exc}",
+                status=completion.http_status,
+                error_class="parse",
+            )
 
     def _result(
         self,
@@ -307,7 +403,7 @@ class Pool:
             result[name] = row.data.get(name)
         c = completion
         result.update(
-            status="ok" if c is not None else "error",
+            status="ok" if c is not None and failure is None else "error",
             content=c.content if c else None,
             reasoning_content=c.reasoning_content if c else None,
             finish_reason=c.finish_reason if c else None,

@@ -7,6 +7,7 @@ named like request parameters (`model`, `temperature`, ...) win over the job's.
 
 from __future__ import annotations
 
+import itertools
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -44,22 +45,65 @@ class RequestShape:
     template_fields: tuple[str, ...]
 
     @classmethod
-    def from_job(cls, job: Job) -> RequestShape:
-        template = job.prompt.template
+    def from_job(cls, job: Job, settings: dict[str, Any] | None = None) -> RequestShape:
+        """The shape of a job's requests, with one sweep variant's `settings` laid over it."""
+        settings = settings or {}
+        template = settings.get("template", job.prompt.template)
         fields: tuple[str, ...] = ()
         if template is not None:
             fields = template_fields(template)
+        params = job.params.to_body()
+        params.update(
+            {k: v for k, v in settings.items() if k not in ("model", "template", "system")}
+        )
         return cls(
-            model=job.model,
-            params=job.params.to_body(),
+            model=settings.get("model", job.model),
+            params=params,
             stream=job.stream,
             prompt_column=job.prompt.prompt_column,
             messages_column=job.prompt.messages_column,
             system_column=job.prompt.system_column,
-            system=job.prompt.system,
+            system=settings.get("system", job.prompt.system),
             template=template,
             template_fields=fields,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One combination of a sweep: the settings it lays over the job, and its repeat."""
+
+    number: int
+    settings: dict[str, Any]
+    repeat: int
+    repeats: int
+
+    @property
+    def name(self) -> str:
+        return f"v{self.number}"
+
+    def columns(self) -> dict[str, Any]:
+        """The output columns that say which combination a row belongs to."""
+        values: dict[str, Any] = {"variant": self.name}
+        values.update({f"sweep_{key}": value for key, value in self.settings.items()})
+        if self.repeats > 1:
+            values["sweep_repeat"] = self.repeat
+        return values
+
+
+def expand_sweep(sweep: dict[str, Any] | None) -> list[Variant]:
+    """Every combination of a [sweep] table, in a stable order (v1, v2, ...)."""
+    if not sweep:
+        return [Variant(1, {}, 1, 1)]
+    keys = [key for key in sweep if key != "repeat"]
+    repeats = int(sweep.get("repeat", 1))
+    combos = list(itertools.product(*(sweep[key] for key in keys)))
+    variants: list[Variant] = []
+    for values in combos:
+        for repeat in range(1, repeats + 1):
+            settings = dict(zip(keys, values, strict=True))
+            variants.append(Variant(len(variants) + 1, settings, repeat, repeats))
+    return variants
 
 
 def template_fields(template: str) -> tuple[str, ...]:

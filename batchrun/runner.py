@@ -23,6 +23,8 @@ from batchrun.sinks import compact, output_schema
 from batchrun.sources import InputSummary, scan_input
 
 METADATA_KEY = b"batchrun"
+#: what `batchrun report` needs to know about the job that wrote a file
+REPORT_KEY = b"batchrun.report"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,16 @@ def _endpoint(job: Job) -> Iterator[Job]:
 def _output_metadata(rows: int, manifest: dict[str, Any]) -> bytes:
     """Stored in the output file, so a re-run can tell the job is already done."""
     return orjson.dumps({"fingerprint": manifest["fingerprint"], "rows": rows})
+
+
+def _report_metadata(job: Job) -> bytes:
+    return orjson.dumps(
+        {
+            "sweep_keys": [k for k in (job.sweep or {}) if k != "repeat"],
+            "fields": job.parse.fields if job.parse else {},
+            "reference": job.parse.reference if job.parse else {},
+        }
+    )
 
 
 def _finished_output(job: Job, manifest: dict[str, Any], rows: int) -> dict[str, Any] | None:
@@ -128,7 +140,12 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     checkpoint = Checkpoint(job.output)
     manifest = checkpoint.manifest_for(job)
     schema = output_schema(scan.carried_types)
-    schema = schema.with_metadata({METADATA_KEY: _output_metadata(scan.rows, manifest)})
+    schema = schema.with_metadata(
+        {
+            METADATA_KEY: _output_metadata(scan.rows, manifest),
+            REPORT_KEY: _report_metadata(job),
+        }
+    )
     if restart:
         checkpoint.discard()
         job.output.unlink(missing_ok=True)
@@ -141,6 +158,8 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     checkpoint.open(job, restart=False)
     checkpoint.acquire_lock()
     try:
+        checkpoint.record_rows(scan.rows, limit=job.limit)
+        checkpoint.recover(carried=scan.carried_types)
         return _run_with_checkpoint(
             job, scan, checkpoint, schema, api_key, settings or PoolSettings(), Pool
         )
@@ -159,6 +178,7 @@ def _run_with_checkpoint(
 ) -> RunSummary:
     import anyio
 
+    from batchrun.cache import RequestCache
     from batchrun.client import Client
     from batchrun.limits import Limiter
     from batchrun.prices import PriceTable, SpendCap
@@ -200,6 +220,7 @@ def _run_with_checkpoint(
                     limiter=limiter,
                     prices=prices,
                     spend=SpendCap(job.max_cost, spent=_spent_so_far(checkpoint)),
+                    cache=RequestCache(live.cache) if live.cache is not None else None,
                     writer=writer,
                     tally=tally,
                     skip=state.ok_positions if state.rows_ok else None,
@@ -209,13 +230,18 @@ def _run_with_checkpoint(
                 return pool.stop_reason
 
         with _endpoint(job) as live:
-            stop = anyio.run(main, live)
+            try:
+                stop = anyio.run(main, live)
+            finally:
+                writer.close()
         state = checkpoint.resume_state(rows=scan.rows)
 
     complete = state.rows_done >= scan.rows
     if complete:
         compact(checkpoint.directory, job.output, schema=schema, rows=scan.rows)
-        if job.limit is None:
+        # kept with --limit, so the full run resumes, and while error rows remain, so that
+        # running again retries them
+        if job.limit is None and state.rows_ok == scan.rows:
             checkpoint.discard()
     summary = RunSummary(
         job.output,

@@ -1,21 +1,38 @@
-"""The output schema (defined here and nowhere else), Parquet part files, and compaction.
+"""The output schema (defined here and nowhere else), the journal, part files, and compaction.
 
-Results are written as they complete into `OUTPUT.parts/part-NNNNNN.parquet`, each file
-written under a temporary name, fsynced and renamed, so a killed run leaves only whole parts.
-When every row has a result, the parts are compacted into OUTPUT in input order.
+Each result row is appended, as it completes, to a journal segment in `OUTPUT.parts/`
+(`journal-NNNNNN.jsonl`, one JSON line, one unbuffered write), so a killed run loses nothing
+it was answered for. Every few hundred rows or seconds the buffered rows become
+`part-NNNNNN.parquet` (same N), written under a temporary name, fsynced and renamed; then the
+journal segment is deleted. A run that starts folds leftover segments into parts first
+(`recover_journals`). When every row has a result, the parts are compacted into OUTPUT in
+input order.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import orjson
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 #: internal columns kept in part files only: input position, for ordering and resume
 INDEX_COLUMN = "_index"
+
+PART_PREFIX = "part-"
+JOURNAL_PREFIX = "journal-"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_JOURNAL_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_APPEND_NEWLINE
 
 
 def _result_fields() -> list[tuple[str, pa.DataType]]:
@@ -42,6 +59,7 @@ def _result_fields() -> list[tuple[str, pa.DataType]]:
         ("finished_at", pa.timestamp("ms", tz="UTC")),
         ("error_class", pa.string()),
         ("cost_usd", pa.float64()),
+        ("cached", pa.bool_()),
     ]
 
 
@@ -67,6 +85,20 @@ def parts_dir(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
 
 
+def part_path(directory: Path, number: int) -> Path:
+    return directory / f"{PART_PREFIX}{number:06d}.parquet"
+
+
+def journal_path(directory: Path, number: int) -> Path:
+    """The journal segment whose rows become part `number`."""
+    return directory / f"{JOURNAL_PREFIX}{number:06d}.jsonl"
+
+
+def segment_number(path: Path) -> int:
+    """N of `part-N.parquet` or `journal-N.jsonl`."""
+    return int(path.stem.split("-")[1])
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -75,17 +107,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file written under a temporary name, fsynced and renamed to `path` if the block
+    ends without an error (the temporary is removed if it does not)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def write_atomically(table: pa.Table, path: Path) -> None:
     """Write a Parquet file under a temporary name, fsync it, rename it into place."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as file:
+    with _atomic_file(path) as file:
         pq.write_table(table, file, compression="zstd")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _carried_value(value: Any, kind: pa.DataType) -> Any:
@@ -98,11 +142,36 @@ def _carried_value(value: Any, kind: pa.DataType) -> Any:
     return orjson.dumps(value).decode()  # nested or mixed values travel as JSON text
 
 
-class PartWriter:
-    """Buffers result rows and writes them out as numbered part files.
+def _journal_default(value: Any) -> Any:
+    """JSON for the values orjson leaves to us; `journal_table` turns them back."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # a naive timestamp column: wall time, stored as if UTC
+            value = value.replace(tzinfo=UTC)
+        return (value - _EPOCH) // _MICROSECOND  # epoch microseconds: exact, any unit fits
+    if isinstance(value, date | time):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value // _MICROSECOND
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"cannot journal a {type(value).__name__}")
 
-    `add` is cheap and never blocks; `take` hands the buffer over so that the caller can
-    write it in a worker thread with `write_part`.
+
+def _write_all(fd: int, data: bytes) -> None:
+    written = os.write(fd, data)
+    while written < len(data):  # only on a full disk or a signal mid-write
+        written += os.write(fd, data[written:])
+
+
+class PartWriter:
+    """Journals result rows as they come, and writes them out as numbered part files.
+
+    `add` appends the row to the current journal segment (one `os.write`, no fsync: the OS
+    has it, so a killed process loses nothing) and buffers it; `take` hands the buffer over
+    and starts the next segment, so that the caller can write the part in a worker thread
+    with `write_part`, which then deletes the segment.
     """
 
     def __init__(self, directory: Path, *, carried: dict[str, pa.DataType]) -> None:
@@ -113,7 +182,8 @@ class PartWriter:
             name: kind for name, kind in carried.items() if str(kind) == "large_string"
         }
         self._rows: list[dict[str, Any]] = []
-        self._next = _next_part_number(directory)
+        self._next = _next_segment(directory)
+        self._journal: int | None = None  # descriptor of journal segment `_next`, once opened
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -121,35 +191,131 @@ class PartWriter:
     def add(self, row: dict[str, Any]) -> None:
         for name, kind in self._json_carried.items():
             row[name] = _carried_value(row.get(name), kind)
+        line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        if self._journal is None:
+            self._journal = os.open(
+                journal_path(self.directory, self._next),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o644,
+            )
+        _write_all(self._journal, line)
         self._rows.append(row)
 
     def take(self) -> tuple[Path, list[dict[str, Any]]] | None:
         """The buffered rows and the path to write them to, or None if there are none."""
         if not self._rows:
             return None
+        self.close()
         rows, self._rows = self._rows, []
-        path = self.directory / f"part-{self._next:06d}.parquet"
+        path = part_path(self.directory, self._next)
         self._next += 1
         return path, rows
 
     def write_part(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        """Write one part file (blocking: call it in a worker thread)."""
+        """Write one part file, then drop its journal segment (blocking: call it in a
+        worker thread)."""
         import pyarrow as pa
 
         table = pa.Table.from_pylist(rows, schema=self.schema)
         write_atomically(table, path)
+        journal_path(path.parent, segment_number(path)).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the current journal segment; its rows stay journalled until written."""
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
 
 
-def _next_part_number(directory: Path) -> int:
-    numbers = [int(p.stem.split("-")[1]) for p in list_parts(directory)]
+def _next_segment(directory: Path) -> int:
+    numbers = [segment_number(p) for p in [*list_parts(directory), *list_journals(directory)]]
     return max(numbers, default=0) + 1
+
+
+def _numbered(directory: Path, prefix: str, suffix: str) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    found = directory.glob(f"{prefix}*{suffix}")
+    return sorted((p for p in found if p.stem[len(prefix) :].isdigit()), key=segment_number)
 
 
 def list_parts(directory: Path) -> list[Path]:
     """The whole part files in a checkpoint, oldest first; temporary leftovers are ignored."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.glob("part-*.parquet") if p.stem.split("-")[1].isdigit())
+    return _numbered(directory, PART_PREFIX, ".parquet")
+
+
+def list_journals(directory: Path) -> list[Path]:
+    """The journal segments in a checkpoint, oldest first."""
+    return _numbered(directory, JOURNAL_PREFIX, ".jsonl")
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The rows of a journal segment; a torn line (the tail a kill cut short) is skipped."""
+    rows = []
+    for line in path.read_bytes().splitlines():
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and INDEX_COLUMN in row and "status" in row:
+            rows.append(row)
+    return rows
+
+
+def _journal_column(values: list[Any], kind: pa.DataType) -> pa.Array:
+    import pyarrow as pa
+
+    types = pa.types
+    if types.is_timestamp(kind):
+        epoch_us = pa.array(values, pa.int64()).cast(pa.timestamp("us", tz=kind.tz))
+        return epoch_us.cast(kind, safe=False)  # truncates as writing a datetime does
+    if types.is_duration(kind):
+        return pa.array(values, pa.int64()).cast(pa.duration("us")).cast(kind, safe=False)
+    if types.is_binary(kind) or types.is_large_binary(kind) or types.is_fixed_size_binary(kind):
+        return pa.array([None if v is None else base64.b64decode(v) for v in values], kind)
+    parse: Any = None
+    if types.is_date(kind):
+        parse = date.fromisoformat
+    elif types.is_time(kind):
+        parse = time.fromisoformat
+    elif types.is_decimal(kind):
+        parse = Decimal
+    if parse is not None:
+        values = [None if v is None else parse(v) for v in values]
+    return pa.array(values, kind)
+
+
+def journal_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Journalled rows as the part file `write_part` would have written from them."""
+    import pyarrow as pa
+
+    columns = [_journal_column([row.get(f.name) for row in rows], f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def recover_journals(directory: Path, *, schema: pa.Schema) -> int:
+    """Fold the journal segments a stopped or killed run left into part files, and clear
+    temporary leftovers of part writes. Returns the number of rows recovered.
+
+    Only call it holding the run lock: a live run's segments and temporaries are in use.
+    """
+    for leftover in directory.glob(f".{PART_PREFIX}*.tmp-*"):
+        leftover.unlink(missing_ok=True)
+    recovered = 0
+    journals = list_journals(directory)
+    for journal in journals:
+        part = part_path(directory, segment_number(journal))
+        # the part exists when the kill came between its rename and the segment's removal:
+        # it already holds exactly the segment's rows
+        if not part.exists():
+            rows = read_journal(journal)
+            if rows:
+                write_atomically(journal_table(rows, schema), part)
+                recovered += len(rows)
+        journal.unlink()
+    if journals:
+        _fsync_dir(directory)
+    return recovered
 
 
 def scan_parts(directory: Path) -> Any:
@@ -163,26 +329,76 @@ def scan_parts(directory: Path) -> Any:
     return pl.scan_parquet(parts, include_file_paths="_part")
 
 
+def part_number(column: str = "_part") -> Any:
+    """A polars expression: the N of the `part-N.parquet` path in `column`."""
+    import polars as pl
+
+    return pl.col(column).str.extract(r"(\d+)\.parquet$").cast(pl.Int64)
+
+
 def latest_results(frame: Any) -> Any:
-    """One row per input position: the latest result written for it, in input order."""
-    return frame.sort([INDEX_COLUMN, "_part"]).unique(
-        subset=[INDEX_COLUMN], keep="last", maintain_order=True
+    """One row per input position, in input order: the latest result written for it.
+
+    `frame` has the `_part` column of `scan_parts`.
+    """
+    return keep_latest(frame.with_columns(part_number().alias("_segment")).drop("_part"))
+
+
+def keep_latest(frame: Any) -> Any:
+    """`latest_results` for a frame whose `_segment` column holds each row's part number
+    (or journal segment number: segment N holds the rows of part N)."""
+    # sorting on the number and keeping each position's last row, rather than `unique`,
+    # keeps this within tens of MB for a million rows
+    import polars as pl
+
+    index = pl.col(INDEX_COLUMN)
+    return (
+        frame.sort([INDEX_COLUMN, "_segment"])
+        .filter(index.ne_missing(index.shift(-1)))
+        .drop("_segment")
     )
+
+
+#: compaction writes the output this many input positions at a time, one row group each
+COMPACT_CHUNK_ROWS = 20_000
 
 
 def compact(directory: Path, output: Path, *, schema: pa.Schema, rows: int) -> int:
     """Fold the results for the first `rows` input rows into the output file, in input
-    order, written atomically. Returns the number of rows written."""
-    import polars as pl
+    order, written atomically. Returns the number of rows written.
 
-    frame = scan_parts(directory)
-    if frame is None:
+    Memory stays flat whatever the size: the output is written one range of input
+    positions at a time, reading only the parts that hold results in that range.
+    """
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    parts = list_parts(directory)
+    if not parts:
         return 0
-    table = (
-        latest_results(frame.filter(pl.col(INDEX_COLUMN) < rows))
-        .select(schema.names)
+    index = pl.col(INDEX_COLUMN)
+    spans = (
+        pl.scan_parquet(parts, include_file_paths="_part")
+        .filter(index < rows)
+        .group_by("_part")
+        .agg(index.min().alias("low"), index.max().alias("high"))
+        .with_columns(part_number().alias("_segment"))
+        .sort("_segment")
         .collect()
-        .to_arrow()
     )
-    write_atomically(table.cast(schema), output)
-    return int(table.num_rows)
+    written = 0
+    with _atomic_file(output) as file, pq.ParquetWriter(file, schema, compression="zstd") as out:
+        for start in range(0, rows, COMPACT_CHUNK_ROWS):
+            end = min(start + COMPACT_CHUNK_ROWS, rows)
+            holding = spans.filter((pl.col("low") < end) & (pl.col("high") >= start))
+            if holding.is_empty():
+                continue
+            frames = [
+                pl.scan_parquet(path).with_columns(pl.lit(number, pl.Int64).alias("_segment"))
+                for path, number in holding.select("_part", "_segment").iter_rows()
+            ]
+            in_range = pl.concat(frames).filter((index >= start) & (index < end))
+            chunk = keep_latest(in_range).select(schema.names).collect()
+            out.write_table(chunk.to_arrow().cast(schema))
+            written += chunk.height
+    return written

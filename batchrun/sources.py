@@ -14,9 +14,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from batchrun.errors import InputError
+from batchrun.errors import ConfigError, InputError
 from batchrun.job import Job
-from batchrun.prompts import RequestShape, RowProblem, build_request, is_batch_line
+from batchrun.prompts import (
+    RequestShape,
+    RowProblem,
+    Variant,
+    build_request,
+    expand_sweep,
+    is_batch_line,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -136,10 +143,15 @@ def row_id(row: InputRow, id_column: str | None, path: Path) -> str:
 class InputSummary:
     """What the scan learnt about a prompt set."""
 
+    #: results the job makes: input rows times sweep combinations
     rows: int
     batch_format: bool
-    #: carried column -> Arrow type, in the job's order
+    #: carried column -> Arrow type, in the job's order, then the job's own columns (sweep
+    #: variant and values, parsed fields)
     carried_types: dict[str, pa.DataType] = field(default_factory=dict)
+    input_rows: int = 0
+    #: requests per input row (a sweep's combinations)
+    variants: int = 1
 
 
 def _arrow_type_of(values: set[type]) -> pa.DataType:
@@ -168,8 +180,9 @@ def scan_input(job: Job) -> InputSummary:
     import polars as pl  # lazy import: only a run needs it
 
     path = job.input
+    variants = expand_sweep(job.sweep)
     try:
-        shape = RequestShape.from_job(job)
+        shapes = [RequestShape.from_job(job, variant.settings) for variant in variants]
     except RowProblem as exc:  # a bad template is the job's fault, but name the input
         raise InputError(str(exc), path=path) from None
     id_column = job.prompt.id_column
@@ -186,7 +199,8 @@ def scan_input(job: Job) -> InputSummary:
         for row in batch:
             data = row.data
             try:
-                build_request(data, shape)
+                for shape in shapes:
+                    build_request(data, shape)
             except RowProblem as exc:
                 raise row.where(path, str(exc), column=exc.column) from None
             ids.append(row_id(row, id_column, path))
@@ -212,7 +226,44 @@ def scan_input(job: Job) -> InputSummary:
         )
     _check_unique_ids(pl.concat(id_chunks), pl.concat(place_chunks), path)
     carried_types = _carried_types(job, seen_types)
-    return InputSummary(rows=rows, batch_format=batch_format, carried_types=carried_types)
+    carried_types.update(_job_column_types(job, variants, carried_types))
+    return InputSummary(
+        rows=rows * len(variants),
+        batch_format=batch_format,
+        carried_types=carried_types,
+        input_rows=rows,
+        variants=len(variants),
+    )
+
+
+RESERVED = frozenset({"id", "status", "content", "model", "error", "cost_usd", "cached"})
+
+
+def _job_column_types(
+    job: Job, variants: list[Variant], taken: dict[str, pa.DataType]
+) -> dict[str, pa.DataType]:
+    """Columns the job itself adds beside the carried ones: the sweep's and parsed fields."""
+    import pyarrow as pa
+
+    from batchrun.structured import arrow_type
+
+    columns: dict[str, pa.DataType] = {}
+    if job.sweep:
+        columns["variant"] = pa.string()
+        for key in (k for k in job.sweep if k != "repeat"):
+            columns[f"sweep_{key}"] = _arrow_type_of({type(v) for v in job.sweep[key]})
+        if variants[0].repeats > 1:
+            columns["sweep_repeat"] = pa.int64()
+    if job.parse is not None:
+        for name, kind in job.parse.fields.items():
+            if name in taken or name in columns or name in RESERVED or name.startswith("_"):
+                raise ConfigError(
+                    f"parsed field {name!r} would clash with an output column of that name: "
+                    "rename the field or the carried column",
+                    path=job.source,
+                )
+            columns[name] = arrow_type(kind)
+    return columns
 
 
 def _carried_types(job: Job, seen_types: dict[str, set[type]]) -> dict[str, pa.DataType]:

@@ -41,6 +41,7 @@ EXPECTED_COLUMNS = [
     "finished_at",
     "error_class",
     "cost_usd",
+    "cached",
 ]
 
 SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)

@@ -1,0 +1,149 @@
+"""The journal and part files: what a row looks like on disk, and folding leftovers back."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun import sinks
+from batchrun.sinks import (
+    PartWriter,
+    compact,
+    journal_table,
+    list_journals,
+    list_parts,
+    output_schema,
+    read_journal,
+    recover_journals,
+)
+
+CARRIED = {
+    "day": pa.date32(),
+    "at": pa.timestamp("ns", tz="Europe/Paris"),
+    "local": pa.timestamp("us"),
+    "clock": pa.time64("us"),
+    "wait": pa.duration("ms"),
+    "price": pa.decimal128(10, 2),
+    "blob": pa.binary(),
+    "tags": pa.list_(pa.string()),
+    "meta": pa.large_string(),
+}
+
+
+def result(index: int, **fields: Any) -> dict[str, Any]:
+    """A result row as the pool hands it to the writer."""
+    started = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    return {
+        "id": f"r{index}",
+        "_index": index,
+        "status": "ok",
+        "content": f"echo: {index}",
+        "prompt_tokens": 3,
+        "attempts": 1,
+        "latency_s": 0.25,
+        "http_status": 200,
+        "started_at": started,
+        "finished_at": started + timedelta(milliseconds=1500, microseconds=999),
+        **fields,
+    }
+
+
+def carried_values(index: int) -> dict[str, Any]:
+    return {
+        "day": date(2024, 2, 29),
+        "at": datetime(2024, 6, 1, 8, 30, 1, 5, tzinfo=timezone(timedelta(hours=2))),
+        "local": datetime(1969, 12, 31, 23, 59, 59, 999999),
+        "clock": time(23, 59, 59, 250000),
+        "wait": timedelta(seconds=90, milliseconds=5),
+        "price": Decimal("12.50"),
+        "blob": bytes([0, 255, index]),
+        "tags": ["a", "b"],
+        "meta": {"nested": [1, 2]},
+    }
+
+
+def test_journal_rows_round_trip_to_the_part_schema(tmp_path: Path) -> None:
+    """A journalled row, read back, gives the very table `write_part` writes from it:
+    timestamps, dates, times, durations, decimals, bytes and nested values included."""
+    writer = PartWriter(tmp_path, carried=CARRIED)
+    rows = [result(0, **carried_values(0)), result(1, status="error", content=None)]
+    for row in rows:
+        writer.add(row)
+    writer.close()
+    (journal,) = list_journals(tmp_path)
+    from_journal = journal_table(read_journal(journal), writer.schema)
+    assert from_journal.equals(pa.Table.from_pylist(rows, schema=writer.schema))
+
+
+def test_a_written_part_replaces_its_journal_segment(tmp_path: Path) -> None:
+    """take() ends a segment and the next add starts another; writing the part drops it."""
+    writer = PartWriter(tmp_path, carried={})
+    writer.add(result(0))
+    taken = writer.take()
+    writer.add(result(1))
+    assert taken is not None and taken[0].name == "part-000001.parquet"
+    names = [p.name for p in list_journals(tmp_path)]
+    assert names == ["journal-000001.jsonl", "journal-000002.jsonl"]
+    writer.write_part(*taken)
+    assert [p.name for p in list_journals(tmp_path)] == ["journal-000002.jsonl"]
+    assert [p.name for p in list_parts(tmp_path)] == ["part-000001.parquet"]
+    writer.close()
+
+
+def test_recovery_folds_leftover_segments_once(tmp_path: Path) -> None:
+    """A segment whose part exists (killed between rename and delete) is dropped, one
+    without is written as its part, a torn tail and temporary files are ignored."""
+    writer = PartWriter(tmp_path, carried={})
+    writer.add(result(0))
+    taken = writer.take()
+    assert taken is not None
+    pq.write_table(pa.Table.from_pylist(taken[1], schema=writer.schema), taken[0])
+    writer.add(result(1))
+    writer.add(result(2))
+    writer.close()
+    segment = list_journals(tmp_path)[-1]
+    segment.write_bytes(segment.read_bytes()[:-15])  # row 2 torn
+    (tmp_path / ".part-000003.parquet.tmp-77").write_bytes(b"PAR1")
+
+    assert recover_journals(tmp_path, schema=writer.schema) == 1
+    assert list_journals(tmp_path) == [] and list(tmp_path.glob(".*")) == []
+    table = pq.read_table(list_parts(tmp_path))
+    assert table["_index"].to_pylist() == [0, 1]
+    after = PartWriter(tmp_path, carried={})  # numbering goes on after the recovered part
+    after.add(result(3))
+    assert (after.take() or (None,))[0] == tmp_path / "part-000003.parquet"
+    after.close()
+
+
+def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compacted a few positions at a time, out-of-order parts give each position once,
+    its latest result winning, in input order, one row group per chunk."""
+    monkeypatch.setattr(sinks, "COMPACT_CHUNK_ROWS", 3)
+    writer = PartWriter(tmp_path, carried={})
+    batches = [
+        [result(4), result(0, status="error"), result(2)],
+        [result(1), result(3, status="error"), result(0, status="error")],
+        [result(6), result(5)],
+        [result(3), result(0)],  # the retries of a later run
+    ]
+    for batch in batches:
+        for row in batch:
+            writer.add(row)
+        taken = writer.take()
+        assert taken is not None
+        writer.write_part(*taken)
+    output = tmp_path / "out.parquet"
+    schema = output_schema({})
+    assert compact(tmp_path, output, schema=schema, rows=6) == 6
+    table = pq.read_table(output)
+    assert table.schema == schema and pq.read_metadata(output).num_row_groups == 2
+    assert table["id"].to_pylist() == [f"r{i}" for i in range(6)]
+    assert set(table["status"].to_pylist()) == {"ok"}
