@@ -129,6 +129,13 @@ class Pool:
         self.variant_columns = [v.columns() for v in self.variants] if self.job.sweep else None
         self.carry = tuple(self.job.prompt.carry)
         self.parse = self.job.parse
+        # one byte a position, built once: the resume check per row is an index, not a search
+        self._done: bytearray | None = None
+        if self.skip is not None and len(self.skip):
+            self._done = bytearray(self.scan.rows)
+            for position in self.skip.to_list():
+                if position < self.scan.rows:
+                    self._done[position] = 1
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -206,17 +213,12 @@ class Pool:
     def _not_done(self, batch: list[InputRow]) -> Iterator[Work]:
         """Each row once per sweep variant, at its own position, unless already done."""
         count = len(self.variants)
-        work = [Work(row, v, row.index * count + v) for row in batch for v in range(count)]
-        if self.skip is None or len(self.skip) == 0:
-            yield from work
-            return
-        import polars as pl
-
-        positions = pl.Series([item.position for item in work], dtype=pl.Int64)
-        done = positions.is_in(self.skip).to_list()
-        for item, is_done in zip(work, done, strict=True):
-            if not is_done:
-                yield item
+        done = self._done
+        for row in batch:
+            for variant in range(count):
+                position = row.index * count + variant
+                if done is None or position >= len(done) or not done[position]:
+                    yield Work(row, variant, position)
 
     async def _work(self, receive: MemoryObjectReceiveStream[Work]) -> None:
         async with receive:

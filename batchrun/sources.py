@@ -189,13 +189,13 @@ def scan_input(job: Job) -> InputSummary:
     carry = job.prompt.carry
     seen_types: dict[str, set[type]] = {name: set() for name in carry}
     seen_columns: set[str] = set()
-    id_chunks: list[pl.Series] = []
-    place_chunks: list[pl.Series] = []
+    # ids are checked for duplicates by 64-bit hash (8 bytes a row, whatever the ids); only
+    # when two hashes meet does a second pass find the rows
+    hash_chunks: list[pl.Series] = []
     rows = 0
     batch_format = False
     for batch in iter_batches(path, limit=job.limit):
-        ids = []
-        places = []
+        hashes = []
         for row in batch:
             data = row.data
             try:
@@ -203,8 +203,7 @@ def scan_input(job: Job) -> InputSummary:
                     build_request(data, shape)
             except RowProblem as exc:
                 raise row.where(path, str(exc), column=exc.column) from None
-            ids.append(row_id(row, id_column, path))
-            places.append(row.line if row.line is not None else row.index + 1)
+            hashes.append(hash(row_id(row, id_column, path)))
             for name in carry:
                 seen_types[name].add(type(data.get(name)))
             if rows == 0:
@@ -212,8 +211,7 @@ def scan_input(job: Job) -> InputSummary:
             if len(seen_columns) < 10_000:  # a cap, in case every row has its own keys
                 seen_columns.update(data)
             rows += 1
-        id_chunks.append(pl.Series(ids, dtype=pl.String))
-        place_chunks.append(pl.Series(places, dtype=pl.Int64))
+        hash_chunks.append(pl.Series(hashes, dtype=pl.Int64))
     if rows == 0:
         raise InputError("the input has no rows", path=path)
     missing = [name for name in carry if name not in seen_columns]
@@ -224,7 +222,7 @@ def scan_input(job: Job) -> InputSummary:
             path=path,
             column=missing[0],
         )
-    _check_unique_ids(pl.concat(id_chunks), pl.concat(place_chunks), path)
+    _check_unique_ids(job, pl.concat(hash_chunks))
     carried_types = _carried_types(job, seen_types)
     carried_types.update(_job_column_types(job, variants, carried_types))
     return InputSummary(
@@ -273,13 +271,24 @@ def _carried_types(job: Job, seen_types: dict[str, set[type]]) -> dict[str, pa.D
     return {name: _arrow_type_of(types) for name, types in seen_types.items()}
 
 
-def _check_unique_ids(ids: Any, places: Any, path: Path) -> None:
-    import polars as pl
-
-    frame = pl.DataFrame({"id": ids, "place": places})
-    dupes = frame.filter(pl.col("id").is_duplicated())
-    if dupes.height:
-        first = dupes.row(0, named=True)["id"]
-        where = dupes.filter(pl.col("id") == first)["place"].to_list()[:2]
-        unit = "lines" if detect_format(path) == "jsonl" else "rows"
-        raise InputError(f"duplicate id {first!r} in {unit} {where[0]} and {where[1]}", path=path)
+def _check_unique_ids(job: Job, hashes: Any) -> None:
+    """Raise if two rows share an id, naming both; `hashes` holds each row's id hash."""
+    repeated = hashes.filter(hashes.is_duplicated())
+    if repeated.is_empty():
+        return
+    suspects = set(repeated.to_list())
+    path = job.input
+    unit = "lines" if detect_format(path) == "jsonl" else "rows"
+    first_seen: dict[str, int] = {}
+    for batch in iter_batches(path, limit=job.limit):
+        for row in batch:
+            rid = row_id(row, job.prompt.id_column, path)
+            if hash(rid) not in suspects:
+                continue
+            place = row.line if row.line is not None else row.index + 1
+            if rid in first_seen:
+                raise InputError(
+                    f"duplicate id {rid!r} in {unit} {first_seen[rid]} and {place}", path=path
+                )
+            first_seen[rid] = place
+    # only hash collisions: the ids are unique after all
