@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from batchrun import __version__
-from batchrun.errors import EXIT_USAGE, BatchrunError, RunStopped
+from batchrun.errors import EXIT_STOPPED, EXIT_USAGE, BatchrunError, RunStopped
 from batchrun.fake.command import fake_server_command
 
 
@@ -121,11 +121,15 @@ def run(
     """Run a job: a JOB_FILE, flags, or both (flags win)."""
     from batchrun import logs
 
-    logs.configure(
-        verbosity=-1 if quiet else min(verbose, 1),
-        json=None if log_format is None else log_format == "json",
-        log_file=log_file,
-    )
+    try:
+        logs.configure(
+            verbosity=-1 if quiet else min(verbose, 1),
+            json=None if log_format is None else log_format == "json",
+            log_file=log_file,
+        )
+    except OSError as exc:
+        click.echo(f"error: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     try:
         job = _job_from(job_file, input_, output, flags)
         if dry_run:
@@ -243,6 +247,6 @@ def main() -> None:
     """Console-script entry point."""
     try:
         cli(standalone_mode=True)
-    except KeyboardInterrupt:  # before a run's own handler is in place
-        click.echo("interrupted", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:  # outside the pool's own handler: what is done is on disk
+        click.echo("interrupted: run the same command again to resume", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)

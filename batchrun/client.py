@@ -64,6 +64,13 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _text(value: Any) -> str | None:
+    """A string field of an answer; a proxy's number or object is kept as its text."""
+    if value is None or isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode() if isinstance(value, dict | list) else str(value)
+
+
 def _fill_usage(completion: Completion, usage: Any) -> None:
     if not isinstance(usage, dict):
         return
@@ -125,14 +132,20 @@ def _completion_from_body(data: Any, status: int) -> Completion:
             "the 200 answer is not a chat completion", status=status, error_class="bad_response"
         )
     choices = data["choices"]
-    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message") or {}
+    choice = choices[0] if choices else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or not isinstance(message, dict):
+        raise RetryableError(
+            "the 200 answer has no message in its first choice",
+            status=status,
+            error_class="bad_response",
+        )
     completion = Completion(
-        content=message.get("content"),
-        reasoning_content=message.get("reasoning_content"),
-        finish_reason=choice.get("finish_reason"),
-        model=data.get("model"),
-        response_id=data.get("id"),
+        content=_text(message.get("content")),
+        reasoning_content=_text(message.get("reasoning_content")),
+        finish_reason=_text(choice.get("finish_reason")),
+        model=_text(data.get("model")),
+        response_id=_text(data.get("id")),
         http_status=status,
     )
     _fill_usage(completion, data.get("usage"))
@@ -148,6 +161,14 @@ def _check_finish(completion: Completion) -> Completion:
             error_class="server_busy",
         )
     return completion
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """aiohttp's own errors, when that transport is in use (it does not map them all)."""
+    import sys
+
+    aiohttp = sys.modules.get("aiohttp")
+    return (aiohttp.ClientError,) if aiohttp is not None else ()
 
 
 class Client:
@@ -171,6 +192,7 @@ class Client:
         #: a stream with no data for this long (keep-alive comments aside) has stalled
         self.stream_idle_limit = read_timeout
         self._api_key = api_key
+        self._network_errors: tuple[type[BaseException], ...] = ()
         headers = {"content-type": "application/json", "user-agent": USER_AGENT}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -188,6 +210,7 @@ class Client:
             )
         else:
             self._http = httpx.AsyncClient(limits=limits, headers=headers, timeout=http_timeout)
+        self._network_errors = (httpx.HTTPError, *_transport_errors())
 
     async def __aenter__(self) -> Client:
         await self._http.__aenter__()
@@ -244,7 +267,8 @@ class Client:
             raise RetryableError(
                 f"timed out: {type(exc).__name__}", error_class="timeout"
             ) from None
-        except httpx.TransportError as exc:
+        except self._network_errors as exc:
+            # transport faults, bad encodings, and aiohttp errors the transport does not map
             detail = self._redact(str(exc)) or type(exc).__name__
             raise RetryableError(f"network error: {detail}", error_class="network") from None
 
@@ -293,7 +317,9 @@ class Client:
                         )
                 stream.finish()
             except StreamBroken as exc:
-                raise RetryableError(str(exc), status=status, error_class="bad_response") from None
+                raise RetryableError(
+                    self._redact(str(exc)), status=status, error_class="bad_response"
+                ) from None
         if not stream.done or stream.finish_reason is None:
             raise RetryableError(
                 "the stream ended before [DONE] or without a finish_reason",

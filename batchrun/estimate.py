@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from batchrun import tokens
 from batchrun.job import Job
 from batchrun.prices import PriceTable
-from batchrun.prompts import RequestShape, build_request
+from batchrun.prompts import RequestShape, build_request, expand_sweep
 from batchrun.sources import iter_batches, scan_input
 
 #: the share of max_tokens an answer typically uses, for the expected and low estimates
@@ -44,11 +44,11 @@ def estimate_job(job: Job, prices: PriceTable | None = None) -> Estimate:
     """Read the job's input and estimate it; sends no request."""
     scan_input(job)  # the same checks a run makes, so a bad row is reported here too
     table = prices or PriceTable.load(job.prices)
-    shape = RequestShape.from_job(job)
+    shapes = [RequestShape.from_job(job, v.settings) for v in expand_sweep(job.sweep)]
     now = datetime.now(UTC)
     result = Estimate()
     for batch in iter_batches(job.input, limit=job.limit):
-        for row in batch:
+        for row, shape in ((row, shape) for row in batch for shape in shapes):
             body = build_request(row.data, shape)
             prompt = tokens.prompt_tokens(body)
             cap = tokens.completion_cap(body)

@@ -246,11 +246,13 @@ class Pool:
                 current[0] = row_id(work.row, self.job.prompt.id_column, self.job.input)
                 try:
                     result = await self._process(work, current[0], policy)
-                except _Abandoned:
-                    continue
-                except RunStopped as stop:
-                    self.stop(stop)
-                    continue
+                except (_Abandoned, RunStopped) as stop:
+                    if isinstance(stop, RunStopped):
+                        self.stop(stop)
+                    partial = getattr(stop, "partial_result", None)
+                    if partial is None:
+                        continue
+                    result = partial  # paid answers of a row cut short: written, not lost
                 self.writer.add(result)
                 self.tally.record_row(result)
                 if len(self.writer) >= self.settings.flush_rows:
@@ -272,7 +274,10 @@ class Pool:
         worst = 0.0
         if spend.cap is not None:
             worst = self.prices.worst_case(
-                model, started_at, prompt_tokens=prompt_estimate, completion_cap=cap
+                model,
+                started_at,
+                prompt_tokens=tokens.prompt_tokens_at_most(body),
+                completion_cap=cap,
             )
 
         async def attempt() -> Completion:
@@ -352,6 +357,24 @@ class Pool:
                     except RequestError as exc:
                         failure = exc
                         break
+                    except (_Abandoned, RunStopped) as stop:
+                        if answers:  # a paid answer that did not parse: keep it, then stop
+                            failure = PermanentError(
+                                "the run stopped before an answer parsed", error_class="parse"
+                            )
+                            stop.partial_result = self._finish(  # type: ignore[union-attr]
+                                work,
+                                rid,
+                                answers,
+                                failure,
+                                None,
+                                attempts,
+                                t0,
+                                started_at,
+                                cost,
+                                cached=False,
+                            )
+                        raise
                     answers.append(completion)
                     parsed, failure = self._parsed(completion)
                     if failure is None:
@@ -363,10 +386,37 @@ class Pool:
         finally:
             if cache is not None and not cached:
                 cache.release(key)
+        return self._finish(
+            work,
+            rid,
+            answers or [completion] if completion else [],
+            failure,
+            parsed,
+            attempts,
+            t0,
+            started_at,
+            cost,
+            cached=cached,
+        )
+
+    def _finish(
+        self,
+        work: Work,
+        rid: str,
+        answers: list[Completion],
+        failure: RequestError | None,
+        parsed: dict[str, Any] | None,
+        attempts: int,
+        t0: float,
+        started_at: datetime,
+        cost: float | None,
+        *,
+        cached: bool,
+    ) -> dict[str, Any]:
+        """The result row: the last answer, with the usage of every answer paid for."""
         latency = time.perf_counter() - t0
-        if len(answers) > 1:
-            completion = _summed(answers)
-        result = self._result(row, rid, completion, failure, attempts, latency, started_at)
+        completion = _summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
+        result = self._result(work.row, rid, completion, failure, attempts, latency, started_at)
         result[INDEX_COLUMN] = work.position
         if self.variant_columns is not None:
             result.update(self.variant_columns[work.variant])

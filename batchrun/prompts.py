@@ -43,6 +43,8 @@ class RequestShape:
     system: str | None
     template: str | None
     template_fields: tuple[str, ...]
+    #: keys a sweep variant sets: they win over a row's own columns of the same name
+    swept: frozenset[str] = frozenset()
 
     @classmethod
     def from_job(cls, job: Job, settings: dict[str, Any] | None = None) -> RequestShape:
@@ -66,6 +68,7 @@ class RequestShape:
             system=settings.get("system", job.prompt.system),
             template=template,
             template_fields=fields,
+            swept=frozenset(settings),
         )
 
 
@@ -149,7 +152,14 @@ def _messages(row: dict[str, Any], shape: RequestShape) -> list[dict[str, Any]]:
                     f"the template needs column {name!r}; this row has {_columns(row)}",
                     column=name,
                 )
-        messages = [{"role": "user", "content": shape.template.format_map(row)}]
+        try:
+            text = shape.template.format_map(row)
+        except (ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
+            raise RowProblem(
+                f"the template cannot format this row ({type(exc).__name__}: {exc})",
+                column=shape.template_fields[0] if shape.template_fields else None,
+            ) from None
+        messages = [{"role": "user", "content": text}]
     elif (value := row.get(shape.messages_column)) is not None:
         messages = list(_check_messages(value, shape.messages_column))
     elif (value := row.get(shape.prompt_column)) is not None:
@@ -188,8 +198,8 @@ def build_request(row: dict[str, Any], shape: RequestShape) -> dict[str, Any]:
         body = {"model": shape.model, "messages": _messages(row, shape), **shape.params}
         for name in ROW_OVERRIDABLE:
             value = row.get(name)
-            if value is not None:
-                body[name] = value
+            if value is not None and name not in shape.swept:
+                body[name] = value  # a row's own value wins over the job's, not over a sweep's
     if shape.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

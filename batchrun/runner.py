@@ -184,6 +184,15 @@ def _run_with_checkpoint(
     from batchrun.prices import PriceTable, SpendCap
 
     prices = PriceTable.load(job.prices)
+    if job.max_cost is not None:
+        models = {job.model, *((job.sweep or {}).get("model") or [])}
+        unpriced = sorted(str(m) for m in models if not prices.knows(str(m)))
+        if unpriced:
+            raise ConfigError(
+                f"max_cost cannot be kept for a model without a price ({', '.join(unpriced)}): "
+                "add its price with --prices FILE",
+                path=job.source,
+            )
     from batchrun.sinks import PartWriter
 
     state = checkpoint.resume_state(rows=scan.rows)

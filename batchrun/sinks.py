@@ -63,6 +63,11 @@ def _result_fields() -> list[tuple[str, pa.DataType]]:
     ]
 
 
+def result_column_names() -> list[str]:
+    """The names of the columns every result row has after the job's own columns."""
+    return [name for name, _ in _result_fields()]
+
+
 def output_schema(carried: dict[str, pa.DataType]) -> pa.Schema:
     """The output file's schema: `id`, the carried input columns, then the result columns."""
     import pyarrow as pa

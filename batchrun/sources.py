@@ -208,6 +208,12 @@ def scan_input(job: Job) -> InputSummary:
                 seen_types[name].add(type(data.get(name)))
             if rows == 0:
                 batch_format = is_batch_line(data)
+                if batch_format and job.sweep:
+                    raise ConfigError(
+                        "a sweep cannot vary OpenAI batch lines, whose bodies are sent as "
+                        "they are: drop the [sweep] table or convert the input",
+                        path=job.source,
+                    )
             if len(seen_columns) < 10_000:  # a cap, in case every row has its own keys
                 seen_columns.update(data)
             rows += 1
@@ -234,7 +240,10 @@ def scan_input(job: Job) -> InputSummary:
     )
 
 
-RESERVED = frozenset({"id", "status", "content", "model", "error", "cost_usd", "cached"})
+def _reserved() -> frozenset[str]:
+    from batchrun.sinks import result_column_names
+
+    return frozenset({"id", "variant", *result_column_names()})
 
 
 def _job_column_types(
@@ -245,6 +254,14 @@ def _job_column_types(
 
     from batchrun.structured import arrow_type
 
+    reserved = _reserved()
+    for name in job.prompt.carry:
+        if name in reserved or name.startswith(("_", "sweep_")):
+            raise ConfigError(
+                f"carried column {name!r} has the name of an output column batchrun writes: "
+                "rename it in the input, or leave it out of carry",
+                path=job.source,
+            )
     columns: dict[str, pa.DataType] = {}
     if job.sweep:
         columns["variant"] = pa.string()
@@ -254,7 +271,7 @@ def _job_column_types(
             columns["sweep_repeat"] = pa.int64()
     if job.parse is not None:
         for name, kind in job.parse.fields.items():
-            if name in taken or name in columns or name in RESERVED or name.startswith("_"):
+            if name in taken or name in columns or name in reserved or name.startswith("_"):
                 raise ConfigError(
                     f"parsed field {name!r} would clash with an output column of that name: "
                     "rename the field or the carried column",

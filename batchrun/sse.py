@@ -83,17 +83,26 @@ class StreamAccumulator:
     def _take(self, chunk: dict[str, Any]) -> None:
         if chunk.get("error"):
             raise StreamBroken(f"the stream carried an error: {chunk['error']}")
-        self.response_id = chunk.get("id") or self.response_id
-        self.model = chunk.get("model") or self.model
-        if chunk.get("usage"):
+        if isinstance(chunk.get("id"), str):
+            self.response_id = chunk["id"]
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"]
+        if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) != 0:
+        choices = chunk.get("choices")
+        if choices is None:
+            choices = []
+        if not isinstance(choices, list):
+            raise StreamBroken("a stream chunk's choices is not a list")
+        for choice in choices:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self._content.append(delta["content"])
-            if delta.get("reasoning_content"):
-                self._reasoning.append(delta["reasoning_content"])
-            if choice.get("finish_reason"):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                if isinstance(delta.get("content"), str) and delta["content"]:
+                    self._content.append(delta["content"])
+                reasoning = delta.get("reasoning_content")
+                if isinstance(reasoning, str) and reasoning:
+                    self._reasoning.append(reasoning)
+            if isinstance(choice.get("finish_reason"), str):
                 self.finish_reason = choice["finish_reason"]

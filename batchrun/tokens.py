@@ -12,8 +12,9 @@ ASCII_TOKENS_PER_CHAR = 0.3
 OTHER_TOKENS_PER_CHAR = 0.6
 #: role markers and separators that every message adds
 TOKENS_PER_MESSAGE = 4
-#: what a request may use for its answer when it sets no max_tokens (DeepSeek's chat default)
+#: what a request may use for its answer when it sets no max_tokens (DeepSeek's defaults)
 DEFAULT_COMPLETION_TOKENS = 4096
+DEFAULT_REASONER_COMPLETION_TOKENS = 32768
 
 
 def text_tokens(text: str) -> float:
@@ -42,4 +43,21 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 def completion_cap(body: dict[str, Any]) -> int:
     """The most completion tokens a request may use."""
     value = body.get("max_tokens") or body.get("max_completion_tokens")
-    return value if isinstance(value, int) and value > 0 else DEFAULT_COMPLETION_TOKENS
+    if isinstance(value, int) and value > 0:
+        return value
+    if "reasoner" in str(body.get("model", "")):
+        return DEFAULT_REASONER_COMPLETION_TOKENS
+    return DEFAULT_COMPLETION_TOKENS
+
+
+def prompt_tokens_at_most(body: dict[str, Any]) -> int:
+    """An upper bound on a request's prompt tokens: no token is shorter than one byte."""
+    total = 0
+    for message in body.get("messages") or ():
+        total += TOKENS_PER_MESSAGE
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content.encode("utf-8"))
+        elif content is not None:
+            total += len(str(content).encode("utf-8"))
+    return max(1, total)

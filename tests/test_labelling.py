@@ -180,3 +180,38 @@ def test_cache_flag_on_the_command_line(tmp_path: Path, fake: FakeServer) -> Non
     assert first.exit_code == 0 and second.exit_code == 0, second.output
     assert fake.stats()["requests"] == 3
     assert all(pq.read_table(tmp_path / "b.parquet").column("cached").to_pylist())
+
+
+def test_sweep_value_wins_over_a_row_column(tmp_path: Path, fake: FakeServer) -> None:
+    """A row's own temperature gives way to the swept one, so sweep columns tell the truth."""
+    run(tmp_path, fake, [{"prompt": "x", "temperature": 1.9}], sweep={"temperature": [0.0, 0.5]})
+    assert sorted(b["temperature"] for b in fake.requests()) == [0.0, 0.5]
+
+
+def test_sweep_over_batch_lines_is_refused(tmp_path: Path, fake: FakeServer) -> None:
+    """Batch lines are sent as they are, so a sweep over them is a config error."""
+    import pytest
+
+    from batchrun.errors import ConfigError
+
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}]},
+    }
+    with pytest.raises(ConfigError, match="sweep cannot vary OpenAI batch lines"):
+        run(tmp_path, fake, [line], sweep={"temperature": [0.0, 1.0]})
+    assert fake.stats()["requests"] == 0
+
+
+def test_estimate_counts_every_sweep_combination(tmp_path: Path, fake: FakeServer) -> None:
+    """estimate sends nothing and counts one request per row and combination, per model."""
+    from batchrun.estimate import estimate_job
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    sweep = {"model": ["deepseek-chat", "deepseek-reasoner"], "repeat": 2}
+    estimate = estimate_job(build_job(fast_job_data(tmp_path, fake.base_url, sweep=sweep)))
+    assert estimate.requests == 8
+    assert dict(estimate.models) == {"deepseek-chat": 4, "deepseek-reasoner": 4}
+    assert fake.stats()["requests"] == 0

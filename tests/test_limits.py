@@ -214,3 +214,72 @@ def test_adaptive_concurrency_settles_near_the_server_limit(
     assert stats["max_in_flight"] <= limit
     done, seconds = pace(out, since=0.5)
     assert done / seconds >= 0.85 * limit / latency
+
+
+# -- the limiter object, on trio with a clock that jumps: a simulated minute takes ms ---------
+
+
+from trio.testing import MockClock  # noqa: E402
+
+from batchrun.limits import Limiter, Outcome  # noqa: E402
+
+TRIO = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio")]
+)
+
+
+@TRIO
+async def test_a_429_pauses_every_worker(anyio_backend: object) -> None:
+    """After a 429 with Retry-After, no worker's next request goes before the delay."""
+    import anyio
+
+    limiter = Limiter(concurrency=4, adaptive=False)
+    first = await limiter.reserve(prompt_tokens=10, completion_cap=10)
+    limiter.settle(first, outcome=Outcome.RATE_LIMITED, retry_after=30.0)
+    start = anyio.current_time()
+    await limiter.reserve(prompt_tokens=10, completion_cap=10)
+    assert anyio.current_time() - start >= 30.0
+    assert limiter.statistics().rate_limited == 1
+
+
+@TRIO
+async def test_rpm_paces_a_simulated_minute(anyio_backend: object) -> None:
+    """Over a simulated minute, an RPM bucket lets through about its budget, never more."""
+    import anyio
+
+    limiter = Limiter(concurrency=8, rpm=120, adaptive=False)
+    sent = 0
+    start = anyio.current_time()
+    while anyio.current_time() - start < 60.0:
+        reservation = await limiter.reserve(prompt_tokens=5, completion_cap=5)
+        limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=5, completion_tokens=5)
+        sent += 1
+    assert 0.95 * 120 <= sent <= 120
+
+
+@TRIO
+async def test_cancelled_wait_gives_its_slot_back(anyio_backend: object) -> None:
+    """A task cancelled while waiting for the budget leaves no slot taken."""
+    import anyio
+
+    limiter = Limiter(concurrency=1, adaptive=False)
+    limiter.pause(100.0)
+    with anyio.move_on_after(1.0):
+        await limiter.reserve(prompt_tokens=1, completion_cap=1)
+    assert limiter.statistics().in_flight == 0
+    limiter._paused_until = 0.0
+    with anyio.fail_after(1.0):
+        reservation = await limiter.reserve(prompt_tokens=1, completion_cap=1)
+    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=1, completion_tokens=1)
+
+
+@TRIO
+async def test_oversized_request_is_sent_alone_and_logged(anyio_backend: object) -> None:
+    """A request larger than the whole TPM budget goes once the bucket is full, with a log."""
+    from structlog.testing import capture_logs
+
+    limiter = Limiter(concurrency=2, tpm=1000, adaptive=False)
+    with capture_logs() as logs:
+        reservation = await limiter.reserve(prompt_tokens=5000, completion_cap=100)
+    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=5000, completion_tokens=10)
+    assert any(entry["event"] == "request_larger_than_tpm" for entry in logs)

@@ -463,9 +463,10 @@ def test_cost_per_row_for_chat_and_reasoner_with_cache_hits(
     ]
     run(tmp_path, fake, rows, prompt={"system": system})
     out = read_output(tmp_path)
-    price = PriceTable.load().price_for("deepseek-chat", datetime.now(UTC))
-    assert price is not None and price.off_peak is None
+    table = PriceTable.load()
     for row in out:
+        price = table.price_for(row["model"], datetime.now(UTC))
+        assert price is not None and price.off_peak is None
         expected = (
             row["prompt_cache_hit_tokens"] * price.cache_hit
             + row["prompt_cache_miss_tokens"] * price.cache_miss
@@ -500,3 +501,39 @@ def test_max_cost_stops_before_overspending_and_resumes_with_a_higher_cap(
     assert sum(done["cost_usd"].to_pylist()) <= cap
     summary = run(tmp_path, fake, rows, max_cost=1.0, params={"max_tokens": 100})
     assert summary.complete and summary.rows_ok == 30, repr(summary)
+
+
+def test_carried_column_named_like_an_output_column_is_refused(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Carrying a column called like one batchrun writes is a config error before sending."""
+    from batchrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="carried column 'model'"):
+        run(
+            tmp_path, fake, [{"prompt": "x", "model": "deepseek-chat"}], prompt={"carry": ["model"]}
+        )
+    assert fake.stats()["requests"] == 0
+
+
+def test_template_that_cannot_format_a_row_names_it(tmp_path: Path, fake: FakeServer) -> None:
+    """A format spec that does not fit a row's value is an input error naming line and column."""
+    from batchrun.errors import InputError
+
+    with pytest.raises(InputError, match=r"line 2, column 'score'.*cannot format"):
+        run(
+            tmp_path,
+            fake,
+            [{"score": 1.5}, {"score": "high"}],
+            prompt={"template": "Score {score:.1f}"},
+        )
+    assert fake.stats()["requests"] == 0
+
+
+def test_max_cost_needs_a_price_for_the_model(tmp_path: Path, fake: FakeServer) -> None:
+    """A spend cap cannot be kept for a model without a price: refused, nothing sent."""
+    from batchrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="without a price \\(fake-model\\)"):
+        run(tmp_path, fake, prompts(2), model="fake-model", max_cost=1.0)
+    assert fake.stats()["requests"] == 0

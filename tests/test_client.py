@@ -1,0 +1,69 @@
+"""Narrow parsing edge cases of odd server answers, through httpx.MockTransport."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import orjson
+import pytest
+
+from batchrun.client import Client
+from batchrun.errors import RetryableError
+
+pytestmark = pytest.mark.anyio
+
+
+def client_answering(handler: Callable[[httpx.Request], httpx.Response]) -> Client:
+    client = Client("http://127.0.0.1:9", api_key=None, max_connections=1, transport="httpx")
+    client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return client
+
+
+def ok_body(**overrides: object) -> bytes:
+    body: dict[str, object] = {
+        "id": "x",
+        "model": "deepseek-chat",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    body.update(overrides)
+    return orjson.dumps(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(ok_body(choices=[]), id="empty-choices"),
+        pytest.param(ok_body(choices=[{"index": 0, "message": "hi"}]), id="message-not-object"),
+        pytest.param(ok_body(choices="nope"), id="choices-not-list"),
+    ],
+)
+async def test_a_200_without_a_message_is_a_retryable_bad_response(body: bytes) -> None:
+    """A 200 whose first choice holds no message object is retried, not written as ok."""
+    async with client_answering(lambda request: httpx.Response(200, content=body)) as client:
+        with pytest.raises(RetryableError) as caught:
+            await client.send({"model": "m", "messages": []})
+    assert caught.value.error_class == "bad_response"
+
+
+async def test_non_string_fields_are_kept_as_text() -> None:
+    """A proxy's numeric id or model does not break the string columns."""
+    body = ok_body(id=12345, model=7)
+    async with client_answering(lambda request: httpx.Response(200, content=body)) as client:
+        completion = await client.send({"model": "m", "messages": []})
+    assert completion.response_id == "12345" and completion.model == "7"
+
+
+async def test_undecodable_body_is_a_network_error() -> None:
+    """A body that claims gzip but is not is a retryable fault, not a crash."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not gzip", headers={"content-encoding": "gzip"})
+
+    async with client_answering(handler) as client:
+        with pytest.raises(RetryableError) as caught:
+            await client.send({"model": "m", "messages": []})
+    assert caught.value.error_class == "network"
