@@ -8,6 +8,7 @@ journal into part files, then skips rows whose latest result is ok and tries the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -23,11 +24,10 @@ from batchrun.errors import ConfigError
 from batchrun.job import Job
 from batchrun.sinks import (
     INDEX_COLUMN,
-    latest_results,
+    list_parts,
     part_schema,
     parts_dir,
     recover_journals,
-    scan_parts,
 )
 
 if TYPE_CHECKING:
@@ -63,16 +63,29 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return changes
 
 
+#: a position's latest result, one byte each in `ResumeState.latest`
+NOT_DONE, DONE_OK, DONE_ERROR = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class ResumeState:
-    """What a checkpoint already holds."""
+    """What a checkpoint already holds: one byte per position, so a million rows take 1 MB."""
 
-    ok_positions: Any  # polars Series of input positions whose latest result is ok
+    latest: bytearray  # NOT_DONE, DONE_OK or DONE_ERROR per input position
     rows_done: int
     rows_ok: int
+    #: what every answer in the checkpoint cost, superseded ones included: all were paid
+    spent_usd: float = 0.0
 
     def is_empty(self) -> bool:
         return self.rows_done == 0
+
+    def ok_mask(self) -> bytearray:
+        """A byte per position, set where the latest result is ok (the rows to skip)."""
+        return self.latest.translate(_OK_ONLY)
+
+
+_OK_ONLY = bytes(1 if b == DONE_OK else 0 for b in range(256))
 
 
 class Checkpoint:
@@ -82,6 +95,7 @@ class Checkpoint:
         self.output = output
         self.directory = parts_dir(output)
         self._holding_lock = False
+        self._lock_fd: int | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -164,54 +178,69 @@ class Checkpoint:
 
     def lock_holder(self) -> int | None:
         """The pid of the live run using this checkpoint, if any."""
-        holder = read_lock(self.directory / LOCK)
-        return holder if holder is not None and _alive(holder) else None
+        path = self.directory / LOCK
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return read_lock(path) or -1  # locked: a run is alive, whatever the file says
+        finally:
+            os.close(fd)  # closing drops a lock taken just to look
+        return None
 
     def resume_state(self, *, rows: int) -> ResumeState:
-        """What is done among the first `rows` input rows, reading only the position and
-        status columns."""
-        import polars as pl
+        """What is done among the first `rows` positions, reading only the position and status
+        columns of each part, oldest first, so that a later result wins."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
-        frame = scan_parts(self.directory)
-        if frame is None:
-            return ResumeState(pl.Series([], dtype=pl.Int64), 0, 0)
-        frame = frame.select(INDEX_COLUMN, (pl.col("status") == "ok").alias("ok"), "_part")
-        latest = latest_results(frame.filter(pl.col(INDEX_COLUMN) < rows)).collect()
-        ok = latest.filter(pl.col("ok"))[INDEX_COLUMN]
-        return ResumeState(ok, latest.height, ok.len())
+        latest = bytearray(rows)
+        parts = list_parts(self.directory)
+        if not parts:
+            return ResumeState(latest, 0, 0)
+        # the dataset keeps the parts' order, so a later result for a position wins
+        table = pq.ParquetDataset(parts).read(columns=[INDEX_COLUMN, "status", "cost_usd"])
+        spent = pc.sum(table["cost_usd"]).as_py() or 0.0
+        ok = pc.equal(table["status"], "ok").to_pylist()
+        for position, was_ok in zip(table[INDEX_COLUMN].to_pylist(), ok, strict=True):
+            if position < rows:
+                latest[position] = DONE_OK if was_ok else DONE_ERROR
+        rows_ok = latest.count(DONE_OK)
+        return ResumeState(latest, rows_ok + latest.count(DONE_ERROR), rows_ok, spent)
 
     def acquire_lock(self) -> None:
-        """Refuse a second run on the same output while the first is alive."""
+        """Refuse a second run on the same output while the first is alive.
+
+        The lock is an flock on the lock file, held for the whole run: the kernel drops it
+        when the process ends, however it ends, so a killed run leaves no stale lock and two
+        runs starting at once cannot both take it. The pid inside is for `status`.
+        """
         path = self.directory / LOCK
         self.directory.mkdir(parents=True, exist_ok=True)
-        body = orjson.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.lock_holder()
-                if holder is not None:
-                    raise _locked(holder, self.output) from None
-                path.unlink(missing_ok=True)  # a stale lock from a killed run
-                continue
-            with os.fdopen(fd, "wb") as file:
-                file.write(body)
-            self._holding_lock = True
-            return
-        raise ConfigError("could not take the run lock", path=path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _locked(read_lock(path), self.output) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, orjson.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        self._lock_fd = fd
+        self._holding_lock = True
 
     def release_lock(self) -> None:
-        path = self.directory / LOCK
-        if self._holding_lock and read_lock(path) == os.getpid():
-            path.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
         self._holding_lock = False
 
 
-def _locked(holder: int, output: Path) -> ConfigError:
-    return ConfigError(
-        f"another run (pid {holder}) is using this output; wait for it or stop it first",
-        path=output,
-    )
+def _locked(holder: int | None, output: Path) -> ConfigError:
+    who = f"another run (pid {holder})" if holder and holder > 0 else "another run"
+    return ConfigError(f"{who} is using this output; wait for it or stop it first", path=output)
 
 
 def read_lock(path: Path) -> int | None:
@@ -226,13 +255,3 @@ def read_lock(path: Path) -> int | None:
     if data.get("host") not in (None, socket.gethostname()):
         return None
     return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -116,7 +116,8 @@ class Pool:
     writer: PartWriter
     tally: Tally
     cache: RequestCache | None = None
-    skip: Any = None  # polars Series of input positions already ok, or None
+    #: a byte per position, set where a row is already done ok (from the checkpoint)
+    skip: bytearray | None = None
     settings: PoolSettings = field(default_factory=PoolSettings)
     stop_reason: RunStopped | None = None
     _stop_event: anyio.Event = field(default_factory=anyio.Event)
@@ -129,13 +130,8 @@ class Pool:
         self.variant_columns = [v.columns() for v in self.variants] if self.job.sweep else None
         self.carry = tuple(self.job.prompt.carry)
         self.parse = self.job.parse
-        # one byte a position, built once: the resume check per row is an index, not a search
-        self._done: bytearray | None = None
-        if self.skip is not None and len(self.skip):
-            self._done = bytearray(self.scan.rows)
-            for position in self.skip.to_list():
-                if position < self.scan.rows:
-                    self._done[position] = 1
+        # one byte a position: the resume check per row is an index, not a search
+        self._done: bytearray | None = self.skip
 
     # -- stopping -------------------------------------------------------------------------
 

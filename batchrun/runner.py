@@ -107,19 +107,6 @@ def _counts(output: Path) -> tuple[int, int]:
     return ok, len(status) - ok
 
 
-def _spent_so_far(checkpoint: Checkpoint) -> float:
-    """What the rows in the checkpoint cost, retried ones included: all of it was paid."""
-    import polars as pl
-
-    from batchrun.sinks import scan_parts
-
-    frame = scan_parts(checkpoint.directory)
-    if frame is None:
-        return 0.0
-    total = frame.select(pl.col("cost_usd").sum()).collect().item()
-    return float(total or 0.0)
-
-
 def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSummary:
     """Run a job to completion, or until it must stop; resumes from its checkpoint.
 
@@ -228,11 +215,11 @@ def _run_with_checkpoint(
                     client=client,
                     limiter=limiter,
                     prices=prices,
-                    spend=SpendCap(job.max_cost, spent=_spent_so_far(checkpoint)),
+                    spend=SpendCap(job.max_cost, spent=state.spent_usd),
                     cache=RequestCache(live.cache) if live.cache is not None else None,
                     writer=writer,
                     tally=tally,
-                    skip=state.ok_positions if state.rows_ok else None,
+                    skip=state.ok_mask() if state.rows_ok else None,
                     settings=settings,
                 )
                 await pool.run()

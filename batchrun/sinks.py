@@ -323,17 +323,6 @@ def recover_journals(directory: Path, *, schema: pa.Schema) -> int:
     return recovered
 
 
-def scan_parts(directory: Path) -> Any:
-    """A polars LazyFrame over all part files with a `_part` column naming each row's file,
-    or None when there are none."""
-    import polars as pl
-
-    parts = list_parts(directory)
-    if not parts:
-        return None
-    return pl.scan_parquet(parts, include_file_paths="_part")
-
-
 def part_number(column: str = "_part") -> Any:
     """A polars expression: the N of the `part-N.parquet` path in `column`."""
     import polars as pl
@@ -341,17 +330,11 @@ def part_number(column: str = "_part") -> Any:
     return pl.col(column).str.extract(r"(\d+)\.parquet$").cast(pl.Int64)
 
 
-def latest_results(frame: Any) -> Any:
+def keep_latest(frame: Any) -> Any:
     """One row per input position, in input order: the latest result written for it.
 
-    `frame` has the `_part` column of `scan_parts`.
-    """
-    return keep_latest(frame.with_columns(part_number().alias("_segment")).drop("_part"))
-
-
-def keep_latest(frame: Any) -> Any:
-    """`latest_results` for a frame whose `_segment` column holds each row's part number
-    (or journal segment number: segment N holds the rows of part N)."""
+    `frame` has a `_segment` column holding each row's part number (or journal segment
+    number: segment N holds the rows of part N)."""
     # sorting on the number and keeping each position's last row, rather than `unique`,
     # keeps this within tens of MB for a million rows
     import polars as pl

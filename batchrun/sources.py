@@ -7,6 +7,7 @@ carried columns' types are settled, so a bad row stops the run before anything i
 
 from __future__ import annotations
 
+import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,6 @@ def scan_input(job: Job) -> InputSummary:
     Raises:
         InputError: naming the file, the line or row, and the column.
     """
-    import polars as pl  # lazy import: only a run needs it
 
     path = job.input
     variants = expand_sweep(job.sweep)
@@ -191,11 +191,10 @@ def scan_input(job: Job) -> InputSummary:
     seen_columns: set[str] = set()
     # ids are checked for duplicates by 64-bit hash (8 bytes a row, whatever the ids); only
     # when two hashes meet does a second pass find the rows
-    hash_chunks: list[pl.Series] = []
+    hashes = array.array("q")
     rows = 0
     batch_format = False
     for batch in iter_batches(path, limit=job.limit):
-        hashes = []
         for row in batch:
             data = row.data
             try:
@@ -217,7 +216,6 @@ def scan_input(job: Job) -> InputSummary:
             if len(seen_columns) < 10_000:  # a cap, in case every row has its own keys
                 seen_columns.update(data)
             rows += 1
-        hash_chunks.append(pl.Series(hashes, dtype=pl.Int64))
     if rows == 0:
         raise InputError("the input has no rows", path=path)
     missing = [name for name in carry if name not in seen_columns]
@@ -228,7 +226,7 @@ def scan_input(job: Job) -> InputSummary:
             path=path,
             column=missing[0],
         )
-    _check_unique_ids(job, pl.concat(hash_chunks))
+    _check_unique_ids(job, hashes)
     carried_types = _carried_types(job, seen_types)
     carried_types.update(_job_column_types(job, variants, carried_types))
     return InputSummary(
@@ -288,12 +286,20 @@ def _carried_types(job: Job, seen_types: dict[str, set[type]]) -> dict[str, pa.D
     return {name: _arrow_type_of(types) for name, types in seen_types.items()}
 
 
-def _check_unique_ids(job: Job, hashes: Any) -> None:
-    """Raise if two rows share an id, naming both; `hashes` holds each row's id hash."""
-    repeated = hashes.filter(hashes.is_duplicated())
-    if repeated.is_empty():
+def _check_unique_ids(job: Job, hashes: array.array[int]) -> None:
+    """Raise if two rows share an id, naming both; `hashes` holds each row's id hash.
+
+    Sorting finds repeated hashes in a few MB where a hash table would take a hundred.
+    """
+    import polars as pl
+    import pyarrow as pa
+
+    values = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
+    ordered = pl.Series(values).sort()
+    same = ordered.slice(1) == ordered.slice(0, len(ordered) - 1)
+    if not same.any():
         return
-    suspects = set(repeated.to_list())
+    suspects = set(ordered.slice(1).filter(same).to_list())
     path = job.input
     unit = "lines" if detect_format(path) == "jsonl" else "rows"
     first_seen: dict[str, int] = {}

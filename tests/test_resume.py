@@ -316,3 +316,30 @@ def test_torn_temporary_part_and_torn_journal_tail_are_ignored(
     assert [r["id"] for r in out] == [f"r{i}" for i in range(10)]
     assert [r["response_id"] == "from-journal" for r in out[4:7]] == [True, True, False]
     assert not directory.exists()
+
+
+def test_second_ctrl_c_cancels_requests_in_flight_at_once(tmp_path: Path, fake: FakeServer) -> None:
+    """A second Ctrl-C does not wait out the grace period for slow requests: exit 3 at once."""
+    fake.update(latency=20.0)
+    write_jsonl(tmp_path / "in.jsonl", prompts(6))
+    with start_run(tmp_path, fake, "--concurrency", "2", "--no-adaptive") as process:
+        wait_for_requests(fake, 2, process)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert process.poll() is None  # the first Ctrl-C waits for requests in flight
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=15)
+    assert process.returncode == 3, stderr
+    assert time.monotonic() - started < 5
+    assert "run the same command again to resume" in stderr
+
+
+def test_lock_left_by_a_dead_run_does_not_block(tmp_path: Path, fake: FakeServer) -> None:
+    """A lock file naming a process that is gone (kill -9) does not stop the next run."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    directory = parts_dir(tmp_path / "out.parquet")
+    directory.mkdir()
+    (directory / "lock").write_text('{"pid": 999999999}')
+    result = invoke(*cli_args(tmp_path, fake))
+    assert result.exit_code == 0, result.output
