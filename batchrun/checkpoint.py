@@ -201,13 +201,17 @@ class Checkpoint:
         parts = list_parts(self.directory)
         if not parts:
             return ResumeState(latest, 0, 0)
-        # the dataset keeps the parts' order, so a later result for a position wins
-        table = pq.ParquetDataset(parts).read(columns=[INDEX_COLUMN, "status", "cost_usd"])
-        spent = pc.sum(table["cost_usd"]).as_py() or 0.0
-        ok = pc.equal(table["status"], "ok").to_pylist()
-        for position, was_ok in zip(table[INDEX_COLUMN].to_pylist(), ok, strict=True):
-            if position < rows:
-                latest[position] = DONE_OK if was_ok else DONE_ERROR
+        spent = 0.0
+        # a hundred parts at a time keeps memory flat; each dataset keeps its parts' order,
+        # so a later result for a position wins
+        for start in range(0, len(parts), 100):
+            dataset = pq.ParquetDataset(parts[start : start + 100])
+            table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd"])
+            spent += pc.sum(table["cost_usd"]).as_py() or 0.0
+            ok = pc.equal(table["status"], "ok").to_pylist()
+            for position, was_ok in zip(table[INDEX_COLUMN].to_pylist(), ok, strict=True):
+                if position < rows:
+                    latest[position] = DONE_OK if was_ok else DONE_ERROR
         rows_ok = latest.count(DONE_OK)
         return ResumeState(latest, rows_ok + latest.count(DONE_ERROR), rows_ok, spent)
 

@@ -27,17 +27,13 @@ class Estimate:
     requests: int = 0
     prompt_tokens: int = 0
     completion_cap_tokens: int = 0
-    cost_low: float | None = 0.0
-    cost_expected: float | None = 0.0
-    cost_high: float | None = 0.0
+    cost_low: float = 0.0
+    cost_expected: float = 0.0
+    cost_high: float = 0.0
     minutes_by_rpm: float | None = None
     minutes_by_tpm: float | None = None
     models: Counter[str] = field(default_factory=Counter)
     unpriced_models: set[str] = field(default_factory=set)
-
-
-def _add(total: float | None, value: float | None) -> float | None:
-    return None if total is None or value is None else total + value
 
 
 def estimate_job(job: Job, prices: PriceTable | None = None) -> Estimate:
@@ -63,11 +59,9 @@ def estimate_job(job: Job, prices: PriceTable | None = None) -> Estimate:
                 continue
             prompt_cost = prompt * price.cache_miss / 1e6
             answer_cost = cap * price.output / 1e6
-            result.cost_low = _add(result.cost_low, prompt_cost + answer_cost * LOW_SHARE)
-            result.cost_expected = _add(
-                result.cost_expected, prompt_cost + answer_cost * TYPICAL_SHARE
-            )
-            result.cost_high = _add(result.cost_high, prompt_cost + answer_cost)
+            result.cost_low += prompt_cost + answer_cost * LOW_SHARE
+            result.cost_expected += prompt_cost + answer_cost * TYPICAL_SHARE
+            result.cost_high += prompt_cost + answer_cost
     limits = job.limits
     scale = limits.window / 60.0  # budgets are per window; a window is a minute unless scaled
     if limits.rpm:
@@ -94,7 +88,7 @@ def describe(estimate: Estimate) -> list[str]:
             + ", ".join(sorted(estimate.unpriced_models))
             + " (no price: add one with --prices FILE)"
         )
-    if estimate.cost_high is not None and len(estimate.unpriced_models) < len(estimate.models):
+    if len(estimate.unpriced_models) < len(estimate.models):
         lines.append(
             f"cost (USD, priced models): low {estimate.cost_low:.4f}, "
             f"expected {estimate.cost_expected:.4f}, high {estimate.cost_high:.4f} "

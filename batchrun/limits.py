@@ -23,6 +23,8 @@ from enum import Enum
 import anyio
 import structlog
 
+from batchrun.errors import CostCapReached
+
 log = structlog.get_logger("batchrun.limits")
 
 #: a bucket holds this share of its budget: requests are paced, not burst
@@ -194,6 +196,7 @@ class LimiterStatistics:
     rpm_limit: float | None
     tpm_limit: float | None
     rate_limited: int
+    #: tokens reserved by requests in flight
     reserved_tokens: int
 
 
@@ -317,6 +320,7 @@ class Limiter:
         """Give back the slot and correct the buckets with what the attempt really cost."""
         now = anyio.current_time()
         self._in_flight -= 1
+        self._reserved_tokens -= reservation.tokens
         self._slots.release()
         if headers is not None:
             self._follow_headers(headers, now)
@@ -443,3 +447,44 @@ class Limiter:
             rate_limited=self._rate_limited,
             reserved_tokens=self._reserved_tokens,
         )
+
+
+class SpendCap:
+    """A hard cap on spend: a request goes only if the spend so far plus the worst case of
+    every request in flight, its own included, stays within the cap. While requests in
+    flight may still come in under their worst case, a request waits for them; once none
+    is in flight and it still does not fit, the cap is reached."""
+
+    def __init__(self, cap: float | None, *, spent: float = 0.0) -> None:
+        self.cap = cap
+        self.spent = spent
+        self.in_flight = 0.0
+        self._requests = 0
+        self._settled: anyio.Event | None = None
+
+    async def reserve(self, worst: float) -> None:
+        """Wait until `worst` fits under the cap.
+
+        Raises:
+            CostCapReached: it cannot fit even with nothing else in flight.
+        """
+        if self.cap is None:
+            return
+        while self.spent + self.in_flight + worst > self.cap + 1e-12:
+            if self._requests == 0:
+                raise CostCapReached(spent=self.spent, cap=self.cap)
+            if self._settled is None:
+                self._settled = anyio.Event()
+            await self._settled.wait()
+        self.in_flight += worst
+        self._requests += 1
+
+    def settle(self, worst: float, actual: float | None) -> None:
+        if self.cap is None:
+            return
+        self.in_flight = max(0.0, self.in_flight - worst)
+        self._requests -= 1
+        self.spent += actual or 0.0
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None

@@ -32,8 +32,8 @@ from batchrun.errors import (
     RunStopped,
 )
 from batchrun.job import Job
-from batchrun.limits import Limiter, Outcome
-from batchrun.prices import PriceTable, SpendCap
+from batchrun.limits import Limiter, Outcome, SpendCap
+from batchrun.prices import PriceTable
 from batchrun.progress import Tally, live_display, report_periodically
 from batchrun.prompts import RequestShape, build_request, expand_sweep
 from batchrun.retry import RetryPolicy
@@ -196,7 +196,7 @@ class Pool:
 
     async def _produce(self, send: MemoryObjectSendStream[Work]) -> None:
         async with send:
-            batches = iter_batches(self.job.input, limit=self.job.limit)
+            batches = iter_batches(self.job.input, limit=self.job.limit, skip=self._all_done)
             while not self.stopping:
                 batch = await anyio.to_thread.run_sync(next, batches, None)
                 if batch is None:
@@ -205,6 +205,15 @@ class Pool:
                     if self.stopping:
                         break
                     await send.send(work)
+
+    def _all_done(self, start: int, end: int) -> bool:
+        """Whether input rows [start, end) are done in every variant (read from a thread)."""
+        done = self._done
+        if done is None:
+            return False
+        count = len(self.variants)
+        first, last = start * count, end * count
+        return last <= len(done) and done.count(0, first, last) == 0
 
     def _not_done(self, batch: list[InputRow]) -> Iterator[Work]:
         """Each row once per sweep variant, at its own position, unless already done."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from batchrun.errors import ConfigError, CostCapReached
+from batchrun.errors import ConfigError
 
 log = structlog.get_logger("batchrun.prices")
 
@@ -196,46 +196,3 @@ class PriceTable:
         if price is None:
             return 0.0
         return (prompt_tokens * price.cache_miss + completion_cap * price.output) / PER_TOKENS
-
-
-class SpendCap:
-    """A hard cap on spend: a request goes only if the spend so far plus the worst case of
-    every request in flight, its own included, stays within the cap. While requests in
-    flight may still come in under their worst case, a request waits for them; once none
-    is in flight and it still does not fit, the cap is reached."""
-
-    def __init__(self, cap: float | None, *, spent: float = 0.0) -> None:
-        self.cap = cap
-        self.spent = spent
-        self.in_flight = 0.0
-        self._requests = 0
-        self._settled: Any = None
-
-    async def reserve(self, worst: float) -> None:
-        """Wait until `worst` fits under the cap.
-
-        Raises:
-            CostCapReached: it cannot fit even with nothing else in flight.
-        """
-        if self.cap is None:
-            return
-        import anyio
-
-        while self.spent + self.in_flight + worst > self.cap + 1e-12:
-            if self._requests == 0:
-                raise CostCapReached(spent=self.spent, cap=self.cap)
-            if self._settled is None:
-                self._settled = anyio.Event()
-            await self._settled.wait()
-        self.in_flight += worst
-        self._requests += 1
-
-    def settle(self, worst: float, actual: float | None) -> None:
-        if self.cap is None:
-            return
-        self.in_flight = max(0.0, self.in_flight - worst)
-        self._requests -= 1
-        self.spent += actual or 0.0
-        if self._settled is not None:
-            self._settled.set()
-            self._settled = None

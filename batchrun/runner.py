@@ -167,8 +167,8 @@ def _run_with_checkpoint(
 
     from batchrun.cache import RequestCache
     from batchrun.client import Client
-    from batchrun.limits import Limiter
-    from batchrun.prices import PriceTable, SpendCap
+    from batchrun.limits import Limiter, SpendCap
+    from batchrun.prices import PriceTable
 
     prices = PriceTable.load(job.prices)
     if job.max_cost is not None:

@@ -8,7 +8,7 @@ carried columns' types are settled, so a bad row stops the run before anything i
 from __future__ import annotations
 
 import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,30 +60,51 @@ def detect_format(path: Path) -> Format:
     )
 
 
-def _iter_jsonl(path: Path, batch_size: int) -> Iterator[list[InputRow]]:
-    batch: list[InputRow] = []
-    index = 0
+#: "are rows [start, end) all done already?": such a batch is counted but not parsed
+SkipRows = Callable[[int, int], bool]
+
+
+def _parse_lines(path: Path, start: int, lines: list[tuple[int, bytes]]) -> list[InputRow]:
+    rows = []
+    for offset, (line_no, line) in enumerate(lines):
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"not valid JSON ({exc})", path=path, line=line_no) from None
+        if not isinstance(data, dict):
+            raise InputError("each line must be a JSON object", path=path, line=line_no)
+        rows.append(InputRow(start + offset, line_no, data))
+    return rows
+
+
+def _iter_jsonl(
+    path: Path, batch_size: int, skip: SkipRows | None
+) -> Iterator[list[InputRow] | int]:
     try:
         file = path.open("rb")
     except OSError as exc:
         raise InputError(f"cannot read the file ({exc.strerror})", path=path) from None
+    index = 0
+    lines: list[tuple[int, bytes]] = []
     with file:
         for line_no, line in enumerate(file, start=1):
             if not line.strip():
                 continue
-            try:
-                data = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise InputError(f"not valid JSON ({exc})", path=path, line=line_no) from None
-            if not isinstance(data, dict):
-                raise InputError("each line must be a JSON object", path=path, line=line_no)
-            batch.append(InputRow(index, line_no, data))
-            index += 1
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+            lines.append((line_no, line))
+            if len(lines) >= batch_size:
+                yield _batch(path, index, lines, skip)
+                index += len(lines)
+                lines = []
+    if lines:
+        yield _batch(path, index, lines, skip)
+
+
+def _batch(
+    path: Path, start: int, lines: list[tuple[int, bytes]], skip: SkipRows | None
+) -> list[InputRow] | int:
+    if skip is not None and skip(start, start + len(lines)):
+        return len(lines)
+    return _parse_lines(path, start, lines)
 
 
 def _open_parquet(path: Path) -> Any:
@@ -95,14 +116,20 @@ def _open_parquet(path: Path) -> Any:
         raise InputError(f"not a readable Parquet file ({exc})", path=path) from None
 
 
-def _iter_parquet(path: Path, batch_size: int) -> Iterator[list[InputRow]]:
+def _iter_parquet(
+    path: Path, batch_size: int, skip: SkipRows | None
+) -> Iterator[list[InputRow] | int]:
     file = _open_parquet(path)
     index = 0
     try:
         for record_batch in file.iter_batches(batch_size=batch_size):
-            rows = record_batch.to_pylist()
-            yield [InputRow(index + i, None, data) for i, data in enumerate(rows)]
-            index += len(rows)
+            count = record_batch.num_rows
+            if skip is not None and skip(index, index + count):
+                yield count
+            else:
+                rows = record_batch.to_pylist()
+                yield [InputRow(index + i, None, data) for i, data in enumerate(rows)]
+            index += count
     except InputError:
         raise
     except Exception as exc:
@@ -110,21 +137,33 @@ def _iter_parquet(path: Path, batch_size: int) -> Iterator[list[InputRow]]:
 
 
 def iter_batches(
-    path: Path, *, batch_size: int = BATCH_SIZE, limit: int | None = None
+    path: Path,
+    *,
+    batch_size: int = BATCH_SIZE,
+    limit: int | None = None,
+    skip: SkipRows | None = None,
 ) -> Iterator[list[InputRow]]:
-    """Stream a prompt set as batches of rows, stopping after `limit` rows if given."""
+    """Stream a prompt set as batches of rows, stopping after `limit` rows if given.
+
+    Args:
+        skip: says which batches are all done already (on resume); those are counted but
+            not parsed, and not yielded.
+    """
     if not path.exists():
         raise InputError("no such file", path=path)
     if not path.is_file():
         raise InputError("not a file", path=path)
     reader = _iter_parquet if detect_format(path) == "parquet" else _iter_jsonl
     seen = 0
-    for batch in reader(path, batch_size):
-        if limit is not None and seen + len(batch) >= limit:
-            yield batch[: limit - seen]
+    for item in reader(path, batch_size, skip):
+        count = item if isinstance(item, int) else len(item)
+        if limit is not None and seen + count >= limit:
+            if not isinstance(item, int):
+                yield item[: limit - seen]
             return
-        seen += len(batch)
-        yield batch
+        seen += count
+        if not isinstance(item, int):
+            yield item
 
 
 def row_id(row: InputRow, id_column: str | None, path: Path) -> str:
@@ -268,6 +307,13 @@ def _job_column_types(
         if variants[0].repeats > 1:
             columns["sweep_repeat"] = pa.int64()
     if job.parse is not None:
+        for name, column in job.parse.reference.items():
+            if name not in job.parse.fields or column not in job.prompt.carry:
+                raise ConfigError(
+                    f"parse.reference maps {name!r} to {column!r}: it must map a parsed field "
+                    "to a carried column (add it to carry), so that the output can be scored",
+                    path=job.source,
+                )
         for name, kind in job.parse.fields.items():
             if name in taken or name in columns or name in reserved or name.startswith("_"):
                 raise ConfigError(

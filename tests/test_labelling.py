@@ -215,3 +215,16 @@ def test_estimate_counts_every_sweep_combination(tmp_path: Path, fake: FakeServe
     assert estimate.requests == 8
     assert dict(estimate.models) == {"deepseek-chat": 4, "deepseek-reasoner": 4}
     assert fake.stats()["requests"] == 0
+
+
+def test_reference_must_name_a_carried_column(tmp_path: Path, fake: FakeServer) -> None:
+    """A reference to a column that is not carried cannot be scored: refused before sending."""
+    import pytest
+
+    from batchrun.errors import ConfigError
+
+    extra = labelling(reference={"label": "truth"})
+    extra["prompt"]["carry"] = ["text"]
+    with pytest.raises(ConfigError, match="parse.reference maps 'label' to 'truth'"):
+        run(tmp_path, fake, REVIEWS, **extra)
+    assert fake.stats()["requests"] == 0
