@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from trio.testing import MockClock
 
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
-from batchrun.limits import AdaptiveConcurrency, TokenBucket, parse_duration
+from batchrun.limits import AdaptiveConcurrency, Limiter, Outcome, TokenBucket, parse_duration
 from batchrun.pool import PoolSettings
 from batchrun.runner import run_job
 from tests.conftest import fast_job_data, write_jsonl
@@ -218,11 +219,6 @@ def test_adaptive_concurrency_settles_near_the_server_limit(
 
 # -- the limiter object, on trio with a clock that jumps: a simulated minute takes ms ---------
 
-
-from trio.testing import MockClock  # noqa: E402
-
-from batchrun.limits import Limiter, Outcome  # noqa: E402
-
 TRIO = pytest.mark.parametrize(
     "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio")]
 )
@@ -283,3 +279,38 @@ async def test_oversized_request_is_sent_alone_and_logged(anyio_backend: object)
         reservation = await limiter.reserve(prompt_tokens=5000, completion_cap=100)
     limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=5000, completion_tokens=10)
     assert any(entry["event"] == "request_larger_than_tpm" for entry in logs)
+
+
+@TRIO
+async def test_usage_counting_reserves_a_percentile_and_settles_real_usage(
+    anyio_backend: object,
+) -> None:
+    """Once answers come back, a request reserves the 95th percentile of completions seen
+    (not its max_tokens), and unused tokens return to the bucket when it settles."""
+    limiter = Limiter(concurrency=4, tpm=100_000, adaptive=False, tpm_counts="usage")
+    assert limiter.completion_allowance(1000) == 1000  # nothing seen yet: the cap
+    for size in range(1, 101):  # completions of 1..100 tokens
+        reservation = await limiter.reserve(prompt_tokens=10, completion_cap=1000)
+        limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=size)
+    allowance = limiter.completion_allowance(1000)
+    assert 60 <= allowance <= 100  # a high percentile of 1..100 (refreshed every 50 answers)
+    assert limiter.completion_allowance(50) == 50  # never above the request's own cap
+    assert limiter.tokens is not None
+    reservation = await limiter.reserve(prompt_tokens=10, completion_cap=1000)
+    assert reservation.tokens == 10 + allowance
+    level = limiter.tokens.level
+    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=5)
+    # only 15 were used: the rest of the reservation comes back
+    assert limiter.tokens.level == pytest.approx(level + reservation.tokens - 15)
+
+
+@TRIO
+async def test_max_tokens_counting_keeps_the_whole_cap_charged(anyio_backend: object) -> None:
+    """Against an OpenAI-style server the whole max_tokens stays charged after settling."""
+    limiter = Limiter(concurrency=4, tpm=100_000, adaptive=False, tpm_counts="max_tokens")
+    assert limiter.tokens is not None
+    reservation = await limiter.reserve(prompt_tokens=10, completion_cap=200)
+    level = limiter.tokens.level
+    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=12, completion_tokens=5)
+    # the server charged the real prompt (12) plus all of max_tokens (200)
+    assert limiter.tokens.level == pytest.approx(level + reservation.tokens - 212)
