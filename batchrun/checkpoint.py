@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -223,23 +224,45 @@ class Checkpoint:
         runs starting at once cannot both take it. The pid inside is for `status`.
         """
         path = self.directory / LOCK
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _locked(read_lock(path), self.output) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, orjson.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-        self._lock_fd = fd
-        self._holding_lock = True
+        for attempt in range(20):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if attempt < 4:  # `status` may hold it for a moment, just to look
+                    time.sleep(0.02)
+                    continue
+                raise _locked(read_lock(path), self.output) from None
+            try:
+                if not _same_file(fd, path):  # a finishing run removed the folder meanwhile
+                    os.close(fd)
+                    continue
+                os.ftruncate(fd, 0)
+                os.write(fd, orjson.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+            except BaseException:
+                os.close(fd)
+                raise
+            self._lock_fd = fd
+            self._holding_lock = True
+            return
+        raise ConfigError("could not take the run lock", path=path)
 
     def release_lock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
         self._holding_lock = False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether an open descriptor is still the file at `path` (not one since deleted)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _locked(holder: int | None, output: Path) -> ConfigError:

@@ -258,10 +258,14 @@ class Pool:
                     if partial is None:
                         continue
                     result = partial  # paid answers of a row cut short: written, not lost
-                self.writer.add(result)
-                self.tally.record_row(result)
-                if len(self.writer) >= self.settings.flush_rows:
-                    self._flush_wanted.set()
+                self._keep(result)
+
+    def _keep(self, result: dict[str, Any]) -> None:
+        """Hand a finished row to the writer (its journal has it at once) and count it."""
+        self.writer.add(result)
+        self.tally.record_row(result)
+        if len(self.writer) >= self.settings.flush_rows:
+            self._flush_wanted.set()
 
     async def _process(self, work: Work, rid: str, policy: RetryPolicy) -> dict[str, Any]:
         row = work.row
@@ -364,20 +368,14 @@ class Pool:
                         break
                     except (_Abandoned, RunStopped) as stop:
                         if answers:  # a paid answer that did not parse: keep it, then stop
-                            failure = PermanentError(
-                                "the run stopped before an answer parsed", error_class="parse"
+                            stop.partial_result = self._cut_short(  # type: ignore[union-attr]
+                                work, rid, answers, attempts, t0, started_at, cost
                             )
-                            stop.partial_result = self._finish(  # type: ignore[union-attr]
-                                work,
-                                rid,
-                                answers,
-                                failure,
-                                None,
-                                attempts,
-                                t0,
-                                started_at,
-                                cost,
-                                cached=False,
+                        raise
+                    except anyio.get_cancelled_exc_class():
+                        if answers:  # cancelled outright: write the paid answers before going
+                            self._keep(
+                                self._cut_short(work, rid, answers, attempts, t0, started_at, cost)
                             )
                         raise
                     answers.append(completion)
@@ -402,6 +400,22 @@ class Pool:
             started_at,
             cost,
             cached=cached,
+        )
+
+    def _cut_short(
+        self,
+        work: Work,
+        rid: str,
+        answers: list[Completion],
+        attempts: int,
+        t0: float,
+        started_at: datetime,
+        cost: float | None,
+    ) -> dict[str, Any]:
+        """The row of paid answers that never parsed, when the run stops before a re-ask."""
+        failure = PermanentError("the run stopped before an answer parsed", error_class="parse")
+        return self._finish(
+            work, rid, answers, failure, None, attempts, t0, started_at, cost, cached=False
         )
 
     def _finish(

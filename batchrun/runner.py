@@ -172,8 +172,7 @@ def _run_with_checkpoint(
 
     prices = PriceTable.load(job.prices)
     if job.max_cost is not None:
-        models = {job.model, *((job.sweep or {}).get("model") or [])}
-        unpriced = sorted(str(m) for m in models if not prices.knows(str(m)))
+        unpriced = sorted(m for m in scan.models if not prices.knows(m))
         if unpriced:
             raise ConfigError(
                 f"max_cost cannot be kept for a model without a price ({', '.join(unpriced)}): "

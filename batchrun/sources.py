@@ -192,6 +192,8 @@ class InputSummary:
     input_rows: int = 0
     #: requests per input row (a sweep's combinations)
     variants: int = 1
+    #: every model the requests name (job, sweep, row columns, batch line bodies)
+    models: set[str] = field(default_factory=set)
 
 
 def _arrow_type_of(values: set[type]) -> pa.DataType:
@@ -231,6 +233,7 @@ def scan_input(job: Job) -> InputSummary:
     # ids are checked for duplicates by 64-bit hash (8 bytes a row, whatever the ids); only
     # when two hashes meet does a second pass find the rows
     hashes = array.array("q")
+    models: set[str] = set()
     rows = 0
     batch_format = False
     for batch in iter_batches(path, limit=job.limit):
@@ -238,7 +241,9 @@ def scan_input(job: Job) -> InputSummary:
             data = row.data
             try:
                 for shape in shapes:
-                    build_request(data, shape)
+                    body = build_request(data, shape)
+                    if len(models) < 1000:  # a cap, in case every row names its own
+                        models.add(str(body.get("model")))
             except RowProblem as exc:
                 raise row.where(path, str(exc), column=exc.column) from None
             hashes.append(hash(row_id(row, id_column, path)))
@@ -274,6 +279,7 @@ def scan_input(job: Job) -> InputSummary:
         carried_types=carried_types,
         input_rows=rows,
         variants=len(variants),
+        models=models,
     )
 
 

@@ -537,3 +537,13 @@ def test_max_cost_needs_a_price_for_the_model(tmp_path: Path, fake: FakeServer) 
     with pytest.raises(ConfigError, match="without a price \\(fake-model\\)"):
         run(tmp_path, fake, prompts(2), model="fake-model", max_cost=1.0)
     assert fake.stats()["requests"] == 0
+
+
+def test_max_cost_checks_models_named_by_rows_too(tmp_path: Path, fake: FakeServer) -> None:
+    """A row that names an unpriced model would slip past the cap: refused, nothing sent."""
+    from batchrun.errors import ConfigError
+
+    rows = [{"prompt": "a"}, {"prompt": "b", "model": "fake-row-model"}]
+    with pytest.raises(ConfigError, match="without a price \\(fake-row-model\\)"):
+        run(tmp_path, fake, rows, max_cost=1.0)
+    assert fake.stats()["requests"] == 0
