@@ -134,8 +134,14 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
         }
     )
     if restart:
-        checkpoint.discard()
-        job.output.unlink(missing_ok=True)
+        # holding the lock, so a run that is starting cannot lose its checkpoint to us; one
+        # that starts after we let go finds no checkpoint, makes its own, and ours is refused
+        checkpoint.acquire_lock()
+        try:
+            checkpoint.discard()
+            job.output.unlink(missing_ok=True)
+        finally:
+            checkpoint.release_lock()
     if not checkpoint.exists() and job.output.exists():
         _finished_output(job, manifest, scan.rows)
         ok, errors = _counts(job.output)
