@@ -78,9 +78,6 @@ class ResumeState:
     #: what every answer in the checkpoint cost, superseded ones included: all were paid
     spent_usd: float = 0.0
 
-    def is_empty(self) -> bool:
-        return self.rows_done == 0
-
     def ok_mask(self) -> bytearray:
         """A byte per position, set where the latest result is ok (the rows to skip)."""
         return self.latest.translate(_OK_ONLY)

@@ -138,9 +138,6 @@ class PriceTable:
             prices += _parse(data, str(extra))
         return cls(prices)
 
-    def models(self) -> list[str]:
-        return sorted(self._by_model)
-
     def knows(self, model: str) -> bool:
         return model in self._by_model
 

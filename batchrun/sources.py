@@ -189,7 +189,6 @@ class InputSummary:
     #: carried column -> Arrow type, in the job's order, then the job's own columns (sweep
     #: variant and values, parsed fields)
     carried_types: dict[str, pa.DataType] = field(default_factory=dict)
-    input_rows: int = 0
     #: requests per input row (a sweep's combinations)
     variants: int = 1
     #: every model the requests name (job, sweep, row columns, batch line bodies)
@@ -277,7 +276,6 @@ def scan_input(job: Job) -> InputSummary:
         rows=rows * len(variants),
         batch_format=batch_format,
         carried_types=carried_types,
-        input_rows=rows,
         variants=len(variants),
         models=models,
     )
