@@ -47,6 +47,16 @@ class OffPeak:
 
 
 @dataclass(frozen=True, slots=True)
+class Charge:
+    """What one answer is counted as costing."""
+
+    #: USD, or None when the model has no price
+    usd: float | None
+    #: the server left out usage, so the answer is counted at the most it could have cost
+    worst_case: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Price:
     """One model's prices per million tokens, in force from `since`."""
 
@@ -201,6 +211,32 @@ class PriceTable:
         if price.off_peak is not None and price.off_peak.applies(at):
             total *= 1.0 - price.off_peak.discount
         return total
+
+    def charge(
+        self,
+        model: str | None,
+        at: datetime,
+        *,
+        prompt_tokens: int | None,
+        cache_hit_tokens: int | None,
+        cache_miss_tokens: int | None,
+        completion_tokens: int | None,
+        prompt_at_most: int,
+        completion_cap: int,
+    ) -> Charge:
+        """What an answer is counted as costing: its usage at its price, and where the server
+        left a usage figure out, the most it could be (`prompt_at_most`, `completion_cap`),
+        so that a spend cap holds whatever a proxy strips from its answers."""
+        worst = prompt_tokens is None or completion_tokens is None
+        usd = self.cost(
+            model,
+            at,
+            prompt_tokens=prompt_at_most if prompt_tokens is None else prompt_tokens,
+            cache_hit_tokens=cache_hit_tokens,
+            cache_miss_tokens=cache_miss_tokens,
+            completion_tokens=completion_cap if completion_tokens is None else completion_tokens,
+        )
+        return Charge(usd, worst and usd is not None)
 
     def worst_case(
         self, model: str, at: datetime, *, prompt_tokens: int, completion_cap: int
