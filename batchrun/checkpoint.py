@@ -206,9 +206,12 @@ class Checkpoint:
         # so a later result for a position wins
         for start in range(0, len(parts), 100):
             dataset = pq.ParquetDataset(parts[start : start + 100])
-            table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd", PAID_BEFORE_COLUMN])
+            # parts written before `_paid_before` existed have none: nothing was counted twice
+            paid = [PAID_BEFORE_COLUMN] if PAID_BEFORE_COLUMN in dataset.schema.names else []
+            table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd", *paid])
             spent += pc.sum(table["cost_usd"]).as_py() or 0.0
-            spent -= pc.sum(table[PAID_BEFORE_COLUMN]).as_py() or 0.0
+            if paid:
+                spent -= pc.sum(table[PAID_BEFORE_COLUMN]).as_py() or 0.0
             ok = pc.equal(table["status"], "ok").to_pylist()
             for position, was_ok in zip(table[INDEX_COLUMN].to_pylist(), ok, strict=True):
                 if position < rows:

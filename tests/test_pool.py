@@ -111,7 +111,7 @@ def test_paid_answers_of_a_re_asked_row_survive_a_kill_between_asks(
     [journaled] = [row for j in list_journals(directory) for row in read_journal(j)]
     assert journaled["content"] == "echo: Review: plain" and journaled["cost_usd"] > 0
 
-    result = CliRunner().invoke(cli, ["run", str(job), "-q"])  # both asks again, no budget
+    result = CliRunner().invoke(cli, ["run", str(job)])  # both asks again, no budget
     assert result.exit_code == 1, result.output
     assert fake.stats()["requests"] == 3
     [row] = output(tmp_path)

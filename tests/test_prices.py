@@ -148,7 +148,6 @@ def test_run_with_a_foreign_currency_price_file_sends_nothing(
             fake.base_url,
             "--prices",
             str(extra),
-            "-q",
         ],
     )
     assert result.exit_code == 2, result.output
