@@ -207,3 +207,16 @@ def test_worst_case_counts_tool_and_response_schemas() -> None:
     full = tokens.prompt_tokens_at_most({**body, "tools": tools, "response_format": schema})
     assert full >= bare + len(orjson.dumps(tools)) + len(orjson.dumps(schema))
     assert tokens.prompt_tokens({**body, "tools": tools}) > tokens.prompt_tokens(body) + 150
+
+
+def test_streamed_answer_without_usage_costs_its_worst_case(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A stream whose chunks carry no usage is charged at its worst case too."""
+    fake.update(usage="omit")
+    run(tmp_path, fake, [{"prompt": "hello"}], stream=True, params={"max_tokens": 100})
+    [row] = output(tmp_path)
+    [body] = fake.requests()
+    assert row["status"] == "ok" and row["content"] == "echo: hello"
+    assert row["cost_usd"] == pytest.approx(bytes_at_most(body) * MISS + 100 * OUTPUT)
+    assert row["cost_worst_case"] is True
