@@ -25,6 +25,7 @@ from batchrun.errors import ConfigError
 from batchrun.job import Job
 from batchrun.sinks import (
     INDEX_COLUMN,
+    PAID_BEFORE_COLUMN,
     list_parts,
     part_schema,
     parts_dir,
@@ -75,7 +76,8 @@ class ResumeState:
     latest: bytearray  # NOT_DONE, DONE_OK or DONE_ERROR per input position
     rows_done: int
     rows_ok: int
-    #: what every answer in the checkpoint cost, superseded ones included: all were paid
+    #: what every answer in the checkpoint cost, superseded ones included: all were paid;
+    #: each counted once, though a re-asked row's answers are in its earlier rows too
     spent_usd: float = 0.0
 
     def ok_mask(self) -> bytearray:
@@ -204,8 +206,12 @@ class Checkpoint:
         # so a later result for a position wins
         for start in range(0, len(parts), 100):
             dataset = pq.ParquetDataset(parts[start : start + 100])
-            table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd"])
+            # parts written before `_paid_before` existed have none: nothing was counted twice
+            paid = [PAID_BEFORE_COLUMN] if PAID_BEFORE_COLUMN in dataset.schema.names else []
+            table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd", *paid])
             spent += pc.sum(table["cost_usd"]).as_py() or 0.0
+            if paid:
+                spent -= pc.sum(table[PAID_BEFORE_COLUMN]).as_py() or 0.0
             ok = pc.equal(table["status"], "ok").to_pylist()
             for position, was_ok in zip(table[INDEX_COLUMN].to_pylist(), ok, strict=True):
                 if position < rows:

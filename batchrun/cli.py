@@ -22,6 +22,26 @@ def _absolute(value: Path | None) -> Path | None:
     return value.absolute() if value is not None else None
 
 
+def _figure(value: int | None) -> str:
+    """A figure the server may never have sent: "not reported" is not zero."""
+    return "not reported" if value is None else str(value)
+
+
+def _cost_line(stats: Any) -> str:
+    line = f"cost: ${stats.cost_usd:.6f}"
+    notes = []
+    if stats.rows_worst_case:
+        line = f"cost: at most ${stats.cost_usd:.6f}"
+        notes.append(
+            f"{stats.rows_worst_case} rows had answers without usage, counted at their worst case"
+        )
+    if stats.rows_unpriced:
+        if stats.cost_usd == 0:
+            line = "cost: not known"
+        notes.append(f"{stats.rows_unpriced} rows have no price for their model (see --prices)")
+    return f"{line} ({'; '.join(notes)})" if notes else line
+
+
 def _echo_summary(summary: Any) -> None:
     stats = summary.statistics
     err = sys.stderr
@@ -36,11 +56,14 @@ def _echo_summary(summary: Any) -> None:
         return
     lines = [
         f"this run: {stats.rows_done} rows ({stats.rows_ok} ok, {stats.rows_error} errors), "
-        f"{stats.requests} requests in {stats.elapsed_s:.1f} s ({stats.requests_per_s:.1f}/s)",
-        f"tokens: prompt {stats.prompt_tokens} (cache hit {stats.cache_hit_tokens}, "
-        f"cache miss {stats.cache_miss_tokens}), completion {stats.completion_tokens} "
-        f"(reasoning {stats.reasoning_tokens})",
-        f"cost: ${stats.cost_usd:.6f}",
+        f"{stats.requests} requests sent in {stats.elapsed_s:.1f} s "
+        f"({stats.requests_per_s:.1f}/s)",
+        f"tokens: prompt {_figure(stats.prompt_tokens)} "
+        f"(cache hit {_figure(stats.cache_hit_tokens)}, "
+        f"cache miss {_figure(stats.cache_miss_tokens)}), "
+        f"completion {_figure(stats.completion_tokens)} "
+        f"(reasoning {_figure(stats.reasoning_tokens)})",
+        _cost_line(stats),
     ]
     if stats.rows_skipped:
         lines.append(f"resumed: {stats.rows_skipped} rows were already done")

@@ -33,11 +33,11 @@ from batchrun.errors import (
 )
 from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome, SpendCap
-from batchrun.prices import PriceTable
+from batchrun.prices import Charge, PriceTable
 from batchrun.progress import Tally, live_display, report_periodically
 from batchrun.prompts import RequestShape, build_request, expand_sweep
 from batchrun.retry import RetryPolicy
-from batchrun.sinks import INDEX_COLUMN, PartWriter
+from batchrun.sinks import INDEX_COLUMN, PAID_BEFORE_COLUMN, PartWriter
 from batchrun.sources import InputRow, InputSummary, iter_batches, row_id
 from batchrun.structured import ParseFailed, parse_fields
 
@@ -79,6 +79,42 @@ class Work:
     row: InputRow
     variant: int
     position: int
+
+
+@dataclass(slots=True)
+class _Asks:
+    """A row's progress through its requests (attempts and parse re-asks): what was sent,
+    what it cost, and how much of that cost is already journaled."""
+
+    #: `time.perf_counter()` when a worker took the row
+    taken: float
+    answers: list[Completion] = field(default_factory=list)
+    #: requests actually sent
+    attempts: int = 0
+    #: USD of every answer paid for; None while no answer has a known price
+    cost: float | None = None
+    #: some answer came without usage and is counted at its worst case
+    worst_case: bool = False
+    #: the part of `cost` already journaled in rows written before this row's last one
+    journaled: float = 0.0
+    #: `time.perf_counter()` when the first request left, and its wall-clock time
+    first_sent: float | None = None
+    started_at: datetime | None = None
+    #: seconds spent waiting on the server, summed over every request sent
+    in_requests: float = 0.0
+
+    def sending(self, at: datetime) -> float:
+        """Note that a request is leaving now; returns its `perf_counter` start."""
+        now = time.perf_counter()
+        self.attempts += 1
+        if self.first_sent is None:
+            self.first_sent, self.started_at = now, at
+        return now
+
+    def charge(self, charge: Charge) -> None:
+        if charge.usd is not None:
+            self.cost = charge.usd if self.cost is None else self.cost + charge.usd
+        self.worst_case = self.worst_case or charge.worst_case
 
 
 class _Abandoned(Exception):
@@ -269,28 +305,22 @@ class Pool:
 
     async def _process(self, work: Work, rid: str, policy: RetryPolicy) -> dict[str, Any]:
         row = work.row
+        asks = _Asks(taken=time.perf_counter())
         body = build_request(row.data, self.shapes[work.variant])
         prompt_estimate = tokens.prompt_tokens(body)
+        prompt_at_most = tokens.prompt_tokens_at_most(body)
         cap = tokens.completion_cap(body)
         model = str(body.get("model"))
-        started_at = _now()
-        t0 = time.perf_counter()
-        attempts = 0
         completion: Completion | None = None
         failure: RequestError | None = None
-        cost: float | None = None
         spend = self.spend
         worst = 0.0
         if spend.cap is not None:
             worst = self.prices.worst_case(
-                model,
-                started_at,
-                prompt_tokens=tokens.prompt_tokens_at_most(body),
-                completion_cap=cap,
+                model, _now(), prompt_tokens=prompt_at_most, completion_cap=cap
             )
 
         async def attempt() -> Completion:
-            nonlocal attempts, cost
             if self.stopping:
                 raise _Abandoned
             await spend.reserve(worst)
@@ -301,15 +331,17 @@ class Pool:
             except BaseException:
                 spend.settle(worst, None)
                 raise
-            attempts += 1
-            self.tally.requests += 1
-            self.tally.in_flight += 1
             outcome = Outcome.OTHER
             answer: Completion | None = None
             failure: RetryableError | None = None
+            sent: float | None = None
+            sent_at = _now()
             try:
-                if self.stopping:
+                if self.stopping:  # stopped while waiting for the budget: nothing is sent
                     raise _Abandoned
+                sent = asks.sending(sent_at)
+                self.tally.requests += 1
+                self.tally.in_flight += 1
                 answer = await self.client.send(body)
                 outcome = Outcome.OK
                 return answer
@@ -321,19 +353,22 @@ class Pool:
                     outcome = Outcome.SERVER_ERROR
                 raise
             finally:
-                self.tally.in_flight -= 1
+                if sent is not None:
+                    self.tally.in_flight -= 1
+                    asks.in_requests += time.perf_counter() - sent
                 if answer is not None:
-                    answer_cost = self.prices.cost(
+                    charge = self.prices.charge(
                         model if answer.model is None or self.prices.knows(model) else answer.model,
-                        started_at,
+                        sent_at,
                         prompt_tokens=answer.prompt_tokens,
                         cache_hit_tokens=answer.prompt_cache_hit_tokens,
                         cache_miss_tokens=answer.prompt_cache_miss_tokens,
                         completion_tokens=answer.completion_tokens,
+                        prompt_at_most=prompt_at_most,
+                        completion_cap=cap,
                     )
-                    if answer_cost is not None:
-                        cost = answer_cost if cost is None else cost + answer_cost
-                    spend.settle(worst, answer_cost)
+                    asks.charge(charge)
+                    spend.settle(worst, charge.usd)
                 else:
                     spend.settle(worst, None)
                 self.limiter.settle(
@@ -356,11 +391,12 @@ class Pool:
             completion = await cache.claim(key)
             cached = completion is not None
         parsed: dict[str, Any] | None = None
-        answers: list[Completion] = []
+        answers = asks.answers
         try:
             if completion is None:
-                asks = 1 + (self.parse.parse_attempts if self.parse else 0)
-                for _ in range(asks):
+                asks_left = 1 + (self.parse.parse_attempts if self.parse else 0)
+                while asks_left:
+                    asks_left -= 1
                     try:
                         completion = await policy.call(attempt)
                     except RequestError as exc:
@@ -368,20 +404,18 @@ class Pool:
                         break
                     except (_Abandoned, RunStopped) as stop:
                         if answers:  # a paid answer that did not parse: keep it, then stop
-                            stop.partial_result = self._cut_short(  # type: ignore[union-attr]
-                                work, rid, answers, attempts, t0, started_at, cost
-                            )
+                            stop.partial_result = self._cut_short(work, rid, asks)  # type: ignore[union-attr]
                         raise
                     except anyio.get_cancelled_exc_class():
                         if answers:  # cancelled outright: write the paid answers before going
-                            self._keep(
-                                self._cut_short(work, rid, answers, attempts, t0, started_at, cost)
-                            )
+                            self._keep(self._cut_short(work, rid, asks))
                         raise
                     answers.append(completion)
                     parsed, failure = self._parsed(completion)
                     if failure is None:
                         break
+                    if asks_left:  # re-asked next: what is paid so far is journaled now
+                        self._journal_paid(work, rid, asks, failure)
             else:
                 parsed, failure = self._parsed(completion)
             if cache is not None and not cached and completion is not None and failure is None:
@@ -389,61 +423,47 @@ class Pool:
         finally:
             if cache is not None and not cached:
                 cache.release(key)
-        return self._finish(
-            work,
-            rid,
-            answers or [completion] if completion else [],
-            failure,
-            parsed,
-            attempts,
-            t0,
-            started_at,
-            cost,
-            cached=cached,
-        )
+        if not answers and completion is not None:
+            answers.append(completion)
+        return self._finish(work, rid, asks, failure, parsed, cached=cached)
 
-    def _cut_short(
-        self,
-        work: Work,
-        rid: str,
-        answers: list[Completion],
-        attempts: int,
-        t0: float,
-        started_at: datetime,
-        cost: float | None,
-    ) -> dict[str, Any]:
+    def _journal_paid(self, work: Work, rid: str, asks: _Asks, failure: RequestError) -> None:
+        """Journal the paid answers of a row about to be re-asked, so that a kill before the
+        next answer loses neither them nor their cost. The row is not counted as done: its
+        later row for the same position supersedes it."""
+        result = self._finish(work, rid, asks, failure, None, cached=False)
+        self.writer.add(result)
+        asks.journaled = result["cost_usd"] or 0.0
+
+    def _cut_short(self, work: Work, rid: str, asks: _Asks) -> dict[str, Any]:
         """The row of paid answers that never parsed, when the run stops before a re-ask."""
         failure = PermanentError("the run stopped before an answer parsed", error_class="parse")
-        return self._finish(
-            work, rid, answers, failure, None, attempts, t0, started_at, cost, cached=False
-        )
+        return self._finish(work, rid, asks, failure, None, cached=False)
 
     def _finish(
         self,
         work: Work,
         rid: str,
-        answers: list[Completion],
+        asks: _Asks,
         failure: RequestError | None,
         parsed: dict[str, Any] | None,
-        attempts: int,
-        t0: float,
-        started_at: datetime,
-        cost: float | None,
         *,
         cached: bool,
     ) -> dict[str, Any]:
         """The result row: the last answer, with the usage of every answer paid for."""
-        latency = time.perf_counter() - t0
+        answers = asks.answers
         completion = _summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
-        result = self._result(work.row, rid, completion, failure, attempts, latency, started_at)
+        result = self._result(work.row, rid, completion, failure, asks)
         result[INDEX_COLUMN] = work.position
         if self.variant_columns is not None:
             result.update(self.variant_columns[work.variant])
         if self.parse is not None:
             for name in self.parse.fields:
                 result[name] = parsed.get(name) if parsed else None
-        result["cost_usd"] = 0.0 if cached else cost
+        result["cost_usd"] = 0.0 if cached else asks.cost
+        result["cost_worst_case"] = False if cached else asks.worst_case
         result["cached"] = cached
+        result[PAID_BEFORE_COLUMN] = asks.journaled
         return result
 
     def _parsed(self, completion: Completion) -> tuple[dict[str, Any] | None, RequestError | None]:
@@ -465,14 +485,13 @@ class Pool:
         rid: str,
         completion: Completion | None,
         failure: RequestError | None,
-        attempts: int,
-        latency: float,
-        started_at: datetime,
+        asks: _Asks,
     ) -> dict[str, Any]:
         result: dict[str, Any] = {"id": rid, INDEX_COLUMN: row.index}
         for name in self.carry:
             result[name] = row.data.get(name)
         c = completion
+        sent = asks.first_sent is not None
         result.update(
             status="ok" if c is not None and failure is None else "error",
             content=c.content if c else None,
@@ -485,13 +504,14 @@ class Pool:
             prompt_cache_hit_tokens=c.prompt_cache_hit_tokens if c else None,
             prompt_cache_miss_tokens=c.prompt_cache_miss_tokens if c else None,
             reasoning_tokens=c.reasoning_tokens if c else None,
-            attempts=attempts,
-            latency_s=latency,
+            attempts=asks.attempts,
+            latency_s=asks.in_requests if sent else None,
+            queued_s=asks.first_sent - asks.taken if asks.first_sent is not None else None,
             http_status=c.http_status if c else (failure.status if failure else None),
             error=failure.message if failure else None,
             error_class=failure.error_class if failure else None,
             response_id=c.response_id if c else None,
-            started_at=started_at,
+            started_at=asks.started_at or _now(),
             finished_at=_now(),
         )
         return result

@@ -3,6 +3,9 @@
 Prices live in a data file shipped in the package (`data/prices.toml`); a user file in the
 same shape adds models or overrides entries. An unknown model costs None, with one warning,
 never a made-up number.
+
+Every cost is in USD (`CURRENCY`): `cost_usd` and `--max-cost` are sums of one currency, so a
+price file in another currency is refused rather than converted or added to them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from batchrun.errors import ConfigError
 log = structlog.get_logger("batchrun.prices")
 
 PER_TOKENS = 1_000_000
+#: the currency of `cost_usd` and `--max-cost`; a price in any other is refused
+CURRENCY = "USD"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,16 @@ class OffPeak:
         if self.start <= self.end:
             return self.start <= now < self.end
         return now >= self.start or now < self.end
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one answer is counted as costing."""
+
+    #: USD, or None when the model has no price
+    usd: float | None
+    #: the server left out usage, so the answer is counted at the most it could have cost
+    worst_case: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +87,20 @@ def _clock(value: Any, where: str) -> time:
         raise ConfigError(f"{where}: times must look like 16:30") from None
 
 
-def _parse(data: dict[str, Any], source: str) -> list[Price]:
+def _currency(entry: dict[str, Any], number: int, source: str, path: Path | None) -> str:
+    """The entry's currency (USD when it names none), refused unless it is `CURRENCY`."""
+    currency = str(entry.get("currency", CURRENCY)).strip().upper()
+    if currency != CURRENCY:
+        where = f"price entry {number}" if path is not None else f"{source}, price entry {number}"
+        raise ConfigError(
+            f"{where} ({entry.get('model')}) is priced in {currency}, but costs and "
+            f"--max-cost are in {CURRENCY}: give its prices in {CURRENCY}",
+            path=path,
+        )
+    return currency
+
+
+def _parse(data: dict[str, Any], source: str, *, path: Path | None = None) -> list[Price]:
     entries = data.get("price")
     if not isinstance(entries, list):
         raise ConfigError(f"{source}: expected [[price]] entries")
@@ -94,7 +122,7 @@ def _parse(data: dict[str, Any], source: str) -> list[Price]:
                 Price(
                     model=str(entry["model"]),
                     since=since,
-                    currency=str(entry.get("currency", "USD")),
+                    currency=_currency(entry, number, source, path),
                     cache_hit=float(entry["cache_hit"]),
                     cache_miss=float(entry["cache_miss"]),
                     output=float(entry["output"]),
@@ -135,7 +163,7 @@ class PriceTable:
                 ) from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"not valid TOML: {exc}", path=extra) from None
-            prices += _parse(data, str(extra))
+            prices += _parse(data, str(extra), path=Path(extra))
         return cls(prices)
 
     def knows(self, model: str) -> bool:
@@ -183,6 +211,32 @@ class PriceTable:
         if price.off_peak is not None and price.off_peak.applies(at):
             total *= 1.0 - price.off_peak.discount
         return total
+
+    def charge(
+        self,
+        model: str | None,
+        at: datetime,
+        *,
+        prompt_tokens: int | None,
+        cache_hit_tokens: int | None,
+        cache_miss_tokens: int | None,
+        completion_tokens: int | None,
+        prompt_at_most: int,
+        completion_cap: int,
+    ) -> Charge:
+        """What an answer is counted as costing: its usage at its price, and where the server
+        left a usage figure out, the most it could be (`prompt_at_most`, `completion_cap`),
+        so that a spend cap holds whatever a proxy strips from its answers."""
+        worst = prompt_tokens is None or completion_tokens is None
+        usd = self.cost(
+            model,
+            at,
+            prompt_tokens=prompt_at_most if prompt_tokens is None else prompt_tokens,
+            cache_hit_tokens=cache_hit_tokens,
+            cache_miss_tokens=cache_miss_tokens,
+            completion_tokens=completion_cap if completion_tokens is None else completion_tokens,
+        )
+        return Charge(usd, worst and usd is not None)
 
     def worst_case(
         self, model: str, at: datetime, *, prompt_tokens: int, completion_cap: int

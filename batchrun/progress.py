@@ -25,14 +25,21 @@ class RunStatistics:
     rows_error: int
     errors_by_class: dict[str, int]
     retries_by_class: dict[str, int]
+    #: requests actually sent (attempts and re-asks), not ones abandoned before sending
     requests: int
     in_flight: int
-    prompt_tokens: int
-    completion_tokens: int
-    cache_hit_tokens: int
-    cache_miss_tokens: int
-    reasoning_tokens: int
+    #: token sums; None when no answer of this run reported the figure (not zero)
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cache_hit_tokens: int | None
+    cache_miss_tokens: int | None
+    reasoning_tokens: int | None
+    #: USD of the rows whose cost is known
     cost_usd: float
+    #: rows whose cost counts an answer without usage at its worst case (so, an upper bound)
+    rows_worst_case: int
+    #: rows answered whose cost is not known (their model has no price)
+    rows_unpriced: int
     elapsed_s: float
 
     @property
@@ -51,6 +58,13 @@ class RunStatistics:
         return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
+def _add(total: int | None, value: int | None) -> int | None:
+    """A sum that stays None until some row reports the figure."""
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
 @dataclass
 class Tally:
     """Mutable counters, updated by the workers of one run."""
@@ -62,12 +76,14 @@ class Tally:
     rows_error: int = 0
     requests: int = 0
     in_flight: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cache_hit_tokens: int = 0
-    cache_miss_tokens: int = 0
-    reasoning_tokens: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cache_hit_tokens: int | None = None
+    cache_miss_tokens: int | None = None
+    reasoning_tokens: int | None = None
     cost_usd: float = 0.0
+    rows_worst_case: int = 0
+    rows_unpriced: int = 0
     errors_by_class: Counter[str] = field(default_factory=Counter)
     retries_by_class: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -79,12 +95,18 @@ class Tally:
         else:
             self.rows_error += 1
             self.errors_by_class[row.get("error_class") or "unknown"] += 1
-        self.prompt_tokens += row["prompt_tokens"] or 0
-        self.completion_tokens += row["completion_tokens"] or 0
-        self.cache_hit_tokens += row["prompt_cache_hit_tokens"] or 0
-        self.cache_miss_tokens += row["prompt_cache_miss_tokens"] or 0
-        self.reasoning_tokens += row["reasoning_tokens"] or 0
-        self.cost_usd += row.get("cost_usd") or 0.0
+        self.prompt_tokens = _add(self.prompt_tokens, row["prompt_tokens"])
+        self.completion_tokens = _add(self.completion_tokens, row["completion_tokens"])
+        self.cache_hit_tokens = _add(self.cache_hit_tokens, row["prompt_cache_hit_tokens"])
+        self.cache_miss_tokens = _add(self.cache_miss_tokens, row["prompt_cache_miss_tokens"])
+        self.reasoning_tokens = _add(self.reasoning_tokens, row["reasoning_tokens"])
+        cost = row.get("cost_usd")
+        if cost is not None:
+            self.cost_usd += cost
+        elif row.get("content") is not None:  # answered, but its model has no price
+            self.rows_unpriced += 1
+        if row.get("cost_worst_case"):
+            self.rows_worst_case += 1
 
     def statistics(self) -> RunStatistics:
         return RunStatistics(
@@ -103,6 +125,8 @@ class Tally:
             cache_miss_tokens=self.cache_miss_tokens,
             reasoning_tokens=self.reasoning_tokens,
             cost_usd=self.cost_usd,
+            rows_worst_case=self.rows_worst_case,
+            rows_unpriced=self.rows_unpriced,
             elapsed_s=time.monotonic() - self.started,
         )
 
@@ -122,8 +146,8 @@ def progress_fields(stats: RunStatistics, limiter: Any = None) -> dict[str, Any]
         "ok": stats.rows_ok,
         "errors": stats.rows_error,
         "requests_per_s": round(stats.requests / elapsed, 1),
-        "prompt_tokens_per_s": round(stats.prompt_tokens / elapsed),
-        "completion_tokens_per_s": round(stats.completion_tokens / elapsed),
+        "prompt_tokens_per_s": round((stats.prompt_tokens or 0) / elapsed),
+        "completion_tokens_per_s": round((stats.completion_tokens or 0) / elapsed),
         "spent_usd": round(stats.cost_usd, 6),
         "projected_usd": round(stats.projected_cost_usd, 6),
         "eta_s": None if (eta := _eta(stats)) is None else round(eta, 1),

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 #: internal columns kept in part files only: input position, for ordering and resume
 INDEX_COLUMN = "_index"
+#: the part of a row's `cost_usd` already counted in earlier rows for the same position in
+#: the same run (paid answers journaled while the row was re-asked), so that the spend of a
+#: checkpoint is sum(cost_usd - _paid_before) and nothing is counted twice
+PAID_BEFORE_COLUMN = "_paid_before"
 
 PART_PREFIX = "part-"
 JOURNAL_PREFIX = "journal-"
@@ -52,6 +56,7 @@ def _result_fields() -> list[tuple[str, pa.DataType]]:
         ("reasoning_tokens", pa.int64()),
         ("attempts", pa.int32()),
         ("latency_s", pa.float64()),
+        ("queued_s", pa.float64()),
         ("http_status", pa.int32()),
         ("error", pa.string()),
         ("response_id", pa.string()),
@@ -59,6 +64,7 @@ def _result_fields() -> list[tuple[str, pa.DataType]]:
         ("finished_at", pa.timestamp("ms", tz="UTC")),
         ("error_class", pa.string()),
         ("cost_usd", pa.float64()),
+        ("cost_worst_case", pa.bool_()),
         ("cached", pa.bool_()),
     ]
 
@@ -79,10 +85,15 @@ def output_schema(carried: dict[str, pa.DataType]) -> pa.Schema:
 
 
 def part_schema(carried: dict[str, pa.DataType]) -> pa.Schema:
-    """The schema of part files: the output's plus the input position."""
+    """The schema of part files: the output's plus the input position and the cost already
+    journaled."""
     import pyarrow as pa
 
-    return output_schema(carried).append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
+    return (
+        output_schema(carried)
+        .append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
+        .append(pa.field(PAID_BEFORE_COLUMN, pa.float64()))
+    )
 
 
 def parts_dir(output: Path) -> Path:
@@ -334,14 +345,15 @@ def keep_latest(frame: Any) -> Any:
     """One row per input position, in input order: the latest result written for it.
 
     `frame` has a `_segment` column holding each row's part number (or journal segment
-    number: segment N holds the rows of part N)."""
+    number: segment N holds the rows of part N). Within a segment the later row wins: a
+    row's paid answers are journaled before its final row, in the same segment."""
     # sorting on the number and keeping each position's last row, rather than `unique`,
     # keeps this within tens of MB for a million rows
     import polars as pl
 
     index = pl.col(INDEX_COLUMN)
     return (
-        frame.sort([INDEX_COLUMN, "_segment"])
+        frame.sort([INDEX_COLUMN, "_segment"], maintain_order=True)
         .filter(index.ne_missing(index.shift(-1)))
         .drop("_segment")
     )

@@ -6,6 +6,7 @@ about 0.6. Exact counts come back in `usage`; estimates only decide when a reque
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 ASCII_TOKENS_PER_CHAR = 0.3
@@ -15,6 +16,11 @@ TOKENS_PER_MESSAGE = 4
 #: what a request may use for its answer when it sets no max_tokens (DeepSeek's defaults)
 DEFAULT_COMPLETION_TOKENS = 4096
 DEFAULT_REASONER_COMPLETION_TOKENS = 32768
+#: body fields the server writes into the prompt besides the messages (tool definitions and
+#: JSON schemas are rendered into it, and billed as prompt tokens)
+PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
+#: the text a server wraps around those fields when it renders them (an allowance per field)
+TOKENS_PER_PROMPT_FIELD = 64
 
 
 def text_tokens(text: str) -> float:
@@ -25,9 +31,20 @@ def text_tokens(text: str) -> float:
     return (len(text) - other) * ASCII_TOKENS_PER_CHAR + other * OTHER_TOKENS_PER_CHAR
 
 
+def _prompt_fields(body: dict[str, Any]) -> list[str]:
+    """The JSON text of each body field that goes into the prompt besides the messages."""
+    return [
+        json.dumps(body[name], ensure_ascii=False, separators=(",", ":"))
+        for name in PROMPT_FIELDS
+        if body.get(name) not in (None, "", [], {})
+    ]
+
+
 def prompt_tokens(body: dict[str, Any]) -> int:
-    """Estimated prompt tokens of a request body."""
+    """Estimated prompt tokens of a request body, tool and response schemas included."""
     total = 0.0
+    for text in _prompt_fields(body):
+        total += text_tokens(text)
     for message in body.get("messages") or ():
         total += TOKENS_PER_MESSAGE
         content = message.get("content") if isinstance(message, dict) else None
@@ -51,8 +68,14 @@ def completion_cap(body: dict[str, Any]) -> int:
 
 
 def prompt_tokens_at_most(body: dict[str, Any]) -> int:
-    """An upper bound on a request's prompt tokens: no token is shorter than one byte."""
+    """An upper bound on a request's prompt tokens: no token is shorter than one byte.
+
+    Tool definitions and a `response_format` schema count too: the server renders them into
+    the prompt, so a cap that left them out would not hold for a request with large schemas.
+    """
     total = 0
+    for text in _prompt_fields(body):
+        total += TOKENS_PER_PROMPT_FIELD + len(text.encode("utf-8"))
     for message in body.get("messages") or ():
         total += TOKENS_PER_MESSAGE
         content = message.get("content") if isinstance(message, dict) else None

@@ -6,10 +6,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from batchrun.cli import cli
 from batchrun.errors import ConfigError
+from batchrun.fake import FakeServer
 from batchrun.prices import PriceTable
+from tests.conftest import write_jsonl
 
 LATE_2025 = datetime(2025, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -111,3 +115,41 @@ def test_bad_price_file_names_the_entry(tmp_path: Path) -> None:
     extra.write_text('[[price]]\nmodel = "x"\nfrom = "2025-01-01"\ncache_hit = 1\n')
     with pytest.raises(ConfigError, match=r"prices.toml, price entry 1: missing key 'cache_miss'"):
         PriceTable.load(extra)
+
+
+CNY_ENTRY = (
+    '[[price]]\nmodel = "deepseek-chat"\nfrom = "2025-09-29"\ncurrency = "CNY"\n'
+    "cache_hit = 0.2\ncache_miss = 2\noutput = 3\n"
+)
+
+
+def test_price_file_in_another_currency_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A CNY price file is refused (costs and the cap are USD), never summed into cost_usd."""
+    extra = tmp_path / "cny.toml"
+    extra.write_text(CNY_ENTRY)
+    with pytest.raises(ConfigError, match=r"cny.toml: price entry 1 .* is priced in CNY"):
+        PriceTable.load(extra)
+
+
+def test_run_with_a_foreign_currency_price_file_sends_nothing(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """`batchrun run --prices cny.toml` exits 2 naming the file, before any request."""
+    extra = tmp_path / "cny.toml"
+    extra.write_text(CNY_ENTRY)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hello"}])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--base-url",
+            fake.base_url,
+            "--prices",
+            str(extra),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert "cny.toml" in result.output and "CNY" in result.output
+    assert fake.stats()["requests"] == 0

@@ -34,6 +34,7 @@ EXPECTED_COLUMNS = [
     "reasoning_tokens",
     "attempts",
     "latency_s",
+    "queued_s",
     "http_status",
     "error",
     "response_id",
@@ -41,6 +42,7 @@ EXPECTED_COLUMNS = [
     "finished_at",
     "error_class",
     "cost_usd",
+    "cost_worst_case",
     "cached",
 ]
 

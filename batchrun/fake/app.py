@@ -151,7 +151,7 @@ async def _admitted(
     if config.latency_jitter:
         delay += state.jitter.uniform(0.0, config.latency_jitter)
 
-    def build(*, isr: bool = False) -> tuple[dict[str, Any], Answer, dict[str, Any]]:
+    def build(*, isr: bool = False) -> tuple[dict[str, Any], Answer, dict[str, Any] | None]:
         return _completion(state, chat, prompt, prompt_tokens, first_tokens, isr=isr)
 
     if fault is not None:
@@ -178,7 +178,7 @@ def _completion(
     first_tokens: int,
     *,
     isr: bool = False,
-) -> tuple[dict[str, Any], Answer, dict[str, Any]]:
+) -> tuple[dict[str, Any], Answer, dict[str, Any] | None]:
     """Build the answer and its usage, and book the tokens and the cached prefix."""
     if isr:
         answer = Answer("", "" if chat.reasoner else None, 0, 0, "insufficient_system_resource")
@@ -191,17 +191,18 @@ def _completion(
     usage = bodies.usage(prompt_tokens, hit, answer)
     state.tokens_served += usage["total_tokens"]
     state.completions += 1
+    reported = bodies.reported_usage(usage, state.config.usage)
     payload = bodies.completion(
         id_=str(uuid.uuid4()),
         created=int(time.time()),
         model=chat.model,
         answer=answer,
-        usage_=usage,
+        usage_=reported,
     )
-    return payload, answer, usage
+    return payload, answer, reported
 
 
-_Build = Callable[..., tuple[dict[str, Any], Answer, dict[str, Any]]]
+_Build = Callable[..., tuple[dict[str, Any], Answer, dict[str, Any] | None]]
 
 
 async def _inject(
@@ -293,7 +294,7 @@ async def _stream(
     request: web.Request,
     state: FakeState,
     chat: ChatRequest,
-    built: tuple[dict[str, Any], Answer, dict[str, Any]],
+    built: tuple[dict[str, Any], Answer, dict[str, Any] | None],
     config: FakeConfig,
     headers: dict[str, str],
     *,
@@ -322,7 +323,7 @@ async def _write_events(
     chat: ChatRequest,
     payload: dict[str, Any],
     answer: Answer,
-    usage: dict[str, Any],
+    usage: dict[str, Any] | None,
     config: FakeConfig,
     *,
     truncate: bool = False,

@@ -49,8 +49,27 @@ def usage(prompt_tokens: int, hit_tokens: int, answer: Answer) -> dict[str, Any]
     }
 
 
+#: the fields a reseller without a cache split leaves out of `usage`
+_CACHE_FIELDS = (
+    "prompt_tokens_details",
+    "prompt_cache_hit_tokens",
+    "prompt_cache_miss_tokens",
+    "completion_tokens_details",
+)
+
+
+def reported_usage(usage_: dict[str, Any], mode: str) -> dict[str, Any] | None:
+    """The usage block as the configured server reports it: whole, without the cache split
+    and details (`no_cache`), or not at all (`omit`)."""
+    if mode == "omit":
+        return None
+    if mode == "no_cache":
+        return {k: v for k, v in usage_.items() if k not in _CACHE_FIELDS}
+    return usage_
+
+
 def completion(
-    *, id_: str, created: int, model: str, answer: Answer, usage_: dict[str, Any]
+    *, id_: str, created: int, model: str, answer: Answer, usage_: dict[str, Any] | None
 ) -> dict[str, Any]:
     """A non-streaming `chat.completion` object."""
     return {
@@ -71,7 +90,7 @@ def completion(
                 "finish_reason": answer.finish_reason,
             }
         ],
-        "usage": usage_,
+        **({"usage": usage_} if usage_ is not None else {}),
     }
 
 
@@ -81,7 +100,7 @@ def chunks(
     created: int,
     model: str,
     answer: Answer,
-    usage_: dict[str, Any],
+    usage_: dict[str, Any] | None,
     usage_chunk: str,
     include_usage: bool,
     piece_size: int = 16,
@@ -120,7 +139,7 @@ def chunks(
             out.append(chunk({"content": part}))
     final_usage = usage_ if usage_chunk == "final" else None
     out.append(chunk({"content": ""}, answer.finish_reason, final_usage))
-    if usage_chunk == "separate" and include_usage:
+    if usage_chunk == "separate" and include_usage and usage_ is not None:
         last = chunk({})
         last["choices"] = []
         last["usage"] = usage_

@@ -51,6 +51,11 @@ def _faults(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     type=click.Choice(["final", "separate"]),
     help="Streaming usage on the finish chunk (DeepSeek, default) or a separate one (OpenAI).",
 )
+@click.option(
+    "--usage",
+    type=click.Choice(["full", "no_cache", "omit"]),
+    help="Usage in answers: all fields (default), without the cache split, or none at all.",
+)
 def fake_server_command(host: str, port: int, **options: Any) -> None:
     """Run a fake DeepSeek-compatible API server, for tests and benchmarks."""
     from batchrun.fake.config import FakeConfig

@@ -9,6 +9,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 UsageChunk = Literal["final", "separate"]
+#: what `usage` answers carry: all of DeepSeek's fields, no cache split and no completion
+#: details (as some resellers), or no `usage` at all (as proxies that strip it)
+UsageMode = Literal["full", "no_cache", "omit"]
 
 #: Every fault kind the server can inject, randomly or through a `[[fault:KIND]]` marker.
 KNOWN_FAULTS = frozenset(
@@ -55,6 +58,7 @@ class FakeConfig:
     window: float = 60.0
     rate_headers: bool = True
     usage_chunk: UsageChunk = "final"
+    usage: UsageMode = "full"
 
     def __post_init__(self) -> None:
         if isinstance(self.faults, str):
@@ -92,3 +96,5 @@ def _validate(config: FakeConfig) -> None:
         raise ValueError(f"window must be > 0, got {config.window!r}")
     if config.usage_chunk not in ("final", "separate"):
         raise ValueError(f"usage_chunk must be 'final' or 'separate', got {config.usage_chunk!r}")
+    if config.usage not in ("full", "no_cache", "omit"):
+        raise ValueError(f"usage must be 'full', 'no_cache' or 'omit', got {config.usage!r}")

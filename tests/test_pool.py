@@ -1,0 +1,222 @@
+"""The pool's money and time: worst-case charges, the spend cap, paid re-asks kept across a
+kill, requests counted as sent, and latency measured on the request alone."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from batchrun.checkpoint import Checkpoint
+from batchrun.cli import cli
+from batchrun.errors import BalanceError, CostCapReached
+from batchrun.fake import FakeServer
+from batchrun.job import build_job
+from batchrun.pool import PoolSettings
+from batchrun.runner import RunSummary, run_job
+from batchrun.sinks import list_journals, parts_dir, read_journal
+from tests.conftest import fast_job_data, write_jsonl
+
+SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
+#: deepseek-chat from 2025-09-29, USD per token
+MISS, OUTPUT = 0.28 / 1e6, 0.42 / 1e6
+
+
+def run(tmp_path: Path, fake: FakeServer, rows: list[dict[str, Any]], **extra: Any) -> RunSummary:
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job = build_job(fast_job_data(tmp_path, fake.base_url, **extra))
+    return run_job(job, settings=SETTINGS)
+
+
+def output(tmp_path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(tmp_path / "out.parquet").to_pylist()
+
+
+def bytes_at_most(body: dict[str, Any]) -> int:
+    """Prompt tokens at most of a plain request: 4 per message plus its bytes."""
+    return sum(4 + len(m["content"].encode()) for m in body["messages"])
+
+
+def test_answer_without_usage_costs_its_worst_case(tmp_path: Path, fake: FakeServer) -> None:
+    """Against a proxy that strips usage, cost_usd is the request's worst case, marked so."""
+    fake.update(usage="omit")
+    run(tmp_path, fake, [{"prompt": "hello"}], params={"max_tokens": 100})
+    [row] = output(tmp_path)
+    [body] = fake.requests()
+    assert row["status"] == "ok" and row["prompt_tokens"] is None
+    assert row["cost_usd"] == pytest.approx(bytes_at_most(body) * MISS + 100 * OUTPUT)
+    assert row["cost_worst_case"] is True
+
+
+def test_answer_with_usage_is_not_marked_worst_case(tmp_path: Path, fake: FakeServer) -> None:
+    """An answer whose usage came back costs its usage, and cost_worst_case is false."""
+    run(tmp_path, fake, [{"prompt": "hello"}], params={"max_tokens": 100})
+    [row] = output(tmp_path)
+    assert row["cost_worst_case"] is False
+    assert row["cost_usd"] == pytest.approx(
+        row["prompt_tokens"] * MISS + row["completion_tokens"] * OUTPUT
+    )
+
+
+def test_max_cost_trips_when_the_server_reports_no_usage(tmp_path: Path, fake: FakeServer) -> None:
+    """--max-cost holds against a proxy that strips usage: answers count at their worst case."""
+    fake.update(usage="omit")
+    worst = (4 + len("question 0")) * MISS + 1000 * OUTPUT
+    with pytest.raises(CostCapReached):
+        run(
+            tmp_path,
+            fake,
+            [{"prompt": f"question {i}"} for i in range(10)],
+            params={"max_tokens": 1000},
+            max_cost=worst * 3.5,
+        )
+    assert fake.stats()["requests"] == 3
+
+
+def test_paid_answers_of_a_re_asked_row_survive_a_kill_between_asks(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Killed (-9) while a row that did not parse waits to be re-asked: its paid answer is in
+    the journal, counted in spent_usd, and counted once when the row is later re-asked."""
+    write_jsonl(tmp_path / "in.jsonl", [{"rid": "x", "text": "plain"}])
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'input = "in.jsonl"\noutput = "out.parquet"\nbase_url = "{fake.base_url}"\n'
+        '[prompt]\nid_column = "rid"\ntemplate = "Review: {text}"\n'
+        '[parse]\nparse_attempts = 1\nfields = { label = "str" }\n'
+    )
+    # an rpm budget of 2 a minute: the first ask goes at once, the re-ask waits a minute
+    command = [sys.executable, "-m", "batchrun", "run", str(job), "--rpm", "2", "-q"]
+    directory = parts_dir(tmp_path / "out.parquet")
+    with subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.DEVNULL) as process:
+        try:
+            deadline = time.monotonic() + 10
+            while not any(read_journal(j) for j in list_journals(directory)):
+                assert process.poll() is None, "the run ended too soon"
+                assert time.monotonic() < deadline, "the paid answer never reached the journal"
+                time.sleep(0.01)
+        finally:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert fake.stats()["requests"] == 1
+    [journaled] = [row for j in list_journals(directory) for row in read_journal(j)]
+    assert journaled["content"] == "echo: Review: plain" and journaled["cost_usd"] > 0
+
+    result = CliRunner().invoke(cli, ["run", str(job)])  # both asks again, no budget
+    assert result.exit_code == 1, result.output
+    assert fake.stats()["requests"] == 3
+    [row] = output(tmp_path)
+    spent = Checkpoint(tmp_path / "out.parquet").resume_state(rows=1).spent_usd
+    assert row["attempts"] == 2
+    assert spent == pytest.approx(journaled["cost_usd"] + row["cost_usd"])
+
+
+def test_summary_counts_only_requests_sent(tmp_path: Path, fake: FakeServer) -> None:
+    """Workers waiting for the rpm budget when the run stops send nothing and count nothing."""
+    fake.update(token_budget=0)  # every request: 402, which stops the run
+    with pytest.raises(BalanceError) as stopped:
+        run(
+            tmp_path,
+            fake,
+            [{"prompt": f"question {i}"} for i in range(8)],
+            limits={"rpm": 10, "window": 1.0},
+        )
+    summary = stopped.value.summary
+    assert summary is not None and summary.statistics is not None
+    assert summary.statistics.requests == fake.stats()["requests"] == 1
+
+
+def summary_lines(tmp_path: Path, fake: FakeServer) -> str:
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hello"}, {"prompt": "again"}])
+    args = ["run", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.parquet")]
+    result = CliRunner().invoke(cli, [*args, "--base-url", fake.base_url, "--max-tokens", "50"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_summary_says_not_reported_for_cache_figures_never_sent(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A proxy without the cache split: the summary says "not reported", not 0."""
+    fake.update(usage="no_cache")
+    text = summary_lines(tmp_path, fake)
+    assert "(cache hit not reported, cache miss not reported)" in text
+    assert "(reasoning not reported)" in text
+
+
+def test_summary_of_answers_without_usage_is_an_upper_bound(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """No usage at all: tokens are not reported, and the cost is shown as at most its worst
+    case."""
+    fake.update(usage="omit")
+    text = summary_lines(tmp_path, fake)
+    out = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert "tokens: prompt not reported" in text
+    cost = sum(r["cost_usd"] for r in out)
+    assert f"cost: at most ${cost:.6f} (2 rows had answers without usage" in text
+
+
+def test_latency_measures_the_request_and_queued_s_the_wait(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Under an rpm budget, latency_s is the answer's time alone; queued_s holds the wait for
+    the budget, and started_at is when the request left."""
+    fake.update(latency=0.02)
+    run(
+        tmp_path,
+        fake,
+        [{"prompt": f"question {i}"} for i in range(4)],
+        limits={"concurrency": 4, "rpm": 10, "window": 1.0},
+    )
+    out = output(tmp_path)
+    assert all(0.02 <= r["latency_s"] < 0.15 for r in out)
+    assert max(r["queued_s"] for r in out) > 0.25
+    assert all(r["finished_at"] - r["started_at"] < timedelta(seconds=0.15) for r in out)
+
+
+def test_cached_answer_has_no_latency(tmp_path: Path, fake: FakeServer) -> None:
+    """A row served from the request cache sent nothing: latency_s and queued_s are null."""
+    rows = [{"prompt": "same"}]
+    run(tmp_path, fake, rows, cache=str(tmp_path / "cache"))
+    (tmp_path / "out.parquet").unlink()
+    run(tmp_path, fake, rows, cache=str(tmp_path / "cache"), output=str(tmp_path / "o2.parquet"))
+    [row] = pq.read_table(tmp_path / "o2.parquet").to_pylist()
+    assert row["cached"] is True
+    assert row["latency_s"] is None and row["queued_s"] is None and row["attempts"] == 0
+
+
+def test_worst_case_counts_tool_and_response_schemas() -> None:
+    """Tools and a response_format schema raise a request's prompt bound by at least their
+    size: the server renders them into the prompt and bills them."""
+    from batchrun import tokens
+
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"a": "x" * 500}}}]
+    schema = {"type": "json_schema", "json_schema": {"schema": {"b": "y" * 300}}}
+    bare = tokens.prompt_tokens_at_most(body)
+    full = tokens.prompt_tokens_at_most({**body, "tools": tools, "response_format": schema})
+    assert full >= bare + len(orjson.dumps(tools)) + len(orjson.dumps(schema))
+    assert tokens.prompt_tokens({**body, "tools": tools}) > tokens.prompt_tokens(body) + 150
+
+
+def test_streamed_answer_without_usage_costs_its_worst_case(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A stream whose chunks carry no usage is charged at its worst case too."""
+    fake.update(usage="omit")
+    run(tmp_path, fake, [{"prompt": "hello"}], stream=True, params={"max_tokens": 100})
+    [row] = output(tmp_path)
+    [body] = fake.requests()
+    assert row["status"] == "ok" and row["content"] == "echo: hello"
+    assert row["cost_usd"] == pytest.approx(bytes_at_most(body) * MISS + 100 * OUTPUT)
+    assert row["cost_worst_case"] is True
