@@ -261,14 +261,14 @@ def test_carried_column_types_from_jsonl(
     rows = [{"prompt": "q", "extra": value} for value in values]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     summary = scan_input(job_for(path, prompt={"carry": ["extra"]}))
-    assert summary.carried_types == {"extra": expected}
+    assert summary.carried_types == {"id": pa.string(), "extra": expected}
 
 
 def test_carried_types_keep_job_order(tmp_path: Path) -> None:
-    """Carried columns are listed in the job's order."""
+    """Carried columns are listed in the job's order, after the id."""
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "a": 1, "b": "x"}])
     summary = scan_input(job_for(path, prompt={"carry": ["b", "a"]}))
-    assert list(summary.carried_types) == ["b", "a"]
+    assert list(summary.carried_types) == ["id", "b", "a"]
 
 
 def test_carried_column_types_from_parquet_schema(tmp_path: Path) -> None:
@@ -283,13 +283,17 @@ def test_carried_column_types_from_parquet_schema(tmp_path: Path) -> None:
     path = tmp_path / "in.parquet"
     pq.write_table(table, path)
     summary = scan_input(job_for(path, prompt={"carry": ["when", "n"]}))
-    assert summary.carried_types == {"when": pa.timestamp("ms"), "n": pa.int32()}
+    assert summary.carried_types == {
+        "id": pa.string(),
+        "when": pa.timestamp("ms"),
+        "n": pa.int32(),
+    }
 
 
 def test_no_carry_no_types(tmp_path: Path) -> None:
-    """A job that carries nothing has no carried types."""
+    """A job that carries nothing has only the id's type."""
     path = write_jsonl(tmp_path / "in.jsonl", prompts(2))
-    assert scan_input(job_for(path)).carried_types == {}
+    assert scan_input(job_for(path)).carried_types == {"id": pa.string()}
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -486,4 +490,4 @@ def test_carried_column_present_in_some_rows(tmp_path: Path) -> None:
     """A carried column that only some rows have is accepted."""
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b", "label": "x"}])
     summary = scan_input(job_for(path, prompt={"carry": ["label"]}))
-    assert summary.carried_types == {"label": pa.string()}
+    assert summary.carried_types == {"id": pa.string(), "label": pa.string()}
