@@ -247,9 +247,10 @@ def row_id(row: InputRow, id_column: str | Literal[False] | None, path: Path) ->
 def input_identity(path: Path) -> dict[str, Any]:
     """The input's name, size and a hash of all its bytes: any edit changes it.
 
-    blake2b over 8 MiB reads runs at about a GB/s; `scan_input` computes it in a thread
-    beside its own pass, and the result is kept for as long as the file's size and
-    modification time stay the same, so the checkpoint's check costs nothing more.
+    blake2b over 8 MiB reads takes 0.15-0.2 s for a 1M-row, 56 MB JSONL file (a scan of it
+    takes about 5 s). `scan_input` runs it in a thread beside its own pass; the result is
+    kept while the file's size and modification time stay the same, so the checkpoint's
+    check costs nothing more.
     """
     stat = path.stat()
     key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
