@@ -229,10 +229,16 @@ def build_request(row: dict[str, Any], shape: RequestShape) -> dict[str, Any]:
     """
     if is_batch_line(row):
         body = _batch_body(row, shape)
-    elif looks_like_batch_line(row):
-        raise RowProblem("this is an OpenAI batch line without custom_id", column="custom_id")
     else:
-        body = {"model": shape.model, "messages": _messages(row, shape), **shape.params}
+        try:
+            messages = _messages(row, shape)
+        except RowProblem:
+            if looks_like_batch_line(row):  # say what is wrong, not that it has no prompt
+                raise RowProblem(
+                    "this is an OpenAI batch line without custom_id", column="custom_id"
+                ) from None
+            raise
+        body = {"model": shape.model, "messages": messages, **shape.params}
         if shape.row_params:
             own = {n: row[n] for n in shape.row_params if row.get(n) is not None}
             try:

@@ -239,12 +239,7 @@ class RowIds:
         return pa.string() if self.as_text else pa.int64()
 
 
-def row_id(row: InputRow, id_column: str | Literal[False] | None, path: Path) -> str:
-    """A row's identity as text, for a job's `id_column` setting."""
-    return RowIds.choose(id_column, row.data).text(row, path)
-
-
-def input_identity(path: Path) -> dict[str, Any]:
+def input_identity(path: Path, *, cancel: threading.Event | None = None) -> dict[str, Any]:
     """The input's name, size and a hash of all its bytes: any edit changes it.
 
     blake2b over 8 MiB reads takes 0.15-0.2 s for a 1M-row, 56 MB JSONL file (a scan of it
@@ -264,6 +259,8 @@ def input_identity(path: Path) -> dict[str, Any]:
     with path.open("rb", buffering=0) as file:
         while read := file.readinto(buffer):
             digest.update(view[:read])
+            if cancel is not None and cancel.is_set():
+                return {}  # nobody waits for it any more
     identity = {"name": path.name, "size": stat.st_size, "blake2b": digest.hexdigest()}
     with _IDENTITY_LOCK:
         _IDENTITIES.clear()  # one input at a time is plenty
@@ -328,15 +325,19 @@ def scan_input(job: Job) -> InputSummary:
     _check_file(path)
     detect_format(path)
     identity: dict[str, Any] = {}
+    cancel = threading.Event()
 
     def hash_input() -> None:
         with contextlib.suppress(OSError):  # then asked again below, where it is raised
-            identity.update(input_identity(path))
+            identity.update(input_identity(path, cancel=cancel))
 
     hasher = threading.Thread(target=hash_input, name="input-hash", daemon=True)
     hasher.start()
     try:
         summary = _scan(job, path, variants, shapes)
+    except BaseException:
+        cancel.set()  # a bad row (or Ctrl-C) is reported now, not after hashing a big file
+        raise
     finally:
         hasher.join()
     if not identity:  # the thread failed (an unreadable file): say so from here

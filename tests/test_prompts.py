@@ -545,3 +545,9 @@ def test_shape_from_job_carries_template_fields() -> None:
     """RequestShape.from_job computes the template's fields once."""
     job_shape = shape(prompt={"template": "{a} {b}"})
     assert job_shape.template_fields == ("a", "b")
+
+
+def test_plain_row_with_url_and_body_columns_is_not_a_batch_line() -> None:
+    """A row that has a prompt is a plain row, whatever other columns it holds."""
+    row = {"prompt": "hi", "url": "https://example.com", "body": {"html": "x"}}
+    assert build_request(row, shape())["messages"] == [user("hi")]

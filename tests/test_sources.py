@@ -14,10 +14,10 @@ from batchrun.job import Job, build_job
 from batchrun.sources import (
     InputRow,
     InputSummary,
+    RowIds,
     detect_format,
     input_identity,
     iter_batches,
-    row_id,
     scan_input,
 )
 from tests.conftest import write_jsonl
@@ -179,25 +179,27 @@ def test_parquet_messages_column_read_as_list_of_dicts(tmp_path: Path) -> None:
 
 
 def test_row_id_from_id_column() -> None:
-    """The id column's value, as a string."""
-    assert row_id(InputRow(0, 1, {"id": 7, "prompt": "x"}), "id", Path("in.jsonl")) == "7"
+    """The id column's value, in its own type."""
+    row = InputRow(0, 1, {"id": 7, "prompt": "x"})
+    assert RowIds.choose(None, row.data).value(row, Path("in.jsonl")) == 7
 
 
 def test_row_id_from_position() -> None:
-    """Without an id column, the row's position."""
-    assert row_id(InputRow(4, 5, {"prompt": "x"}), None, Path("in.jsonl")) == "4"
+    """Without an id column, the row's position, as text."""
+    row = InputRow(4, 5, {"prompt": "x"})
+    assert RowIds.choose(None, row.data).value(row, Path("in.jsonl")) == "4"
 
 
 def test_row_id_from_custom_id() -> None:
     """A batch line's custom_id wins over the id column."""
     row = InputRow(0, 1, {"custom_id": "req-1", "id": "other", "body": {"messages": []}})
-    assert row_id(row, "id", Path("in.jsonl")) == "req-1"
+    assert RowIds.choose("id", row.data).value(row, Path("in.jsonl")) == "req-1"
 
 
 def test_row_id_missing_names_line_and_column() -> None:
     """A missing id raises InputError naming the line and the id column."""
     with pytest.raises(InputError) as caught:
-        row_id(InputRow(2, 3, {"prompt": "x"}), "id", Path("in.jsonl"))
+        RowIds("id").value(InputRow(2, 3, {"prompt": "x"}), Path("in.jsonl"))
     assert (caught.value.line, caught.value.column) == (3, "id")
 
 
