@@ -58,7 +58,7 @@ def _input_change(old: Any, new: dict[str, Any]) -> str:
         return f"it was {old.get('name')!r}"
     if old.get("size") != new["size"]:
         return f"{old.get('size')} bytes then, {new['size']} now"
-    if "blake2b" not in old:
+    if "sha256" not in old:
         return "the checkpoint was made by an older batchrun, which did not hash all of it"
     return "same size, different content"
 

@@ -242,10 +242,11 @@ class RowIds:
 def input_identity(path: Path, *, cancel: threading.Event | None = None) -> dict[str, Any]:
     """The input's name, size and a hash of all its bytes: any edit changes it.
 
-    blake2b over 8 MiB reads takes 0.15-0.2 s for a 1M-row, 56 MB JSONL file (a scan of it
-    takes about 5 s). `scan_input` runs it in a thread beside its own pass; the result is
-    kept while the file's size and modification time stay the same, so the checkpoint's
-    check costs nothing more.
+    SHA-256 over 8 MiB reads: OpenSSL's uses the CPU's SHA instructions, about 1 GB/s here
+    (blake2b: 0.57 GB/s), so 0.06 s for a 1M-row, 56 MB JSONL file whose scan takes 5 s.
+    `scan_input` runs it in a thread beside its own pass; the result is kept while the
+    file's size and modification time stay the same, so the checkpoint's check costs
+    nothing more.
     """
     stat = path.stat()
     key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -253,7 +254,7 @@ def input_identity(path: Path, *, cancel: threading.Event | None = None) -> dict
         known = _IDENTITIES.get(key)
     if known is not None:
         return dict(known)
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha256()
     buffer = bytearray(8 << 20)
     view = memoryview(buffer)
     with path.open("rb", buffering=0) as file:
@@ -261,7 +262,7 @@ def input_identity(path: Path, *, cancel: threading.Event | None = None) -> dict
             digest.update(view[:read])
             if cancel is not None and cancel.is_set():
                 return {}  # nobody waits for it any more
-    identity = {"name": path.name, "size": stat.st_size, "blake2b": digest.hexdigest()}
+    identity = {"name": path.name, "size": stat.st_size, "sha256": digest.hexdigest()}
     with _IDENTITY_LOCK:
         _IDENTITIES.clear()  # one input at a time is plenty
         _IDENTITIES[key] = identity
