@@ -219,7 +219,12 @@ class RowIds:
             column = self.column
         value = data.get(column)
         if value is None:
-            raise row.where(path, "the id column is missing or null", column=column)
+            raise row.where(
+                path,
+                "the id column is missing or null: give every row an id, or set id_column = "
+                "false (--id-column '') to number the rows by position",
+                column=column,
+            )
         if isinstance(value, dict | list):
             raise row.where(path, "an id must be a single value, not a list or object", column)
         return value
