@@ -124,7 +124,8 @@ class Checkpoint:
             self.discard()
         if self.exists():
             found = self.read_manifest()
-            old_input = found.get("fingerprint", {}).get("input")
+            fingerprint = found.get("fingerprint")
+            old_input = fingerprint.get("input") if isinstance(fingerprint, dict) else None
             if old_input != wanted["fingerprint"]["input"]:
                 raise InputError(
                     "the input changed since the checkpoint was made "
