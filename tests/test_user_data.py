@@ -253,3 +253,16 @@ def test_same_size_edit_in_the_middle_is_refused(tmp_path: Path, fake: FakeServe
     assert str(path) in result.output
     assert "input changed since the checkpoint was made" in result.output
     assert len(fake.requests()) == 2
+
+
+def test_input_edited_after_the_output_was_written_is_refused(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """An input edited after its job finished is not taken as done: exit 2 naming it."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert cli_run(tmp_path, fake).exit_code == 0
+    path.write_bytes(path.read_bytes().replace(b'"b"', b'"c"'))
+    result = cli_run(tmp_path, fake)
+    assert result.exit_code == 2, result.output
+    assert f"{path}: the input changed since out.parquet was written" in result.output
+    assert len(fake.requests()) == 2
