@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 Format = Literal["jsonl", "parquet"]
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 BATCH_SIZE = 2048
 
 
@@ -379,7 +380,10 @@ def _scan(
             if ids is None:
                 ids = RowIds.choose(job.prompt.id_column, data)
             rid = ids.value(row, path)
-            id_types.add(type(rid))
+            # an int64 column cannot hold an id past 2**63: such ids make the ids text
+            id_types.add(
+                type(rid) if type(rid) is not int or _INT64_MIN <= rid <= _INT64_MAX else str
+            )
             hashes.append(hash(str(rid)))
             for name in carry:
                 seen_types[name].add(type(data.get(name)))

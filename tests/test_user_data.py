@@ -266,3 +266,9 @@ def test_input_edited_after_the_output_was_written_is_refused(
     assert result.exit_code == 2, result.output
     assert f"{path}: the input changed since out.parquet was written" in result.output
     assert len(fake.requests()) == 2
+
+
+def test_ids_past_int64_come_back_as_strings(tmp_path: Path, fake: FakeServer) -> None:
+    """Whole-number ids too big for int64 are written as text rather than failing the write."""
+    run(tmp_path, fake, [{"id": 2**63, "prompt": "a"}, {"id": 1, "prompt": "b"}])
+    assert output(tmp_path).column("id").to_pylist() == [str(2**63), "1"]
