@@ -9,7 +9,6 @@ journal into part files, then skips rows whose latest result is ok and tries the
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import socket
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchrun.errors import ConfigError
+from batchrun.errors import ConfigError, InputError
 from batchrun.job import Job
 from batchrun.sinks import (
     INDEX_COLUMN,
@@ -31,25 +30,13 @@ from batchrun.sinks import (
     parts_dir,
     recover_journals,
 )
+from batchrun.sources import input_identity
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 MANIFEST = "manifest.json"
 LOCK = "lock"
-_SAMPLE = 1 << 20
-
-
-def input_identity(path: Path) -> dict[str, Any]:
-    """Size and a hash of the first and last MiB: cheap, and changes when the data does."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        digest.update(file.read(_SAMPLE))
-        if size > 2 * _SAMPLE:
-            file.seek(size - _SAMPLE)
-            digest.update(file.read(_SAMPLE))
-    return {"name": path.name, "size": size, "sample_sha256": digest.hexdigest()[:32]}
 
 
 def _describe_change(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -63,6 +50,18 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
         else:
             changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
     return changes
+
+
+def _input_change(old: Any, new: dict[str, Any]) -> str:
+    if not isinstance(old, dict):
+        return "the checkpoint does not say what it was"
+    if old.get("name") != new["name"]:
+        return f"it was {old.get('name')!r}"
+    if old.get("size") != new["size"]:
+        return f"{old.get('size')} bytes then, {new['size']} now"
+    if "sha256" not in old:
+        return "the checkpoint was made by an older batchrun, which did not hash all of it"
+    return "same size, different content"
 
 
 #: a position's latest result, one byte each in `ResumeState.latest`
@@ -127,6 +126,16 @@ class Checkpoint:
             self.discard()
         if self.exists():
             found = self.read_manifest()
+            fingerprint = found.get("fingerprint")
+            old_input = fingerprint.get("input") if isinstance(fingerprint, dict) else None
+            if old_input != wanted["fingerprint"]["input"]:
+                raise InputError(
+                    "the input changed since the checkpoint was made "
+                    f"({_input_change(old_input, wanted['fingerprint']['input'])}): its answers "
+                    "are for the old rows; put the old file back, or run with --restart to "
+                    "discard the checkpoint and start over",
+                    path=job.input,
+                )
             changes = _describe_change(found.get("fingerprint", {}), wanted["fingerprint"])
             if changes:
                 raise ConfigError(

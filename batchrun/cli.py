@@ -102,7 +102,10 @@ def cli() -> None:
 )
 @click.option("--max-tokens", type=click.IntRange(min=1), help="max_tokens for every request.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature.")
-@click.option("--id-column", help="Column holding each row's id.")
+@click.option(
+    "--id-column",
+    help="Column holding each row's id (default: 'id', else 'custom_id'); '' for row positions.",
+)
 @click.option("--prompt-column", help="Column holding a prompt string.")
 @click.option("--messages-column", help="Column holding a list of messages.")
 @click.option("--system", help="System prompt for every row.")

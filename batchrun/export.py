@@ -147,7 +147,7 @@ def _batch_line(row: dict[str, Any], number: int) -> bytes:
         error = {"code": row.get("error_class"), "message": message}
     line: dict[str, Any] = {
         "id": f"batch_req_{number}",
-        "custom_id": row["id"],
+        "custom_id": str(row["id"]),  # the user's id; the format wants text
         "response": response,
         "error": error,
     }

@@ -33,7 +33,7 @@ class _Strict(BaseModel):
 
 
 class Params(_Strict):
-    """Request parameters sent with every row (a row's own columns of the same name win)."""
+    """Request parameters sent with every row (and, opted into with `row_params`, per row)."""
 
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
@@ -57,21 +57,82 @@ class Params(_Strict):
         return body
 
 
-#: request fields a row may set for itself, overriding the job's
+#: request fields a row may set for itself (only those the job names in `row_params`)
 ROW_OVERRIDABLE = ("model", *(name for name in Params.model_fields if name != "extra_body"))
 
 
-class PromptMapping(_Strict):
-    """How a row becomes messages."""
+class _RequestFields(Params):
+    """The request fields batchrun knows, with the types a server expects: a row's values
+    (`row_params`) and an OpenAI batch line's body are checked against it before anything is
+    sent. Strict: "5" is not a max_tokens, nor "True" a stream."""
 
-    id_column: str | None = None
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = Field(default=None, min_length=1)
+    stream: bool | None = None
+
+
+class BadRequestField(ValueError):
+    """Raised when a request field of a row or batch line has a value a server would refuse."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.name = name
+        self.message = message
+
+
+def check_request_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """The known request fields among `values`, checked (unknown ones are not looked at).
+
+    Raises:
+        BadRequestField: naming the first field with a bad value.
+    """
+    try:
+        _RequestFields.model_validate(values)
+    except ValidationError as exc:
+        item = exc.errors()[0]
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        raise BadRequestField(name, f"{item['msg']} (got {item['input']!r})") from None
+    return values
+
+
+class PromptMapping(_Strict):
+    """How a row becomes messages, and which columns say what."""
+
+    #: the column holding each row's id; None: `id`, else `custom_id`, else the position;
+    #: False (or "" from the flag): the position, whatever the columns
+    id_column: str | Literal[False] | None = None
     prompt_column: str = "prompt"
     messages_column: str = "messages"
-    system_column: str = "system"
+    #: a column holding each row's system prompt (over `system`); none unless named
+    system_column: str | None = None
     system: str | None = None
     template: str | None = None
     #: input columns copied into the output beside the results
     carry: list[str] = Field(default_factory=list)
+    #: request parameters each row may set from its column of the same name (opt-in: a
+    #: column that merely shares a parameter's name never changes the request)
+    row_params: list[str] = Field(default_factory=list)
+
+    @field_validator("id_column", mode="before")
+    @classmethod
+    def _id_column(cls, value: Any) -> Any:
+        if value == "":
+            return False
+        if value is True:
+            raise ValueError("must be a column name, or false to use row positions")
+        return value
+
+    @field_validator("row_params")
+    @classmethod
+    def _row_params(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in ROW_OVERRIDABLE:
+                raise ValueError(
+                    f"{name!r} is not a request parameter a row can set; "
+                    f"one of: {', '.join(ROW_OVERRIDABLE)}"
+                )
+        return value
 
 
 class Limits(_Strict):

@@ -38,7 +38,7 @@ from batchrun.progress import Tally, live_display, report_periodically
 from batchrun.prompts import RequestShape, build_request, expand_sweep
 from batchrun.retry import RetryPolicy
 from batchrun.sinks import INDEX_COLUMN, PAID_BEFORE_COLUMN, PartWriter
-from batchrun.sources import InputRow, InputSummary, iter_batches, row_id
+from batchrun.sources import InputRow, InputSummary, iter_batches
 from batchrun.structured import ParseFailed, parse_fields
 
 log = structlog.get_logger("batchrun")
@@ -284,7 +284,7 @@ class Pool:
             async for work in receive:
                 if self.stopping:
                     continue
-                current[0] = row_id(work.row, self.job.prompt.id_column, self.job.input)
+                current[0] = self.scan.ids.text(work.row, self.job.input)
                 try:
                     result = await self._process(work, current[0], policy)
                 except (_Abandoned, RunStopped) as stop:
@@ -487,9 +487,10 @@ class Pool:
         failure: RequestError | None,
         asks: _Asks,
     ) -> dict[str, Any]:
-        result: dict[str, Any] = {"id": rid, INDEX_COLUMN: row.index}
+        result: dict[str, Any] = {INDEX_COLUMN: row.index}
         for name in self.carry:
             result[name] = row.data.get(name)
+        result["id"] = self.scan.ids.output_value(row, self.job.input)  # the user's, typed
         c = completion
         sent = asks.first_sent is not None
         result.update(

@@ -1,8 +1,10 @@
 """Turn one input row into one request body. Pure: no I/O, so it is tested exhaustively.
 
 A row holds `messages` (a list of {role, content}), a `prompt` string, or the columns a
-template names; or it is an OpenAI Batch API line whose `body` is the request. Row columns
-named like request parameters (`model`, `temperature`, ...) win over the job's.
+template names; or it is an OpenAI Batch API line whose `body` is the request, as written.
+A column that merely shares a request parameter's name (`model`, `temperature`, ...) never
+changes the request: a row sets a parameter only when the job names it in `row_params`, and a
+system prompt only from the `system_column` the job names.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from batchrun.job import ROW_OVERRIDABLE, Job
+from batchrun.job import BadRequestField, Job, check_request_fields
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+#: the endpoints an OpenAI batch line may name: batchrun sends chat completions only
+CHAT_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
 
 
 class RowProblem(ValueError):
@@ -30,6 +34,11 @@ def is_batch_line(row: dict[str, Any]) -> bool:
     return "custom_id" in row and isinstance(row.get("body"), dict)
 
 
+def looks_like_batch_line(row: dict[str, Any]) -> bool:
+    """Whether a row has the shape of an OpenAI Batch API line, custom_id or not."""
+    return isinstance(row.get("body"), dict) and ("url" in row or "method" in row)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestShape:
     """What every request of a job shares, computed once from the job."""
@@ -39,12 +48,15 @@ class RequestShape:
     stream: bool
     prompt_column: str
     messages_column: str
-    system_column: str
+    system_column: str | None
     system: str | None
     template: str | None
     template_fields: tuple[str, ...]
     #: keys a sweep variant sets: they win over a row's own columns of the same name
     swept: frozenset[str] = frozenset()
+    #: request parameters taken from the row's column of the same name (`row_params`),
+    #: less those a sweep variant sets
+    row_params: tuple[str, ...] = ()
 
     @classmethod
     def from_job(cls, job: Job, settings: dict[str, Any] | None = None) -> RequestShape:
@@ -69,6 +81,7 @@ class RequestShape:
             template=template,
             template_fields=fields,
             swept=frozenset(settings),
+            row_params=tuple(name for name in job.prompt.row_params if name not in settings),
         )
 
 
@@ -148,6 +161,8 @@ def _messages(row: dict[str, Any], shape: RequestShape) -> list[dict[str, Any]]:
     if shape.template is not None:
         for name in shape.template_fields:
             if row.get(name) is None:
+                if name in row:
+                    raise RowProblem(f"column {name!r} is null", column=name)
                 raise RowProblem(
                     f"the template needs column {name!r}; this row has {_columns(row)}",
                     column=name,
@@ -172,14 +187,38 @@ def _messages(row: dict[str, Any], shape: RequestShape) -> list[dict[str, Any]]:
             f"(columns: {_columns(row)})",
             column=shape.prompt_column,
         )
-    system = row.get(shape.system_column)
-    if system is None:
-        system = shape.system
-    elif not isinstance(system, str):
-        raise RowProblem("must be a string", column=shape.system_column)
+    system = shape.system
+    if shape.system_column is not None and "system" not in shape.swept:
+        value = row.get(shape.system_column)
+        if value is not None and not isinstance(value, str):
+            raise RowProblem("must be a string", column=shape.system_column)
+        system = value if value is not None else system
     if system is not None and messages[0].get("role") != "system":
         messages.insert(0, {"role": "system", "content": system})
     return messages
+
+
+def _batch_body(row: dict[str, Any], shape: RequestShape) -> dict[str, Any]:
+    """The body of an OpenAI batch line, checked as a server would check it."""
+    method, url = row.get("method", "POST"), row.get("url", "/v1/chat/completions")
+    if method != "POST":
+        raise RowProblem(f"method {method!r} for {url!r}: only POST is sent", column="method")
+    if url not in CHAT_URLS:
+        raise RowProblem(
+            f"url {url!r} is not chat completions (/v1/chat/completions): batchrun sends "
+            "chat completions only",
+            column="url",
+        )
+    body = dict(row["body"])
+    try:
+        check_request_fields(body)
+    except BadRequestField as exc:
+        raise RowProblem(exc.message, column=f"body.{exc.name}") from None
+    body.setdefault("model", shape.model)
+    if "messages" not in body:
+        raise RowProblem("the batch line's body has no 'messages'", column="body")
+    _check_messages(body["messages"], "body.messages")
+    return body
 
 
 def build_request(row: dict[str, Any], shape: RequestShape) -> dict[str, Any]:
@@ -189,17 +228,23 @@ def build_request(row: dict[str, Any], shape: RequestShape) -> dict[str, Any]:
         RowProblem: the row lacks what the job needs; names the column.
     """
     if is_batch_line(row):
-        body = dict(row["body"])
-        body.setdefault("model", shape.model)
-        if "messages" not in body:
-            raise RowProblem("the batch line's body has no 'messages'", column="body")
-        _check_messages(body["messages"], "body.messages")
+        body = _batch_body(row, shape)
     else:
-        body = {"model": shape.model, "messages": _messages(row, shape), **shape.params}
-        for name in ROW_OVERRIDABLE:
-            value = row.get(name)
-            if value is not None and name not in shape.swept:
-                body[name] = value  # a row's own value wins over the job's, not over a sweep's
+        try:
+            messages = _messages(row, shape)
+        except RowProblem:
+            if looks_like_batch_line(row):  # say what is wrong, not that it has no prompt
+                raise RowProblem(
+                    "this is an OpenAI batch line without custom_id", column="custom_id"
+                ) from None
+            raise
+        body = {"model": shape.model, "messages": messages, **shape.params}
+        if shape.row_params:
+            own = {n: row[n] for n in shape.row_params if row.get(n) is not None}
+            try:
+                body.update(check_request_fields(own))
+            except BadRequestField as exc:
+                raise RowProblem(exc.message, column=exc.name) from None
     if shape.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from batchrun.checkpoint import Checkpoint
-from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, RunStopped
+from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, InputError, RunStopped
 from batchrun.job import Job, resolve_api_key
 from batchrun.logs import register_secret
 from batchrun.progress import RunStatistics, Tally
@@ -91,6 +91,13 @@ def _finished_output(job: Job, manifest: dict[str, Any], rows: int) -> dict[str,
     if isinstance(found, dict) and found.get("fingerprint") == manifest["fingerprint"]:
         if int(found.get("rows", 0)) >= rows:
             return found
+    written = found.get("fingerprint") if isinstance(found, dict) else None
+    if isinstance(written, dict) and written.get("job") == manifest["fingerprint"]["job"]:
+        raise InputError(
+            f"the input changed since {job.output.name} was written from it: run with "
+            "--restart to answer it again (the old output is replaced)",
+            path=job.input,
+        )
     raise ConfigError(
         "the output file exists and was not written by this job: choose another output, "
         "or run with --restart to overwrite it",

@@ -75,10 +75,14 @@ def result_column_names() -> list[str]:
 
 
 def output_schema(carried: dict[str, pa.DataType]) -> pa.Schema:
-    """The output file's schema: `id`, the carried input columns, then the result columns."""
+    """The output file's schema: `id`, the carried input columns, then the result columns.
+
+    `carried["id"]`, if there, is the id column's type (the ids keep the input's type);
+    otherwise ids are strings.
+    """
     import pyarrow as pa
 
-    fields = [pa.field("id", pa.string(), nullable=False)]
+    fields = [pa.field("id", carried.get("id", pa.string()), nullable=False)]
     fields += [pa.field(name, kind) for name, kind in carried.items() if name != "id"]
     fields += [pa.field(name, kind) for name, kind in _result_fields()]
     return pa.schema(fields)
@@ -298,6 +302,10 @@ def _journal_column(values: list[Any], kind: pa.DataType) -> pa.Array:
         parse = Decimal
     if parse is not None:
         values = [None if v is None else parse(v) for v in values]
+    elif types.is_large_string(kind):  # carried JSON text; a `--limit` run may have had ints
+        values = [_carried_value(v, kind) for v in values]
+    elif types.is_string(kind):  # ids: text when not every id is a number
+        values = [v if v is None or isinstance(v, str) else str(v) for v in values]
     return pa.array(values, kind)
 
 
@@ -386,6 +394,10 @@ def compact(directory: Path, output: Path, *, schema: pa.Schema, rows: int) -> i
         .sort("_segment")
         .collect()
     )
+    # parts written by a `--limit` run may hold narrower types than the whole input has
+    # (a carried column null in the first rows, ints before floats, ids that later turn
+    # mixed): each part is cast to the output's types before they meet
+    target = dict(pl.from_arrow(schema.empty_table()).schema)  # type: ignore[union-attr]
     written = 0
     with _atomic_file(output) as file, pq.ParquetWriter(file, schema, compression="zstd") as out:
         for start in range(0, rows, COMPACT_CHUNK_ROWS):
@@ -394,7 +406,9 @@ def compact(directory: Path, output: Path, *, schema: pa.Schema, rows: int) -> i
             if holding.is_empty():
                 continue
             frames = [
-                pl.scan_parquet(path).with_columns(pl.lit(number, pl.Int64).alias("_segment"))
+                pl.scan_parquet(path)
+                .cast(target)
+                .with_columns(pl.lit(number, pl.Int64).alias("_segment"))
                 for path, number in holding.select("_part", "_segment").iter_rows()
             ]
             in_range = pl.concat(frames).filter((index >= start) & (index < end))

@@ -377,3 +377,26 @@ def test_shipped_job_loads(path: Path) -> None:
 def test_shipped_job_input_exists(path: Path) -> None:
     """Every shipped job's input file is in the repository."""
     assert load_job(path).input.is_file()
+
+
+def test_row_params_must_name_request_parameters() -> None:
+    """row_params names request parameters (or model), nothing else."""
+    with pytest.raises(ConfigError, match="'colour' is not a request parameter"):
+        build_job(
+            {"input": "in.jsonl", "output": "o.parquet", "prompt": {"row_params": ["colour"]}}
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(False, False, id="false"),
+        pytest.param("", False, id="empty-flag"),
+        pytest.param("doc", "doc", id="name"),
+        pytest.param(None, None, id="unset"),
+    ],
+)
+def test_id_column_setting(value: Any, expected: Any) -> None:
+    """id_column is a name, unset (chosen from the columns), or false/'' for positions."""
+    data = {"input": "in.jsonl", "output": "o.parquet", "prompt": {"id_column": value}}
+    assert build_job(data).prompt.id_column == expected

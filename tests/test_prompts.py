@@ -145,20 +145,45 @@ def test_job_system_prepended() -> None:
 
 
 def test_system_column_used() -> None:
-    """A row's system column becomes the system message."""
-    body = build_request({"prompt": "hi", "system": "Row S"}, shape())
+    """A row's system column, once named by the job, becomes the system message."""
+    body = build_request(
+        {"prompt": "hi", "system": "Row S"}, shape(prompt={"system_column": "system"})
+    )
     assert body["messages"] == [system("Row S"), user("hi")]
 
 
 def test_system_column_wins_over_job_system() -> None:
     """A row's system column wins over the job's system prompt."""
-    body = build_request({"prompt": "hi", "system": "Row S"}, shape(prompt={"system": "Job S"}))
+    job = shape(prompt={"system": "Job S", "system_column": "system"})
+    body = build_request({"prompt": "hi", "system": "Row S"}, job)
     assert body["messages"] == [system("Row S"), user("hi")]
+
+
+def test_column_named_system_is_not_a_system_prompt_by_default() -> None:
+    """A column that is merely named `system` leaves the messages alone."""
+    body = build_request({"prompt": "hi", "system": "Linux"}, shape())
+    assert body["messages"] == [user("hi")]
+
+
+def test_sweep_system_wins_over_system_column() -> None:
+    """A swept system prompt wins over the row's system column."""
+    job = build_job(
+        {
+            "input": "in.jsonl",
+            "output": "out.parquet",
+            "prompt": {"system_column": "system"},
+            "sweep": {"system": ["Swept"]},
+        }
+    )
+    swept = RequestShape.from_job(job, {"system": "Swept"})
+    body = build_request({"prompt": "hi", "system": "Row S"}, swept)
+    assert body["messages"] == [system("Swept"), user("hi")]
 
 
 def test_null_system_column_falls_back_to_job_system() -> None:
     """A null system column leaves the job's system prompt in place."""
-    body = build_request({"prompt": "hi", "system": None}, shape(prompt={"system": "Job S"}))
+    job = shape(prompt={"system": "Job S", "system_column": "system"})
+    body = build_request({"prompt": "hi", "system": None}, job)
     assert body["messages"] == [system("Job S"), user("hi")]
 
 
@@ -178,7 +203,7 @@ def test_system_added_before_messages_without_one() -> None:
 def test_system_column_that_is_not_a_string_is_a_row_problem() -> None:
     """A non-string system column is refused, naming the column."""
     with pytest.raises(RowProblem) as caught:
-        build_request({"prompt": "hi", "system": ["x"]}, shape())
+        build_request({"prompt": "hi", "system": ["x"]}, shape(prompt={"system_column": "system"}))
     assert caught.value.column == "system"
 
 
@@ -295,10 +320,60 @@ def test_extra_body_key_not_sent_as_is() -> None:
         pytest.param("max_tokens", {"params": {"max_tokens": 100}}, 5, id="max_tokens"),
     ],
 )
-def test_row_override_wins(column: str, job: dict[str, Any], row_value: Any) -> None:
-    """A row column named like a request parameter wins over the job's value."""
+def test_row_param_wins(column: str, job: dict[str, Any], row_value: Any) -> None:
+    """A column the job names in row_params wins over the job's value."""
+    job = {**job, "prompt": {"row_params": [column]}}
     body = build_request({"prompt": "hi", column: row_value}, shape(**job))
     assert body[column] == row_value
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param("model", "Corolla", id="model"),
+        pytest.param("temperature", "hot", id="temperature"),
+        pytest.param("max_tokens", -3, id="max_tokens"),
+        pytest.param("stop", ["Linux"], id="stop"),
+    ],
+)
+def test_column_named_like_a_param_is_not_sent(column: str, value: Any) -> None:
+    """A column merely named like a request parameter never changes the request."""
+    body = build_request({"prompt": "hi", column: value}, shape(params={"max_tokens": 9}))
+    assert body == {"model": "deepseek-chat", "messages": [user("hi")], "max_tokens": 9}
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        pytest.param("temperature", "hot", id="temperature-text"),
+        pytest.param("temperature", 7.0, id="temperature-too-high"),
+        pytest.param("max_tokens", -1, id="max_tokens-negative"),
+        pytest.param("max_tokens", "5", id="max_tokens-text"),
+        pytest.param("model", 3, id="model-number"),
+        pytest.param("stop", 1, id="stop-number"),
+    ],
+)
+def test_bad_row_param_is_a_row_problem(column: str, value: Any) -> None:
+    """A row_params value a server would refuse is a row problem naming the column."""
+    with pytest.raises(RowProblem) as caught:
+        build_request({"prompt": "hi", column: value}, shape(prompt={"row_params": [column]}))
+    assert caught.value.column == column
+
+
+def test_sweep_wins_over_row_param() -> None:
+    """A swept parameter wins over the row's row_params value."""
+    job = build_job(
+        {
+            "input": "in.jsonl",
+            "output": "out.parquet",
+            "prompt": {"row_params": ["temperature"]},
+            "sweep": {"temperature": [0.2]},
+        }
+    )
+    body = build_request(
+        {"prompt": "hi", "temperature": 1.9}, RequestShape.from_job(job, {"temperature": 0.2})
+    )
+    assert body["temperature"] == 0.2
 
 
 @pytest.mark.parametrize(
@@ -312,7 +387,8 @@ def test_row_override_wins(column: str, job: dict[str, Any], row_value: Any) -> 
 def test_row_override_none_keeps_job_value(
     column: str, job: dict[str, Any], job_value: Any
 ) -> None:
-    """A null row column does not override the job's value."""
+    """A null row_params column does not override the job's value."""
+    job = {**job, "prompt": {"row_params": [column]}}
     body = build_request({"prompt": "hi", column: None}, shape(**job))
     assert body[column] == job_value
 
@@ -396,6 +472,51 @@ def test_batch_line_stream_flag_dropped_when_job_does_not_stream() -> None:
     assert "stream_options" not in body
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        pytest.param("url", "/bad_url", id="bad-url"),
+        pytest.param("url", "/v1/embeddings", id="embeddings"),
+        pytest.param("method", "GET", id="get"),
+    ],
+)
+def test_batch_line_for_another_endpoint_is_a_row_problem(field: str, value: str) -> None:
+    """A batch line for any endpoint but chat completions, or not a POST, is refused."""
+    with pytest.raises(RowProblem) as caught:
+        build_request({**batch_line(), field: value}, shape())
+    assert caught.value.column == field
+    assert "/v1/embeddings" in str(caught.value) or value in str(caught.value)
+
+
+def test_batch_line_for_chat_completions_without_v1_is_accepted() -> None:
+    """`/chat/completions` names the same endpoint as `/v1/chat/completions`."""
+    assert build_request({**batch_line(), "url": "/chat/completions"}, shape())["messages"]
+
+
+def test_batch_line_without_custom_id_says_so() -> None:
+    """A line shaped like a batch line but without custom_id says that, not 'no prompt'."""
+    row = batch_line()
+    del row["custom_id"]
+    with pytest.raises(RowProblem, match="OpenAI batch line without custom_id"):
+        build_request(row, shape())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        pytest.param("stream", "True", id="stream-text"),
+        pytest.param("temperature", "x", id="temperature-text"),
+        pytest.param("max_tokens", "5", id="max_tokens-text"),
+        pytest.param("model", 5, id="model-number"),
+    ],
+)
+def test_batch_line_body_field_of_wrong_type_is_a_row_problem(field: str, value: Any) -> None:
+    """A body field of the wrong type is refused, naming it."""
+    with pytest.raises(RowProblem) as caught:
+        build_request(batch_line(**{field: value}), shape())
+    assert caught.value.column == f"body.{field}"
+
+
 # --- streaming -------------------------------------------------------------------------------
 
 
@@ -424,3 +545,9 @@ def test_shape_from_job_carries_template_fields() -> None:
     """RequestShape.from_job computes the template's fields once."""
     job_shape = shape(prompt={"template": "{a} {b}"})
     assert job_shape.template_fields == ("a", "b")
+
+
+def test_plain_row_with_url_and_body_columns_is_not_a_batch_line() -> None:
+    """A row that has a prompt is a plain row, whatever other columns it holds."""
+    row = {"prompt": "hi", "url": "https://example.com", "body": {"html": "x"}}
+    assert build_request(row, shape())["messages"] == [user("hi")]

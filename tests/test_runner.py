@@ -125,7 +125,7 @@ def test_parquet_input_with_a_template(tmp_path: Path, fake: FakeServer) -> None
     run_job(build_job(data), settings=SETTINGS)
     table = pq.read_table(tmp_path / "out.parquet")
     assert table.schema.field("doc").type == pa.int64()
-    assert table.column("id").to_pylist() == ["10", "11", "12"]
+    assert table.column("id").to_pylist() == [10, 11, 12]  # int ids stay ints
     assert table.column("content").to_pylist() == [
         "echo: Explain tides.",
         "echo: Explain ice.",
@@ -136,12 +136,13 @@ def test_parquet_input_with_a_template(tmp_path: Path, fake: FakeServer) -> None
 def test_messages_rows_mixed_with_prompt_rows_and_row_overrides(
     tmp_path: Path, fake: FakeServer
 ) -> None:
-    """Messages and prompt rows mix in one set; a row's own temperature wins over the job's."""
+    """Messages and prompt rows mix in one set; a row_params temperature wins over the job's."""
     rows = [
         {"id": "a", "messages": [{"role": "user", "content": "hi"}]},
         {"id": "b", "prompt": "plain", "temperature": 0.0},
     ]
-    run(tmp_path, fake, rows, prompt={"id_column": "id"}, params={"temperature": 1.5})
+    prompt = {"id_column": "id", "row_params": ["temperature"]}
+    run(tmp_path, fake, rows, prompt=prompt, params={"temperature": 1.5})
     sent = {body["messages"][-1]["content"]: body for body in fake.requests()}
     assert sent["hi"]["temperature"] == 1.5
     assert sent["plain"]["temperature"] == 0.0
@@ -245,7 +246,8 @@ def test_permanent_errors_are_recorded_not_retried(
 
 def test_server_validation_error_is_a_row_error(tmp_path: Path, fake: FakeServer) -> None:
     """A model the server does not know gives an error row carrying its message."""
-    run(tmp_path, fake, [{"prompt": "hi", "model": "no-such-model"}, {"prompt": "ok"}])
+    rows = [{"prompt": "hi", "model": "no-such-model"}, {"prompt": "ok"}]
+    run(tmp_path, fake, rows, prompt={"row_params": ["model"]})
     bad, good = read_output(tmp_path)
     assert bad["status"] == "error" and bad["http_status"] == 400
     assert "Model Not Exist" in bad["error"] and good["status"] == "ok"
@@ -321,7 +323,7 @@ def test_insufficient_balance_keeps_what_is_done_and_resumes(
     assert summary.complete and summary.rows_ok == 40
     resent = [b["messages"][-1]["content"] for b in fake.requests()[before:]]
     assert not {f"question {i}" for i in range(40) if f"r{i}" in ok_ids} & set(resent)
-    assert [r["id"] for r in read_output(tmp_path)] == [str(i) for i in range(40)]
+    assert [r["id"] for r in read_output(tmp_path)] == [f"r{i}" for i in range(40)]
 
 
 def test_limit_sends_only_the_first_rows(tmp_path: Path, fake: FakeServer) -> None:
@@ -391,7 +393,7 @@ def test_unauthorized_mid_job_exits_3_with_done_rows_kept(
     assert "rejected the API key" in result.output
     assert "first-key-123456" not in result.output
     kept = pq.read_table(list_parts(parts_dir(tmp_path / "o.parquet")))
-    assert sorted(kept["id"].to_pylist()) == ["0", "1"]
+    assert sorted(kept["id"].to_pylist()) == ["r0", "r1"]
 
 
 def test_library_runs_the_demo_job(tmp_path: Path) -> None:
@@ -463,7 +465,7 @@ def test_cost_per_row_for_chat_and_reasoner_with_cache_hits(
         {"prompt": f"q{i}", "model": m}
         for i, m in enumerate(["deepseek-chat"] * 2 + ["deepseek-reasoner"] * 2)
     ]
-    run(tmp_path, fake, rows, prompt={"system": system})
+    run(tmp_path, fake, rows, prompt={"system": system, "row_params": ["model"]})
     out = read_output(tmp_path)
     table = PriceTable.load()
     for row in out:
@@ -547,5 +549,5 @@ def test_max_cost_checks_models_named_by_rows_too(tmp_path: Path, fake: FakeServ
 
     rows = [{"prompt": "a"}, {"prompt": "b", "model": "fake-row-model"}]
     with pytest.raises(ConfigError, match="without a price \\(fake-row-model\\)"):
-        run(tmp_path, fake, rows, max_cost=1.0)
+        run(tmp_path, fake, rows, max_cost=1.0, prompt={"row_params": ["model"]})
     assert fake.stats()["requests"] == 0

@@ -147,3 +147,32 @@ def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
     assert table.schema == schema and pq.read_metadata(output).num_row_groups == 2
     assert table["id"].to_pylist() == [f"r{i}" for i in range(6)]
     assert set(table["status"].to_pylist()) == {"ok"}
+
+
+def test_journal_of_a_narrower_run_folds_into_the_wider_schema(tmp_path: Path) -> None:
+    """Rows journalled by a --limit run (int ids, int scores) recover into the full run's
+    wider types (text ids, JSON-text scores) instead of failing every later run."""
+    narrow = PartWriter(tmp_path, carried={"id": pa.int64(), "score": pa.int64()})
+    narrow.add(result(0, id=7, score=3))
+    narrow.close()
+    wide = {"id": pa.string(), "score": pa.large_string()}
+    assert recover_journals(tmp_path, schema=PartWriter(tmp_path, carried=wide).schema) == 1
+    (part,) = list_parts(tmp_path)
+    row = pq.read_table(part).to_pylist()[0]
+    assert (row["id"], row["score"]) == ("7", "3")
+
+
+def test_compaction_casts_parts_to_the_output_types(tmp_path: Path) -> None:
+    """Parts of a narrower run are cast to the output's types when compacted."""
+    narrow = PartWriter(tmp_path, carried={"id": pa.int64(), "score": pa.string()})
+    narrow.add(result(0, id=1, score=None))
+    narrow.write_part(*narrow.take())  # type: ignore[misc]
+    wide = {"id": pa.string(), "score": pa.float64()}
+    writer = PartWriter(tmp_path, carried=wide)
+    writer.add(result(1, id="b", score=2.5))
+    writer.write_part(*writer.take())  # type: ignore[misc]
+    out = tmp_path / "out.parquet"
+    assert compact(tmp_path, out, schema=output_schema(wide), rows=2) == 2
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == ["1", "b"]
+    assert table.column("score").to_pylist() == [None, 2.5]

@@ -14,9 +14,10 @@ from batchrun.job import Job, build_job
 from batchrun.sources import (
     InputRow,
     InputSummary,
+    RowIds,
     detect_format,
+    input_identity,
     iter_batches,
-    row_id,
     scan_input,
 )
 from tests.conftest import write_jsonl
@@ -178,25 +179,27 @@ def test_parquet_messages_column_read_as_list_of_dicts(tmp_path: Path) -> None:
 
 
 def test_row_id_from_id_column() -> None:
-    """The id column's value, as a string."""
-    assert row_id(InputRow(0, 1, {"id": 7, "prompt": "x"}), "id", Path("in.jsonl")) == "7"
+    """The id column's value, in its own type."""
+    row = InputRow(0, 1, {"id": 7, "prompt": "x"})
+    assert RowIds.choose(None, row.data).value(row, Path("in.jsonl")) == 7
 
 
 def test_row_id_from_position() -> None:
-    """Without an id column, the row's position."""
-    assert row_id(InputRow(4, 5, {"prompt": "x"}), None, Path("in.jsonl")) == "4"
+    """Without an id column, the row's position, as text."""
+    row = InputRow(4, 5, {"prompt": "x"})
+    assert RowIds.choose(None, row.data).value(row, Path("in.jsonl")) == "4"
 
 
 def test_row_id_from_custom_id() -> None:
     """A batch line's custom_id wins over the id column."""
     row = InputRow(0, 1, {"custom_id": "req-1", "id": "other", "body": {"messages": []}})
-    assert row_id(row, "id", Path("in.jsonl")) == "req-1"
+    assert RowIds.choose("id", row.data).value(row, Path("in.jsonl")) == "req-1"
 
 
 def test_row_id_missing_names_line_and_column() -> None:
     """A missing id raises InputError naming the line and the id column."""
     with pytest.raises(InputError) as caught:
-        row_id(InputRow(2, 3, {"prompt": "x"}), "id", Path("in.jsonl"))
+        RowIds("id").value(InputRow(2, 3, {"prompt": "x"}), Path("in.jsonl"))
     assert (caught.value.line, caught.value.column) == (3, "id")
 
 
@@ -261,14 +264,14 @@ def test_carried_column_types_from_jsonl(
     rows = [{"prompt": "q", "extra": value} for value in values]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     summary = scan_input(job_for(path, prompt={"carry": ["extra"]}))
-    assert summary.carried_types == {"extra": expected}
+    assert summary.carried_types == {"id": pa.string(), "extra": expected}
 
 
 def test_carried_types_keep_job_order(tmp_path: Path) -> None:
-    """Carried columns are listed in the job's order."""
+    """Carried columns are listed in the job's order, after the id."""
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q", "a": 1, "b": "x"}])
     summary = scan_input(job_for(path, prompt={"carry": ["b", "a"]}))
-    assert list(summary.carried_types) == ["b", "a"]
+    assert list(summary.carried_types) == ["id", "b", "a"]
 
 
 def test_carried_column_types_from_parquet_schema(tmp_path: Path) -> None:
@@ -283,13 +286,17 @@ def test_carried_column_types_from_parquet_schema(tmp_path: Path) -> None:
     path = tmp_path / "in.parquet"
     pq.write_table(table, path)
     summary = scan_input(job_for(path, prompt={"carry": ["when", "n"]}))
-    assert summary.carried_types == {"when": pa.timestamp("ms"), "n": pa.int32()}
+    assert summary.carried_types == {
+        "id": pa.string(),
+        "when": pa.timestamp("ms"),
+        "n": pa.int32(),
+    }
 
 
 def test_no_carry_no_types(tmp_path: Path) -> None:
-    """A job that carries nothing has no carried types."""
+    """A job that carries nothing has only the id's type."""
     path = write_jsonl(tmp_path / "in.jsonl", prompts(2))
-    assert scan_input(job_for(path)).carried_types == {}
+    assert scan_input(job_for(path)).carried_types == {"id": pa.string()}
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -486,4 +493,113 @@ def test_carried_column_present_in_some_rows(tmp_path: Path) -> None:
     """A carried column that only some rows have is accepted."""
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b", "label": "x"}])
     summary = scan_input(job_for(path, prompt={"carry": ["label"]}))
-    assert summary.carried_types == {"label": pa.string()}
+    assert summary.carried_types == {"id": pa.string(), "label": pa.string()}
+
+
+# --- ids chosen from the columns ---------------------------------------------------------------
+
+
+def test_id_column_named_id_is_found_without_being_named(tmp_path: Path) -> None:
+    """A column named `id` is the id without id_column: its duplicates are found."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": 4, "prompt": "a"}, {"id": 4, "prompt": "b"}])
+    assert "duplicate id '4' in lines 1 and 2" in str(scan_error(path))
+
+
+def test_parquet_int_id_column_keeps_its_type(tmp_path: Path) -> None:
+    """A Parquet int id column makes an int64 id column."""
+    path = write_parquet(
+        tmp_path / "in.parquet", {"id": pa.array([3, 1], pa.int32()), "prompt": ["a", "b"]}
+    )
+    summary = scan_input(job_for(path))
+    assert summary.ids.column == "id" and summary.ids.as_text is False
+    assert summary.carried_types["id"] == pa.int64()
+
+
+def test_a_nested_id_is_refused(tmp_path: Path) -> None:
+    """An id that is a list or object is refused, naming line and column."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": [1], "prompt": "a"}])
+    error = scan_error(path)
+    assert (error.line, error.column) == (1, "id")
+
+
+# --- the whole input's identity ----------------------------------------------------------------
+
+
+def test_input_identity_sees_a_same_size_edit_in_the_middle(tmp_path: Path) -> None:
+    """A one-byte edit in the middle of a 3 MiB file changes its identity."""
+    path = tmp_path / "in.jsonl"
+    data = bytearray(b"a" * (3 << 20))
+    path.write_bytes(bytes(data))
+    before = input_identity(path)
+    data[len(data) // 2] = ord("b")
+    path.write_bytes(bytes(data))
+    after = input_identity(path)
+    assert before["size"] == after["size"] and before != after
+
+
+def test_scan_reports_the_input_identity(tmp_path: Path) -> None:
+    """The scan hashes the whole input beside its own pass."""
+    path = write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    assert scan_input(job_for(path, limit=1)).identity == input_identity(path)
+
+
+# --- what spreadsheets and other tools write ---------------------------------------------------
+
+
+def test_jsonl_with_a_byte_order_mark_reads_its_first_line(tmp_path: Path) -> None:
+    """A UTF-8 BOM before the first line is skipped, not a JSON error."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n')
+    rows = [row.data for batch in iter_batches(path) for row in batch]
+    assert rows == [{"prompt": "a"}, {"prompt": "b"}]
+
+
+def test_null_template_column_says_it_is_null(tmp_path: Path) -> None:
+    """A template column present but null says so, naming line and column."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}, {"text": None}])
+    error = scan_error(path, prompt={"template": "Say {text}"})
+    assert (error.line, error.column) == (2, "text")
+    assert "column 'text' is null" in str(error)
+
+
+# --- OpenAI batch lines as written -------------------------------------------------------------
+
+
+def batch_line(custom_id: str = "r1", **fields: Any) -> dict[str, Any]:
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions"}
+    return {**line, "body": body, **fields}
+
+
+@pytest.mark.parametrize("url", ["/bad_url", "/v1/embeddings"])
+def test_batch_line_for_another_endpoint_names_line_and_url(tmp_path: Path, url: str) -> None:
+    """A batch line for another endpoint is an input error naming its line and URL."""
+    path = write_jsonl(tmp_path / "in.jsonl", [batch_line("a"), batch_line("b", url=url)])
+    error = scan_error(path)
+    assert (error.line, error.column) == (2, "url")
+    assert url in str(error)
+
+
+def test_batch_line_with_get_is_refused(tmp_path: Path) -> None:
+    """A batch line whose method is not POST is an input error naming the line."""
+    path = write_jsonl(tmp_path / "in.jsonl", [batch_line(method="GET")])
+    error = scan_error(path)
+    assert (error.line, error.column) == (1, "method")
+
+
+def test_batch_line_without_custom_id_says_so(tmp_path: Path) -> None:
+    """A batch line missing custom_id says so, not that it lacks a prompt column."""
+    line = batch_line()
+    del line["custom_id"]
+    path = write_jsonl(tmp_path / "in.jsonl", [line])
+    error = scan_error(path)
+    assert "line 1" in str(error)
+    assert "OpenAI batch line without custom_id" in str(error)
+
+
+def test_batch_line_stream_as_text_is_refused(tmp_path: Path) -> None:
+    """A body field of the wrong type ("stream": "True") is an input error."""
+    line = batch_line()
+    line["body"]["stream"] = "True"
+    path = write_jsonl(tmp_path / "in.jsonl", [line])
+    assert scan_error(path).column == "body.stream"
