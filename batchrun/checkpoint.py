@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from batchrun.errors import ConfigError
 from batchrun.job import Job
 from batchrun.sinks import (
     INDEX_COLUMN,
+    list_journals,
     list_parts,
     part_schema,
     parts_dir,
@@ -103,10 +105,50 @@ class Checkpoint:
         return self.manifest_path.exists()
 
     def read_manifest(self) -> dict[str, Any]:
-        data = orjson.loads(self.manifest_path.read_bytes())
+        """The manifest, checked for shape.
+
+        Raises:
+            ConfigError: it is not JSON, or not the shape a run writes (naming the file).
+        """
+        path = self.manifest_path
+        try:
+            data = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            raise damaged(path, "not JSON") from None
         if not isinstance(data, dict):
-            raise ConfigError("the checkpoint manifest is damaged", path=self.manifest_path)
+            raise damaged(path, "not a JSON object")
+        if not isinstance(data.get("fingerprint"), dict):
+            raise damaged(path, "no fingerprint")
+        for key in ("rows", "limit"):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise damaged(path, f"{key!r} is not a whole number")
         return data
+
+    def check_writable(self) -> None:
+        """Refuse an output folder (or checkpoint folder) this process cannot write, before
+        anything is read or sent: a file is created and removed in each.
+
+        Raises:
+            ConfigError: naming the folder and why.
+        """
+        folder = self.output.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for place in (folder, self.directory):
+                if place.is_dir():
+                    fd, name = tempfile.mkstemp(dir=place, prefix=".batchrun-probe-")
+                    os.close(fd)
+                    os.unlink(name)
+        except OSError as exc:
+            where = exc.filename if isinstance(exc.filename, str) else folder
+            if isinstance(where, str) and Path(where).name.startswith(".batchrun-probe-"):
+                where = Path(where).parent
+            raise ConfigError(
+                f"the output folder cannot be written ({exc.strerror}): choose another "
+                "output or fix the folder's permissions",
+                path=where,
+            ) from None
 
     def manifest_for(self, job: Job) -> dict[str, Any]:
         return {
@@ -134,6 +176,9 @@ class Checkpoint:
                     path=self.directory,
                 )
             return
+        orphans = [*list_parts(self.directory), *list_journals(self.directory)]
+        if orphans:  # results of an unknown job: resuming them could mix two jobs
+            raise damaged(self.manifest_path, f"missing, yet {orphans[0].name} is there")
         self.directory.mkdir(parents=True, exist_ok=True)
         wanted["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         self._write_manifest(wanted)
@@ -164,7 +209,7 @@ class Checkpoint:
         return recover_journals(self.directory, schema=part_schema(carried))
 
     def discard(self) -> None:
-        """Throw the checkpoint away (what --restart does).
+        """Throw the checkpoint folder away (at the end of a run, or when it held nothing).
 
         Raises:
             ConfigError: another live run is using it.
@@ -173,6 +218,19 @@ class Checkpoint:
         if holder is not None and not self._holding_lock:
             raise _locked(holder, self.output)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def clear(self) -> None:
+        """Empty the checkpoint but keep the lock file (what --restart does, holding the
+        lock): removing the folder would let a run starting now take a lock of its own."""
+        if not self._holding_lock:
+            raise RuntimeError("clear() needs the run lock")
+        for entry in self.directory.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def lock_holder(self) -> int | None:
         """The pid of the live run using this checkpoint, if any."""
@@ -203,8 +261,13 @@ class Checkpoint:
         # a hundred parts at a time keeps memory flat; each dataset keeps its parts' order,
         # so a later result for a position wins
         for start in range(0, len(parts), 100):
-            dataset = pq.ParquetDataset(parts[start : start + 100])
-            table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd"])
+            chunk = parts[start : start + 100]
+            try:
+                dataset = pq.ParquetDataset(chunk)
+                table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd"])
+            except Exception:  # pyarrow raises several types for a bad file
+                check_parts(chunk)
+                raise
             spent += pc.sum(table["cost_usd"]).as_py() or 0.0
             ok = pc.equal(table["status"], "ok").to_pylist()
             for position, was_ok in zip(table[INDEX_COLUMN].to_pylist(), ok, strict=True):
@@ -251,6 +314,38 @@ class Checkpoint:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
         self._holding_lock = False
+
+
+def damaged(path: Path, what: str) -> ConfigError:
+    """The error for a checkpoint file that does not read as a run wrote it."""
+    return ConfigError(
+        f"the checkpoint is damaged ({what}): run with --restart to discard it and start over",
+        path=path,
+    )
+
+
+#: the columns resume and status read from every part file
+PART_COLUMNS = (INDEX_COLUMN, "status", "cost_usd", "error_class")
+
+
+def check_parts(parts: list[Path]) -> None:
+    """Open each part file's footer and schema, to name the one that does not read.
+
+    Raises:
+        ConfigError: the first part file that is not Parquet or lacks a needed column.
+    """
+    import pyarrow.parquet as pq
+
+    for part in parts:
+        try:
+            names = pq.read_schema(part).names
+        except FileNotFoundError:
+            continue  # a finishing run removed it meanwhile
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise damaged(part, f"not a readable Parquet file: {exc}") from None
+        missing = [name for name in PART_COLUMNS if name not in names]
+        if missing:
+            raise damaged(part, f"no {missing[0]!r} column")
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -7,6 +7,7 @@ BatchrunError
 ├── RunStopped               the run stopped early, resumable       -> exit 3
 │   ├── AuthError            401: the key is wrong
 │   ├── BalanceError         402: the account is out of credit
+│   ├── DiskFull             no space left where the checkpoint or output is written
 │   └── Interrupted          Ctrl-C or SIGTERM
 └── RequestError             one request failed (a row's failure, never a run's)
     ├── RetryableError       429, 5xx, network faults, hidden failures in a 200
@@ -20,6 +21,7 @@ codes and JSON fields, never from message text.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,26 @@ class CostCapReached(RunStopped):
             f"spend cap reached: ${spent:.4f} spent of ${cap:.4f}; run again with a higher "
             "--max-cost to go on"
         )
+
+
+class DiskFull(RunStopped):
+    """Raised when the disk holding the checkpoint or the output is full (ENOSPC, EDQUOT)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        super().__init__(
+            f"no space left on device at {self.path}: free some space and run the same "
+            "command again to resume"
+        )
+
+
+#: errno values that mean "the disk is full" rather than "this path is wrong"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception is an OSError saying the disk (or the quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
 class Interrupted(RunStopped):

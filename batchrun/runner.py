@@ -15,7 +15,15 @@ from typing import Any
 import orjson
 
 from batchrun.checkpoint import Checkpoint
-from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, RunStopped
+from batchrun.errors import (
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    BatchrunError,
+    ConfigError,
+    DiskFull,
+    RunStopped,
+    is_disk_full,
+)
 from batchrun.job import Job, resolve_api_key
 from batchrun.logs import register_secret
 from batchrun.progress import RunStatistics, Tally
@@ -121,10 +129,12 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     """
     from batchrun.pool import Pool, PoolSettings
 
+    checkpoint = Checkpoint(job.output)
+    if restart or checkpoint.exists() or not job.output.exists():
+        checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
     api_key = resolve_api_key(job)
     register_secret(api_key)
-    checkpoint = Checkpoint(job.output)
     manifest = checkpoint.manifest_for(job)
     schema = output_schema(scan.carried_types)
     schema = schema.with_metadata(
@@ -133,31 +143,53 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
             REPORT_KEY: _report_metadata(job),
         }
     )
-    if restart:
-        # holding the lock, so a run that is starting cannot lose its checkpoint to us; one
-        # that starts after we let go finds no checkpoint, makes its own, and ours is refused
-        checkpoint.acquire_lock()
-        try:
-            checkpoint.discard()
-            job.output.unlink(missing_ok=True)
-        finally:
-            checkpoint.release_lock()
-    if not checkpoint.exists() and job.output.exists():
-        _finished_output(job, manifest, scan.rows)
-        ok, errors = _counts(job.output)
-        return RunSummary(job.output, True, scan.rows, ok, errors, None)
-
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.open(job, restart=False)
+    # the lock comes first: whatever is read or written in the checkpoint after this, no
+    # other run can change or remove meanwhile
     checkpoint.acquire_lock()
     try:
+        if restart:
+            checkpoint.clear()
+            job.output.unlink(missing_ok=True)
+        if not checkpoint.exists() and job.output.exists():
+            _finished_output(job, manifest, scan.rows)
+            ok, errors = _counts(job.output)
+            checkpoint.discard()  # the folder held only the lock just taken
+            return RunSummary(job.output, True, scan.rows, ok, errors, None)
+        checkpoint.open(job, restart=False)
         checkpoint.record_rows(scan.rows, limit=job.limit)
         checkpoint.recover(carried=scan.carried_types)
         return _run_with_checkpoint(
             job, scan, checkpoint, schema, api_key, settings or PoolSettings(), Pool
         )
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFull(exc.filename or checkpoint.directory) from None
+        raise
     finally:
         checkpoint.release_lock()
+
+
+def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error worth reporting from a task group's ExceptionGroup.
+
+    anyio wraps whatever a task raised; the CLI maps exit codes from our own classes, so the
+    first of ours wins, then a full disk, then a lone error of another kind.
+    """
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending[:0] = item.exceptions
+        else:
+            leaves.append(item)
+    for leaf in leaves:
+        if isinstance(leaf, BatchrunError):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt) or is_disk_full(leaf):
+            return leaf
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def _run_with_checkpoint(
@@ -233,13 +265,20 @@ def _run_with_checkpoint(
         with _endpoint(job) as live:
             try:
                 stop = anyio.run(main, live)
+            except BaseExceptionGroup as group:
+                raise _unwrapped(group) from None
             finally:
                 writer.close()
         state = checkpoint.resume_state(rows=scan.rows)
 
     complete = state.rows_done >= scan.rows
     if complete:
-        compact(checkpoint.directory, job.output, schema=schema, rows=scan.rows)
+        try:
+            compact(checkpoint.directory, job.output, schema=schema, rows=scan.rows)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(job.output) from None
+            raise
         # kept with --limit, so the full run resumes, and while error rows remain, so that
         # running again retries them
         if job.limit is None and state.rows_ok == scan.rows:
