@@ -24,6 +24,7 @@ import orjson
 
 from batchrun.errors import ConfigError
 from batchrun.job import Job
+from batchrun.logs import scrub
 from batchrun.sinks import (
     INDEX_COLUMN,
     list_journals,
@@ -162,7 +163,8 @@ class Checkpoint:
         Raises:
             ConfigError: the job changed since the checkpoint was made, and not `restart`.
         """
-        wanted = self.manifest_for(job)
+        # no job value reaches the manifest unredacted (it may quote a prompt or extra_body)
+        wanted = scrub(self.manifest_for(job))
         if self.exists() and restart:
             self.discard()
         if self.exists():

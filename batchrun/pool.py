@@ -24,12 +24,14 @@ from batchrun import tokens
 from batchrun.cache import RequestCache, request_key
 from batchrun.client import Client, Completion
 from batchrun.errors import (
+    DiskFull,
     Interrupted,
     PermanentError,
     RateLimited,
     RequestError,
     RetryableError,
     RunStopped,
+    is_disk_full,
 )
 from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome, SpendCap
@@ -262,7 +264,13 @@ class Pool:
 
     def _keep(self, result: dict[str, Any]) -> None:
         """Hand a finished row to the writer (its journal has it at once) and count it."""
-        self.writer.add(result)
+        try:
+            self.writer.add(result)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self.stop(DiskFull(self.writer.directory))  # what is journalled stays
+            return
         self.tally.record_row(result)
         if len(self.writer) >= self.settings.flush_rows:
             self._flush_wanted.set()
@@ -513,5 +521,12 @@ class Pool:
             if taken is None:
                 return
             path, rows = taken
-            await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
+            try:
+                await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                # the rows stay in their journal segment: the next run makes the part
+                self.stop(DiskFull(self.writer.directory))
+                return
             log.debug("checkpoint_flushed", part=path.name, rows=len(rows))

@@ -25,7 +25,7 @@ from batchrun.errors import (
     is_disk_full,
 )
 from batchrun.job import Job, resolve_api_key
-from batchrun.logs import register_secret
+from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
 from batchrun.sinks import compact, output_schema
 from batchrun.sources import InputSummary, scan_input
@@ -75,11 +75,13 @@ def _output_metadata(rows: int, manifest: dict[str, Any]) -> bytes:
 
 def _report_metadata(job: Job) -> bytes:
     return orjson.dumps(
-        {
-            "sweep_keys": [k for k in (job.sweep or {}) if k != "repeat"],
-            "fields": job.parse.fields if job.parse else {},
-            "reference": job.parse.reference if job.parse else {},
-        }
+        scrub(
+            {
+                "sweep_keys": [k for k in (job.sweep or {}) if k != "repeat"],
+                "fields": job.parse.fields if job.parse else {},
+                "reference": job.parse.reference if job.parse else {},
+            }
+        )
     )
 
 
@@ -135,7 +137,8 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     scan = scan_input(job)
     api_key = resolve_api_key(job)
     register_secret(api_key)
-    manifest = checkpoint.manifest_for(job)
+    # redacted as the checkpoint's copy is, so that the two compare equal
+    manifest = scrub(checkpoint.manifest_for(job))
     schema = output_schema(scan.carried_types)
     schema = schema.with_metadata(
         {

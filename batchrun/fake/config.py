@@ -55,6 +55,8 @@ class FakeConfig:
     window: float = 60.0
     rate_headers: bool = True
     usage_chunk: UsageChunk = "final"
+    #: repeat the request's Authorization header in the answer's id, content and reasoning
+    echo_auth: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.faults, str):
