@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from batchrun.checkpoint import Checkpoint, check_parts
+from batchrun.checkpoint import Checkpoint, check_parts, damaged
 from batchrun.errors import ConfigError
 from batchrun.sinks import (
     INDEX_COLUMN,
@@ -85,7 +85,13 @@ def read_status(output: Path) -> JobStatus:
 def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
     import polars as pl
 
-    manifest = checkpoint.read_manifest() if checkpoint.exists() else {}
+    active_pid = checkpoint.lock_holder()
+    if checkpoint.exists():
+        manifest = checkpoint.read_manifest()
+    elif active_pid is None:  # a run writes its manifest before any result
+        raise damaged(checkpoint.manifest_path, "missing, yet results are there")
+    else:
+        manifest = {}
     rows = manifest.get("rows")
     rows = rows if isinstance(rows, int) else None
     limit = manifest.get("limit")
@@ -127,7 +133,7 @@ def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
         source="checkpoint",
         rows=rows,
         limit=limit if isinstance(limit, int) else None,
-        active_pid=checkpoint.lock_holder(),
+        active_pid=active_pid,
         output_written=checkpoint.output.is_file(),
     )
 
