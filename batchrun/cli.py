@@ -6,7 +6,11 @@ runs, so `batchrun --help` stays instant.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -143,9 +147,10 @@ def run(
 
         live = progress is not False and sys.stderr.isatty()
         display = "live" if live else "lines"
-        summary = run_job(job, restart=restart, settings=PoolSettings(display=display))
-    except KeyboardInterrupt:  # Ctrl-C outside the pool (scan, compaction): all done is on disk
-        _exit_stopped(Interrupted("SIGINT"))
+        with _sigterm_as_interrupt():
+            summary = run_job(job, restart=restart, settings=PoolSettings(display=display))
+    except KeyboardInterrupt as exc:  # outside the pool (scan, compaction): all done is on disk
+        _exit_stopped(Interrupted("SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"))
     except RunStopped as stop:
         if stop.summary is not None:
             _echo_summary(stop.summary)
@@ -154,6 +159,29 @@ def run(
         _exit_error(exc)
     _echo_summary(summary)
     sys.exit(summary.exit_code)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the pool's own handler: raised wherever the program is, as Ctrl-C is,
+    so that the run winds down the same way (a BaseException, so no `except Exception`
+    swallows it)."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a run like Ctrl-C (exit 3, resumable) instead of killing it silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_stopped(stop: RunStopped) -> NoReturn:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -265,6 +266,9 @@ def _run_with_checkpoint(
                 await pool.run()
                 return pool.stop_reason
 
+        # asyncio resets SIGTERM to the default (kill) when the pool lets go of it; what the
+        # caller had set keeps counting for compaction
+        sigterm = signal.getsignal(signal.SIGTERM) if settings.handle_signals else None
         with _endpoint(job) as live:
             try:
                 stop = anyio.run(main, live)
@@ -272,6 +276,8 @@ def _run_with_checkpoint(
                 raise _unwrapped(group) from None
             finally:
                 writer.close()
+                if sigterm is not None:
+                    signal.signal(signal.SIGTERM, sigterm)
         state = checkpoint.resume_state(rows=scan.rows)
 
     complete = state.rows_done >= scan.rows

@@ -33,7 +33,8 @@ from batchrun.sinks import INDEX_COLUMN, part_path, part_schema, parts_dir, writ
 from tests.conftest import fast_job_data, write_jsonl
 from tests.test_cli_errors import to_toml
 
-STOPPED = "stopped by SIGINT: run the same command again to resume"
+STOPPED = "stopped by {}: run the same command again to resume"
+SIGNALS = [pytest.param(signal.SIGINT, id="ctrl-c"), pytest.param(signal.SIGTERM, id="sigterm")]
 
 
 @pytest.fixture(autouse=True)
@@ -82,10 +83,10 @@ def has_open(pid: int, path: Path) -> bool:
     return False
 
 
-def assert_stopped_cleanly(process: subprocess.Popen[str]) -> str:
+def assert_stopped_cleanly(process: subprocess.Popen[str], signum: signal.Signals) -> str:
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 3, stderr
-    assert STOPPED in stderr
+    assert STOPPED.format(signum.name) in stderr
     assert "Traceback" not in stderr and "Aborted!" not in stderr
     return stderr
 
@@ -93,23 +94,25 @@ def assert_stopped_cleanly(process: subprocess.Popen[str]) -> str:
 # -- Ctrl-C at every phase -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("signum", SIGNALS)
 def test_ctrl_c_during_the_scan_exits_3_saying_how_to_resume(
-    tmp_path: Path, fake: FakeServer
+    tmp_path: Path, fake: FakeServer, signum: signal.Signals
 ) -> None:
-    """Ctrl-C while the input is being checked: exit 3 and the resume line, not "Aborted!"."""
+    """Ctrl-C (or SIGTERM) while the input is being checked: exit 3 and the resume line, not
+    "Aborted!" and exit 1 (nor a silent kill)."""
     source = tmp_path / "in.jsonl"
     line = b'{"prompt": "a question long enough to take the scan a moment to read"}\n'
     source.write_bytes(line * 400_000)
     process = start("run", str(write_job(tmp_path, fake.base_url)), cwd=tmp_path)
     with process:
         wait_until(lambda: has_open(process.pid, source), process, "the scan")
-        process.send_signal(signal.SIGINT)
-        assert_stopped_cleanly(process)
+        process.send_signal(signum)
+        assert_stopped_cleanly(process, signum)
     assert fake.stats()["requests"] == 0
 
 
 def _done_checkpoint(job_file: Path, rows: int, parts: int) -> None:
-    """A checkpoint in which every row has an ok result, as a run leaves it before compacting."""
+    """A checkpoint in which every row but the last has an ok result."""
     job = load_job(job_file)
     checkpoint = Checkpoint(job.output)
     checkpoint.acquire_lock()
@@ -121,25 +124,29 @@ def _done_checkpoint(job_file: Path, rows: int, parts: int) -> None:
     schema = part_schema({})
     size = rows // parts
     for number in range(parts):
-        index = pa.array(range(number * size, (number + 1) * size), pa.int64())
+        end = min((number + 1) * size, rows - 1)
+        index = pa.array(range(number * size, end), pa.int64())
+        count = len(index)
         columns = {
             "id": pc.cast(index, pa.string()),
-            "status": pa.array(["ok"] * size, pa.string()),
-            "content": pa.array(["an answer of a few words"] * size, pa.large_string()),
-            "cost_usd": pa.array([0.0] * size, pa.float64()),
+            "status": pa.array(["ok"] * count, pa.string()),
+            "content": pa.array(["an answer of a few words"] * count, pa.large_string()),
+            "cost_usd": pa.array([0.0] * count, pa.float64()),
             INDEX_COLUMN: index,
         }
-        arrays = [columns.get(f.name, pa.nulls(size, f.type)) for f in schema]
+        arrays = [columns.get(f.name, pa.nulls(count, f.type)) for f in schema]
         table = pa.Table.from_arrays(arrays, schema=schema)
         write_atomically(table, part_path(checkpoint.directory, number + 1))
 
 
+@pytest.mark.parametrize("signum", SIGNALS)
 def test_ctrl_c_during_compaction_exits_3_and_the_next_run_compacts(
-    tmp_path: Path, fake: FakeServer
+    tmp_path: Path, fake: FakeServer, signum: signal.Signals
 ) -> None:
-    """Ctrl-C while the output is being written: exit 3, no half file, status says the output
-    is not yet written, and running again writes it without sending anything."""
-    rows = 200_000
+    """Ctrl-C (or SIGTERM) while the output is being written, after the pool sent the one row
+    left: exit 3, no half file, status says the output is not yet written, and running again
+    writes it without sending anything."""
+    rows = 100_000
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(rows)])
     job_file = write_job(tmp_path, fake.base_url)
     _done_checkpoint(job_file, rows, parts=10)
@@ -147,15 +154,16 @@ def test_ctrl_c_during_compaction_exits_3_and_the_next_run_compacts(
     process = start("run", str(job_file), cwd=tmp_path)
     with process:
         wait_until(lambda: any(tmp_path.glob(".out.parquet.tmp-*")), process, "compaction start")
-        process.send_signal(signal.SIGINT)
-        assert_stopped_cleanly(process)
+        process.send_signal(signum)
+        assert_stopped_cleanly(process, signum)
+    assert fake.stats()["requests"] == 1
     assert not output.exists() and not any(tmp_path.glob(".out.parquet.tmp-*"))
     status = invoke("status", str(output))
     assert "checkpoint complete, output not yet written: run again to compact" in status.output
     again = invoke("run", str(job_file), "-q")
     assert again.exit_code == 0, again.output
     assert pq.read_metadata(output).num_rows == rows
-    assert fake.stats()["requests"] == 0
+    assert fake.stats()["requests"] == 1
 
 
 # -- errors from inside the task group --------------------------------------------------------
