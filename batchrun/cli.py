@@ -7,6 +7,7 @@ runs, so `batchrun --help` stays instant.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -303,4 +304,8 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         _exit_stopped(Interrupted("SIGINT"))
+    except BrokenPipeError:  # `batchrun export ... | head`: quiet, as click's standalone mode
+        # the flush at exit would fail again: point stdout at /dev/null (Python's own advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

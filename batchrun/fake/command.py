@@ -6,6 +6,7 @@ instant; the server (aiohttp, orjson) is imported when the command runs.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -71,5 +72,6 @@ def fake_server_command(host: str, port: int, **options: Any) -> None:
     try:
         serve(config, host=host, port=port)
     except OSError as exc:  # the port is taken, or the address is not this machine's
-        click.echo(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        click.echo(f"error: cannot listen on {host}:{port}: {reason}", err=True)
         sys.exit(2)
