@@ -111,8 +111,8 @@ def test_ctrl_c_during_the_scan_exits_3_saying_how_to_resume(
     assert fake.stats()["requests"] == 0
 
 
-def _done_checkpoint(job_file: Path, rows: int, parts: int) -> None:
-    """A checkpoint in which every row but the last has an ok result."""
+def _done_checkpoint(job_file: Path, rows: int, parts: int, *, undone: int = 1) -> None:
+    """A checkpoint in which every row but the last `undone` has an ok result."""
     job = load_job(job_file)
     checkpoint = Checkpoint(job.output)
     checkpoint.acquire_lock()
@@ -124,7 +124,7 @@ def _done_checkpoint(job_file: Path, rows: int, parts: int) -> None:
     schema = part_schema({})
     size = rows // parts
     for number in range(parts):
-        end = min((number + 1) * size, rows - 1)
+        end = min((number + 1) * size, rows - undone)
         index = pa.array(range(number * size, end), pa.int64())
         count = len(index)
         columns = {
@@ -300,6 +300,29 @@ def test_full_disk_mid_run_stops_with_exit_3_and_completes_once_space_is_freed(
     assert [r["id"] for r in out] == [str(i) for i in range(rows)]
     assert all(r["status"] == "ok" for r in out)
     assert fake.stats()["requests"] <= rows + 2  # at most the rows in flight at the failure
+
+
+def test_full_disk_while_compacting_stops_with_exit_3_and_compacts_once_space_is_freed(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """No space left for the output file: exit 3 naming it, no temporary left, the checkpoint
+    kept whole, and the same command writes the output once space is freed."""
+    rows = 20_000
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(rows)])
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
+        output = disk / "out.parquet"
+        job_file = write_job(tmp_path, fake.base_url, output=str(output))
+        _done_checkpoint(job_file, rows, parts=2, undone=0)
+        filler = fill(disk, leave=8 * 1024)
+        first = invoke("run", str(job_file), "-q")
+        assert first.exit_code == 3, first.output
+        assert f"no space left on device at {output}" in first.output
+        assert not output.exists() and not list(disk.glob(".out.parquet.tmp-*"))
+        filler.unlink()
+        second = invoke("run", str(job_file), "-q")
+        assert second.exit_code == 0, second.output
+        assert pq.read_metadata(output).num_rows == rows
+    assert fake.stats()["requests"] == 0
 
 
 # -- damaged checkpoints --------------------------------------------------------------------
