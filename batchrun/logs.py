@@ -22,6 +22,11 @@ def register_secret(value: str | None) -> None:
         _secrets.add(value)
 
 
+def has_secrets() -> bool:
+    """Whether any secret is registered (a cheap test before scrubbing a row)."""
+    return bool(_secrets)
+
+
 def redact(text: str) -> str:
     """`text` with every registered secret replaced."""
     for secret in _secrets:

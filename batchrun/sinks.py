@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from batchrun.logs import scrub
+from batchrun.logs import has_secrets, scrub
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -212,7 +212,9 @@ class PartWriter:
             OSError: the journal could not be written (the row is then neither journalled
                 nor buffered).
         """
-        row = scrub(row)
+        if has_secrets():
+            for name, value in row.items():  # in place, like the carried values below
+                row[name] = scrub(value)
         for name, kind in self._json_carried.items():
             row[name] = _carried_value(row.get(name), kind)
         line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
