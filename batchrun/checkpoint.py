@@ -8,6 +8,7 @@ journal into part files, then skips rows whose latest result is ok and tries the
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -220,6 +221,12 @@ class Checkpoint:
         if holder is not None and not self._holding_lock:
             raise _locked(holder, self.output)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def discard_if_empty(self) -> None:
+        """Remove the folder if it holds nothing but the lock file (call it holding the lock)."""
+        with contextlib.suppress(OSError):
+            if [entry.name for entry in self.directory.iterdir()] == [LOCK]:
+                self.discard()
 
     def clear(self) -> None:
         """Empty the checkpoint but keep the lock file (what --restart does, holding the

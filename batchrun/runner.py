@@ -155,9 +155,11 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
             checkpoint.clear()
             job.output.unlink(missing_ok=True)
         if not checkpoint.exists() and job.output.exists():
-            _finished_output(job, manifest, scan.rows)
-            ok, errors = _counts(job.output)
-            checkpoint.discard()  # the folder held only the lock just taken
+            try:
+                _finished_output(job, manifest, scan.rows)
+                ok, errors = _counts(job.output)
+            finally:
+                checkpoint.discard_if_empty()  # the folder made for the lock just taken
             return RunSummary(job.output, True, scan.rows, ok, errors, None)
         checkpoint.open(job, restart=False)
         checkpoint.record_rows(scan.rows, limit=job.limit)

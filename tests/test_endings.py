@@ -425,3 +425,16 @@ def test_fake_server_on_a_port_in_use_is_one_line_and_exit_2() -> None:
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_output_of_another_job_is_refused_leaving_no_checkpoint_folder(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """The lock is taken in the checkpoint folder first; refusing a foreign output file
+    removes that folder again."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "out.parquet")
+    result = invoke("run", str(write_job(tmp_path, fake.base_url)))
+    assert result.exit_code == 2, result.output
+    assert "was not written by this job" in result.output
+    assert not parts_dir(tmp_path / "out.parquet").exists()
