@@ -24,14 +24,13 @@ from batchrun import tokens
 from batchrun.cache import RequestCache, request_key
 from batchrun.client import Client, Completion
 from batchrun.errors import (
-    DiskFull,
     Interrupted,
     PermanentError,
     RateLimited,
     RequestError,
     RetryableError,
     RunStopped,
-    is_disk_full,
+    cannot_write,
 )
 from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome, SpendCap
@@ -266,10 +265,8 @@ class Pool:
         """Hand a finished row to the writer (its journal has it at once) and count it."""
         try:
             self.writer.add(result)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            self.stop(DiskFull(self.writer.directory))  # what is journalled stays
+        except OSError as exc:  # a full disk, a folder turned read-only: what is journalled stays
+            self.stop(cannot_write(self.writer.directory, exc))
             return
         self.tally.record_row(result)
         if len(self.writer) >= self.settings.flush_rows:
@@ -524,9 +521,7 @@ class Pool:
             try:
                 await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
             except OSError as exc:
-                if not is_disk_full(exc):
-                    raise
                 # the rows stay in their journal segment: the next run makes the part
-                self.stop(DiskFull(self.writer.directory))
+                self.stop(cannot_write(self.writer.directory, exc))
                 return
             log.debug("checkpoint_flushed", part=path.name, rows=len(rows))

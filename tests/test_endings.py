@@ -27,8 +27,11 @@ from click.testing import CliRunner, Result
 
 from batchrun.checkpoint import Checkpoint
 from batchrun.cli import cli
+from batchrun.errors import CannotWrite
 from batchrun.fake import FakeServer
 from batchrun.job import load_job
+from batchrun.pool import PoolSettings
+from batchrun.runner import run_job
 from batchrun.sinks import INDEX_COLUMN, part_path, part_schema, parts_dir, write_atomically
 from tests.conftest import fast_job_data, write_jsonl
 from tests.test_cli_errors import to_toml
@@ -438,3 +441,38 @@ def test_output_of_another_job_is_refused_leaving_no_checkpoint_folder(
     assert result.exit_code == 2, result.output
     assert "was not written by this job" in result.output
     assert not parts_dir(tmp_path / "out.parquet").exists()
+
+
+def test_checkpoint_folder_turned_unwritable_mid_run_stops_resumably(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """The checkpoint folder made immutable while a run writes parts: the run stops
+    (CannotWrite, exit 3) naming the folder and why, and completes once it is writable again."""
+    rows = 60
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(rows)])
+    job = load_job(write_job(tmp_path, fake.base_url, limits={"concurrency": 2}))
+    directory = parts_dir(job.output)
+    fake.update(latency=0.005)
+
+    def freeze_after_some_requests() -> None:
+        deadline = time.monotonic() + 30
+        while fake.stats()["requests"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+
+    if subprocess.run(["chattr", "-i", str(tmp_path)], check=False).returncode != 0:
+        pytest.skip("chattr is not possible here")
+    freezer = threading.Thread(target=freeze_after_some_requests)
+    freezer.start()
+    try:
+        with pytest.raises(CannotWrite) as stopped:
+            run_job(job, settings=PoolSettings(flush_rows=4, stop_grace=1))
+    finally:
+        freezer.join()
+        subprocess.run(["chattr", "-i", str(directory)], check=False)
+    assert str(stopped.value).startswith(f"cannot write at {directory} (Operation not permitted)")
+    assert stopped.value.exit_code == 3
+    fake.update(latency=0.0)
+    summary = run_job(job)
+    assert summary.complete and summary.rows_ok == rows
+    assert fake.stats()["requests"] <= rows + 4  # what was in flight, at most, is asked again
