@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import threading
 from collections.abc import Iterator
@@ -69,9 +70,16 @@ def _endpoint(job: Job) -> Iterator[Job]:
         yield job.model_copy(update={"base_url": fake.base_url})
 
 
+def _fingerprint_digest(manifest: dict[str, Any]) -> str:
+    raw = orjson.dumps(manifest["fingerprint"], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()
+
+
 def _output_metadata(rows: int, manifest: dict[str, Any]) -> bytes:
-    """Stored in the output file, so a re-run can tell the job is already done."""
-    return orjson.dumps({"fingerprint": manifest["fingerprint"], "rows": rows})
+    """Stored in the output file, so a re-run can tell the job is already done: a digest of
+    the job's fingerprint, not its values, which may quote prompts or extra_body and would
+    travel with the file wherever it is shared."""
+    return orjson.dumps({"fingerprint_sha256": _fingerprint_digest(manifest), "rows": rows})
 
 
 def _report_metadata(job: Job) -> bytes:
@@ -99,7 +107,11 @@ def _finished_output(job: Job, manifest: dict[str, Any], rows: int) -> dict[str,
         found = orjson.loads(metadata[METADATA_KEY])
     except Exception:
         found = None
-    if isinstance(found, dict) and found.get("fingerprint") == manifest["fingerprint"]:
+    if isinstance(found, dict) and (
+        found.get("fingerprint_sha256") == _fingerprint_digest(manifest)
+        # files written before the digest hold the fingerprint itself
+        or found.get("fingerprint") == manifest["fingerprint"]
+    ):
         if int(found.get("rows", 0)) >= rows:
             return found
     raise ConfigError(
