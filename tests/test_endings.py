@@ -131,7 +131,7 @@ def _done_checkpoint(job_file: Path, rows: int, parts: int, *, undone: int = 1) 
         index = pa.array(range(number * size, end), pa.int64())
         count = len(index)
         columns = {
-            "id": pc.cast(index, pa.string()),
+            "id": pc.cast(index, schema.field("id").type),
             "status": pa.array(["ok"] * count, pa.string()),
             "content": pa.array(["an answer of a few words"] * count, pa.large_string()),
             "cost_usd": pa.array([0.0] * count, pa.float64()),
@@ -300,7 +300,7 @@ def test_full_disk_mid_run_stops_with_exit_3_and_completes_once_space_is_freed(
         second = invoke("run", str(job_file), "-q")
         assert second.exit_code == 0, second.output
         out = pq.read_table(disk / "out.parquet").to_pylist()
-    assert [r["id"] for r in out] == [str(i) for i in range(rows)]
+    assert [r["content"] for r in out] == [f"echo: q{i}" for i in range(rows)]
     assert all(r["status"] == "ok" for r in out)
     assert fake.stats()["requests"] <= rows + 2  # at most the rows in flight at the failure
 
