@@ -18,6 +18,7 @@ import anyio
 import orjson
 
 from batchrun.client import Completion
+from batchrun.logs import scrub
 
 _FIELDS = [f.name for f in dataclasses.fields(Completion) if f.name != "headers"]
 
@@ -51,7 +52,8 @@ class RequestCache:
     def put(self, key: str, completion: Completion) -> None:
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
-        data = {name: getattr(completion, name) for name in _FIELDS}
+        # redacted: a server may echo the key inside an answer
+        data = scrub({name: getattr(completion, name) for name in _FIELDS})
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(orjson.dumps(data))
         os.replace(tmp, path)

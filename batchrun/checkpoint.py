@@ -8,10 +8,12 @@ journal into part files, then skips rows whose latest result is ok and tries the
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,9 +24,11 @@ import orjson
 
 from batchrun.errors import ConfigError, InputError
 from batchrun.job import Job
+from batchrun.logs import scrub
 from batchrun.sinks import (
     INDEX_COLUMN,
     PAID_BEFORE_COLUMN,
+    list_journals,
     list_parts,
     part_schema,
     parts_dir,
@@ -104,10 +108,50 @@ class Checkpoint:
         return self.manifest_path.exists()
 
     def read_manifest(self) -> dict[str, Any]:
-        data = orjson.loads(self.manifest_path.read_bytes())
+        """The manifest, checked for shape.
+
+        Raises:
+            ConfigError: it is not JSON, or not the shape a run writes (naming the file).
+        """
+        path = self.manifest_path
+        try:
+            data = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError:
+            raise damaged(path, "not JSON") from None
         if not isinstance(data, dict):
-            raise ConfigError("the checkpoint manifest is damaged", path=self.manifest_path)
+            raise damaged(path, "not a JSON object")
+        if not isinstance(data.get("fingerprint"), dict):
+            raise damaged(path, "no fingerprint")
+        for key in ("rows", "limit"):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise damaged(path, f"{key!r} is not a whole number")
         return data
+
+    def check_writable(self) -> None:
+        """Refuse an output folder (or checkpoint folder) this process cannot write, before
+        anything is read or sent: a file is created and removed in each.
+
+        Raises:
+            ConfigError: naming the folder and why.
+        """
+        folder = self.output.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for place in (folder, self.directory):
+                if place.is_dir():
+                    fd, name = tempfile.mkstemp(dir=place, prefix=".batchrun-probe-")
+                    os.close(fd)
+                    os.unlink(name)
+        except OSError as exc:
+            where = exc.filename if isinstance(exc.filename, str) else folder
+            if isinstance(where, str) and Path(where).name.startswith(".batchrun-probe-"):
+                where = Path(where).parent
+            raise ConfigError(
+                f"the output folder cannot be written ({exc.strerror}): choose another "
+                "output or fix the folder's permissions",
+                path=where,
+            ) from None
 
     def manifest_for(self, job: Job) -> dict[str, Any]:
         return {
@@ -121,7 +165,8 @@ class Checkpoint:
         Raises:
             ConfigError: the job changed since the checkpoint was made, and not `restart`.
         """
-        wanted = self.manifest_for(job)
+        # no job value reaches the manifest unredacted (it may quote a prompt or extra_body)
+        wanted = scrub(self.manifest_for(job))
         if self.exists() and restart:
             self.discard()
         if self.exists():
@@ -145,6 +190,9 @@ class Checkpoint:
                     path=self.directory,
                 )
             return
+        orphans = [*list_parts(self.directory), *list_journals(self.directory)]
+        if orphans:  # results of an unknown job: resuming them could mix two jobs
+            raise damaged(self.manifest_path, f"missing, yet {orphans[0].name} is there")
         self.directory.mkdir(parents=True, exist_ok=True)
         wanted["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         self._write_manifest(wanted)
@@ -175,7 +223,7 @@ class Checkpoint:
         return recover_journals(self.directory, schema=part_schema(carried))
 
     def discard(self) -> None:
-        """Throw the checkpoint away (what --restart does).
+        """Throw the checkpoint folder away (at the end of a run, or when it held nothing).
 
         Raises:
             ConfigError: another live run is using it.
@@ -184,6 +232,25 @@ class Checkpoint:
         if holder is not None and not self._holding_lock:
             raise _locked(holder, self.output)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def discard_if_empty(self) -> None:
+        """Remove the folder if it holds nothing but the lock file (call it holding the lock)."""
+        with contextlib.suppress(OSError):
+            if [entry.name for entry in self.directory.iterdir()] == [LOCK]:
+                self.discard()
+
+    def clear(self) -> None:
+        """Empty the checkpoint but keep the lock file (what --restart does, holding the
+        lock): removing the folder would let a run starting now take a lock of its own."""
+        if not self._holding_lock:
+            raise RuntimeError("clear() needs the run lock")
+        for entry in self.directory.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def lock_holder(self) -> int | None:
         """The pid of the live run using this checkpoint, if any."""
@@ -214,10 +281,15 @@ class Checkpoint:
         # a hundred parts at a time keeps memory flat; each dataset keeps its parts' order,
         # so a later result for a position wins
         for start in range(0, len(parts), 100):
-            dataset = pq.ParquetDataset(parts[start : start + 100])
-            # parts written before `_paid_before` existed have none: nothing was counted twice
-            paid = [PAID_BEFORE_COLUMN] if PAID_BEFORE_COLUMN in dataset.schema.names else []
-            table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd", *paid])
+            chunk = parts[start : start + 100]
+            try:
+                dataset = pq.ParquetDataset(chunk)
+                # parts written before `_paid_before` existed have none: nothing was counted twice
+                paid = [PAID_BEFORE_COLUMN] if PAID_BEFORE_COLUMN in dataset.schema.names else []
+                table = dataset.read(columns=[INDEX_COLUMN, "status", "cost_usd", *paid])
+            except Exception:  # pyarrow raises several types for a bad file
+                check_parts(chunk)
+                raise
             spent += pc.sum(table["cost_usd"]).as_py() or 0.0
             if paid:
                 spent -= pc.sum(table[PAID_BEFORE_COLUMN]).as_py() or 0.0
@@ -266,6 +338,38 @@ class Checkpoint:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
         self._holding_lock = False
+
+
+def damaged(path: Path, what: str) -> ConfigError:
+    """The error for a checkpoint file that does not read as a run wrote it."""
+    return ConfigError(
+        f"the checkpoint is damaged ({what}): run with --restart to discard it and start over",
+        path=path,
+    )
+
+
+#: the columns resume and status read from every part file
+PART_COLUMNS = (INDEX_COLUMN, "status", "cost_usd", "error_class")
+
+
+def check_parts(parts: list[Path]) -> None:
+    """Open each part file's footer and schema, to name the one that does not read.
+
+    Raises:
+        ConfigError: the first part file that is not Parquet or lacks a needed column.
+    """
+    import pyarrow.parquet as pq
+
+    for part in parts:
+        try:
+            names = pq.read_schema(part).names
+        except FileNotFoundError:
+            continue  # a finishing run removed it meanwhile
+        except Exception as exc:  # pyarrow raises several types for a bad file
+            raise damaged(part, f"not a readable Parquet file: {exc}") from None
+        missing = [name for name in PART_COLUMNS if name not in names]
+        if missing:
+            raise damaged(part, f"no {missing[0]!r} column")
 
 
 def _same_file(fd: int, path: Path) -> bool:

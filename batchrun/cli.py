@@ -6,14 +6,19 @@ runs, so `batchrun --help` stays instant.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from batchrun import __version__
-from batchrun.errors import EXIT_STOPPED, EXIT_USAGE, BatchrunError, RunStopped
+from batchrun.errors import EXIT_USAGE, BatchrunError, Interrupted, RunStopped
 from batchrun.fake.command import fake_server_command
 
 
@@ -169,17 +174,58 @@ def run(
 
         live = progress is not False and sys.stderr.isatty()
         display = "live" if live else "lines"
-        summary = run_job(job, restart=restart, settings=PoolSettings(display=display))
+        with _sigterm_as_interrupt():
+            summary = run_job(job, restart=restart, settings=PoolSettings(display=display))
+    except KeyboardInterrupt as exc:  # outside the pool (scan, compaction): all done is on disk
+        _exit_stopped(Interrupted("SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"))
     except RunStopped as stop:
         if stop.summary is not None:
             _echo_summary(stop.summary)
-        click.echo(f"stopped: {stop}", file=sys.stderr)
-        sys.exit(stop.exit_code)
+        _exit_stopped(stop)
     except BatchrunError as exc:
-        click.echo(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _exit_error(exc)
     _echo_summary(summary)
     sys.exit(summary.exit_code)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the pool's own handler: raised wherever the program is, as Ctrl-C is,
+    so that the run winds down the same way (a BaseException, so no `except Exception`
+    swallows it)."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a run like Ctrl-C (exit 3, resumable) instead of killing it silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_stopped(stop: RunStopped) -> NoReturn:
+    click.echo(f"stopped: {_redacted(str(stop))}", file=sys.stderr)
+    sys.exit(stop.exit_code)
+
+
+def _exit_error(exc: BatchrunError) -> NoReturn:
+    click.echo(f"error: {_redacted(str(exc))}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+
+
+def _redacted(text: str) -> str:
+    # a message may quote a job value or a server's words; the key is in neither on a file
+    from batchrun.logs import redact
+
+    return redact(text)
 
 
 def _job_from(
@@ -212,8 +258,7 @@ def status(output: Path) -> None:
     try:
         report = read_status(output)
     except BatchrunError as exc:
-        click.echo(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _exit_error(exc)
     for line in describe(report):
         click.echo(line)
 
@@ -240,8 +285,7 @@ def export_command(output: Path, fmt: str, out: Path | None) -> None:
         else:
             export_to_file(output, out, fmt=fmt)
     except BatchrunError as exc:
-        click.echo(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _exit_error(exc)
 
 
 @cli.command(name="report")
@@ -254,8 +298,7 @@ def report_command(output: Path, as_json: bool) -> None:
     try:
         figures = read_report(output)
     except BatchrunError as exc:
-        click.echo(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        _exit_error(exc)
     write_report(figures, as_json=as_json, file=sys.stdout)
 
 
@@ -270,9 +313,25 @@ cli.add_command(fake_server_command)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Not click's standalone mode: that turns Ctrl-C into "Aborted!" and exit 1, where a run
+    stopped by Ctrl-C at any moment exits 3 saying how to resume.
+    """
     try:
-        cli(standalone_mode=True)
-    except KeyboardInterrupt:  # outside the pool's own handler: what is done is on disk
-        click.echo("interrupted: run the same command again to resume", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        code = cli.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort as abort:
+        if isinstance(abort.__context__, KeyboardInterrupt):
+            _exit_stopped(Interrupted("SIGINT"))
+        click.echo("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        _exit_stopped(Interrupted("SIGINT"))
+    except BrokenPipeError:  # `batchrun export ... | head`: quiet, as click's standalone mode
+        # the flush at exit would fail again: point stdout at /dev/null (Python's own advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

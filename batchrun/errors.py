@@ -7,6 +7,8 @@ BatchrunError
 ├── RunStopped               the run stopped early, resumable       -> exit 3
 │   ├── AuthError            401: the key is wrong
 │   ├── BalanceError         402: the account is out of credit
+│   ├── CannotWrite          the checkpoint or output cannot be written mid-run
+│   │   └── DiskFull         no space left there
 │   └── Interrupted          Ctrl-C or SIGTERM
 └── RequestError             one request failed (a row's failure, never a run's)
     ├── RetryableError       429, 5xx, network faults, hidden failures in a 200
@@ -20,6 +22,7 @@ codes and JSON fields, never from message text.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,45 @@ class CostCapReached(RunStopped):
             f"spend cap reached: ${spent:.4f} spent of ${cap:.4f}; run again with a higher "
             "--max-cost to go on"
         )
+
+
+class CannotWrite(RunStopped):
+    """Raised when the checkpoint or the output cannot be written mid-run (the folder turned
+    read-only, its permissions changed): what is journalled is kept."""
+
+    def __init__(self, path: Path | str, reason: str = "") -> None:
+        self.path = str(path)
+        super().__init__(self._message(reason))
+
+    def _message(self, reason: str) -> str:
+        detail = f" ({reason})" if reason else ""
+        return f"cannot write at {self.path}{detail}: fix it and run the same command again"
+
+
+class DiskFull(CannotWrite):
+    """Raised when the disk holding the checkpoint or the output is full (ENOSPC, EDQUOT)."""
+
+    def _message(self, reason: str) -> str:
+        return (
+            f"no space left on device at {self.path}: free some space and run the same "
+            "command again to resume"
+        )
+
+
+#: errno values that mean "the disk is full" rather than "this path is wrong"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception is an OSError saying the disk (or the quota) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def cannot_write(path: Path | str, exc: OSError) -> CannotWrite:
+    """The stop for a failed write at `path`: a full disk, or another reason."""
+    if is_disk_full(exc):
+        return DiskFull(path)
+    return CannotWrite(path, exc.strerror or str(exc))
 
 
 class Interrupted(RunStopped):

@@ -281,7 +281,36 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _refuse_literal_keys(data: dict[str, Any], path: Path) -> None:
+#: what an API key looks like: "sk-" then a long run of key characters (OpenAI, DeepSeek,
+#: Anthropic, OpenRouter keys all do), long enough that "sk-learn" is not one
+_KEY_SHAPED = re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-]{16,}")
+#: names under which a nested table would hold a credential
+_CREDENTIAL_NAMES = frozenset({"api_key", "apikey", "authorization", "access_token"})
+
+
+def _find_key_shaped(value: Any, where: str) -> str | None:
+    """The dotted place of the first key-shaped string in a job's data, if any."""
+    if isinstance(value, str):
+        return where if _KEY_SHAPED.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            place = f"{where}.{key}" if where else str(key)
+            if str(key).lower() in _CREDENTIAL_NAMES and item:
+                return place
+            found = _find_key_shaped(item, place)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for number, item in enumerate(value):
+            found = _find_key_shaped(item, f"{where}[{number}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_literal_keys(data: dict[str, Any], path: Path | str) -> None:
+    """Refuse a job that holds a key itself: it would sit in a file, and be sent or copied
+    wherever job values go. The message names where, never the value."""
     for key in ("api_key", "key", "token"):
         if key in data:
             raise ConfigError(
@@ -289,13 +318,19 @@ def _refuse_literal_keys(data: dict[str, Any], path: Path) -> None:
                 "environment variable and name it with api_key_env",
                 path=path,
             )
+    found = _find_key_shaped(data, "")
+    if found is not None:
+        raise ConfigError(
+            f"{found!r} holds what looks like an API key: keys are not allowed in a job; put "
+            "the key in an environment variable and name it with api_key_env",
+            path=path,
+        )
 
 
 def build_job(data: dict[str, Any], *, source: Path | None = None) -> Job:
     """Validate a job's data; relative paths resolve against the job file's folder."""
     where = source or "job"
-    if source is not None:
-        _refuse_literal_keys(data, source)
+    _refuse_literal_keys(data, where)
     try:
         job = Job.model_validate({**data, "source": source})
     except ValidationError as exc:

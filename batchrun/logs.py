@@ -12,8 +12,6 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
-import structlog
-
 REDACTED = "[redacted]"
 _secrets: set[str] = set()
 
@@ -24,6 +22,11 @@ def register_secret(value: str | None) -> None:
         _secrets.add(value)
 
 
+def has_secrets() -> bool:
+    """Whether any secret is registered (a cheap test before scrubbing a row)."""
+    return bool(_secrets)
+
+
 def redact(text: str) -> str:
     """`text` with every registered secret replaced."""
     for secret in _secrets:
@@ -32,13 +35,20 @@ def redact(text: str) -> str:
     return text
 
 
-def _scrub(value: Any) -> Any:
+def scrub(value: Any) -> Any:
+    """`value` with registered secrets replaced in every string, however deeply nested.
+
+    What a run writes (journal, parts, output, metadata, cache) passes through this, so a key
+    that a server echoes inside a 200 answer never reaches a file.
+    """
+    if not _secrets:
+        return value
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
+        return {k: scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return type(value)(_scrub(v) for v in value)
+        return type(value)(scrub(v) for v in value)
     return value
 
 
@@ -48,7 +58,7 @@ def redact_secrets(
     """structlog processor: remove registered secrets from every field."""
     if not _secrets:
         return event_dict
-    return {key: _scrub(value) for key, value in event_dict.items()}
+    return {key: scrub(value) for key, value in event_dict.items()}
 
 
 class CurrentStderr:
@@ -76,6 +86,9 @@ def configure(
 
     With `log_file`, events go to that file as JSON lines instead of to stderr.
     """
+    # lazy import: structlog adds ~200 ms, and the redaction above is used where no log is
+    import structlog
+
     out: Any = stream or CurrentStderr()
     if log_file is not None:
         # kept open for the rest of the process: log events may come until exit

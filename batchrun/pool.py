@@ -30,6 +30,7 @@ from batchrun.errors import (
     RequestError,
     RetryableError,
     RunStopped,
+    cannot_write,
 )
 from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome, SpendCap
@@ -298,7 +299,11 @@ class Pool:
 
     def _keep(self, result: dict[str, Any]) -> None:
         """Hand a finished row to the writer (its journal has it at once) and count it."""
-        self.writer.add(result)
+        try:
+            self.writer.add(result)
+        except OSError as exc:  # a full disk, a folder turned read-only: what is journalled stays
+            self.stop(cannot_write(self.writer.directory, exc))
+            return
         self.tally.record_row(result)
         if len(self.writer) >= self.settings.flush_rows:
             self._flush_wanted.set()
@@ -534,5 +539,10 @@ class Pool:
             if taken is None:
                 return
             path, rows = taken
-            await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
+            try:
+                await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
+            except OSError as exc:
+                # the rows stay in their journal segment: the next run makes the part
+                self.stop(cannot_write(self.writer.directory, exc))
+                return
             log.debug("checkpoint_flushed", part=path.name, rows=len(rows))

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,9 +17,18 @@ from typing import Any
 import orjson
 
 from batchrun.checkpoint import Checkpoint
-from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, InputError, RunStopped
+from batchrun.errors import (
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    BatchrunError,
+    ConfigError,
+    DiskFull,
+    InputError,
+    RunStopped,
+    is_disk_full,
+)
 from batchrun.job import Job, resolve_api_key
-from batchrun.logs import register_secret
+from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
 from batchrun.sinks import compact, output_schema
 from batchrun.sources import InputSummary, scan_input
@@ -60,18 +71,38 @@ def _endpoint(job: Job) -> Iterator[Job]:
         yield job.model_copy(update={"base_url": fake.base_url})
 
 
+def _digest(value: Any) -> str:
+    raw = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _fingerprint_digest(manifest: dict[str, Any]) -> str:
+    return _digest(manifest["fingerprint"])
+
+
 def _output_metadata(rows: int, manifest: dict[str, Any]) -> bytes:
-    """Stored in the output file, so a re-run can tell the job is already done."""
-    return orjson.dumps({"fingerprint": manifest["fingerprint"], "rows": rows})
+    """Stored in the output file, so a re-run can tell the job is already done: a digest of
+    the job's fingerprint, not its values, which may quote prompts or extra_body and would
+    travel with the file wherever it is shared."""
+    return orjson.dumps(
+        {
+            "fingerprint_sha256": _fingerprint_digest(manifest),
+            # the job's part alone, to tell "the input changed" from "another job"
+            "job_sha256": _digest(manifest["fingerprint"]["job"]),
+            "rows": rows,
+        }
+    )
 
 
 def _report_metadata(job: Job) -> bytes:
     return orjson.dumps(
-        {
-            "sweep_keys": [k for k in (job.sweep or {}) if k != "repeat"],
-            "fields": job.parse.fields if job.parse else {},
-            "reference": job.parse.reference if job.parse else {},
-        }
+        scrub(
+            {
+                "sweep_keys": [k for k in (job.sweep or {}) if k != "repeat"],
+                "fields": job.parse.fields if job.parse else {},
+                "reference": job.parse.reference if job.parse else {},
+            }
+        )
     )
 
 
@@ -88,11 +119,16 @@ def _finished_output(job: Job, manifest: dict[str, Any], rows: int) -> dict[str,
         found = orjson.loads(metadata[METADATA_KEY])
     except Exception:
         found = None
-    if isinstance(found, dict) and found.get("fingerprint") == manifest["fingerprint"]:
+    if isinstance(found, dict) and (
+        found.get("fingerprint_sha256") == _fingerprint_digest(manifest)
+        # files written before the digest hold the fingerprint itself
+        or found.get("fingerprint") == manifest["fingerprint"]
+    ):
         if int(found.get("rows", 0)) >= rows:
             return found
-    written = found.get("fingerprint") if isinstance(found, dict) else None
-    if isinstance(written, dict) and written.get("job") == manifest["fingerprint"]["job"]:
+    if isinstance(found, dict) and found.get("job_sha256") == _digest(
+        manifest["fingerprint"]["job"]
+    ):
         raise InputError(
             f"the input changed since {job.output.name} was written from it: run with "
             "--restart to answer it again (the old output is replaced)",
@@ -128,11 +164,14 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     """
     from batchrun.pool import Pool, PoolSettings
 
+    checkpoint = Checkpoint(job.output)
+    if restart or checkpoint.exists() or not job.output.exists():
+        checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
     api_key = resolve_api_key(job)
     register_secret(api_key)
-    checkpoint = Checkpoint(job.output)
-    manifest = checkpoint.manifest_for(job)
+    # redacted as the checkpoint's copy is, so that the two compare equal
+    manifest = scrub(checkpoint.manifest_for(job))
     schema = output_schema(scan.carried_types)
     schema = schema.with_metadata(
         {
@@ -140,31 +179,55 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
             REPORT_KEY: _report_metadata(job),
         }
     )
-    if restart:
-        # holding the lock, so a run that is starting cannot lose its checkpoint to us; one
-        # that starts after we let go finds no checkpoint, makes its own, and ours is refused
-        checkpoint.acquire_lock()
-        try:
-            checkpoint.discard()
-            job.output.unlink(missing_ok=True)
-        finally:
-            checkpoint.release_lock()
-    if not checkpoint.exists() and job.output.exists():
-        _finished_output(job, manifest, scan.rows)
-        ok, errors = _counts(job.output)
-        return RunSummary(job.output, True, scan.rows, ok, errors, None)
-
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.open(job, restart=False)
+    # the lock comes first: whatever is read or written in the checkpoint after this, no
+    # other run can change or remove meanwhile
     checkpoint.acquire_lock()
     try:
+        if restart:
+            checkpoint.clear()
+            job.output.unlink(missing_ok=True)
+        if not checkpoint.exists() and job.output.exists():
+            try:
+                _finished_output(job, manifest, scan.rows)
+                ok, errors = _counts(job.output)
+            finally:
+                checkpoint.discard_if_empty()  # the folder made for the lock just taken
+            return RunSummary(job.output, True, scan.rows, ok, errors, None)
+        checkpoint.open(job, restart=False)
         checkpoint.record_rows(scan.rows, limit=job.limit)
         checkpoint.recover(carried=scan.carried_types)
         return _run_with_checkpoint(
             job, scan, checkpoint, schema, api_key, settings or PoolSettings(), Pool
         )
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFull(exc.filename or checkpoint.directory) from None
+        raise
     finally:
         checkpoint.release_lock()
+
+
+def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error worth reporting from a task group's ExceptionGroup.
+
+    anyio wraps whatever a task raised; the CLI maps exit codes from our own classes, so the
+    first of ours wins, then a full disk, then a lone error of another kind.
+    """
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending[:0] = item.exceptions
+        else:
+            leaves.append(item)
+    for leaf in leaves:
+        if isinstance(leaf, BatchrunError):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt) or is_disk_full(leaf):
+            return leaf
+    return leaves[0] if len(leaves) == 1 else group
 
 
 def _run_with_checkpoint(
@@ -237,16 +300,28 @@ def _run_with_checkpoint(
                 await pool.run()
                 return pool.stop_reason
 
+        # asyncio resets SIGTERM to the default (kill) when the pool lets go of it; what the
+        # caller had set keeps counting for compaction
+        sigterm = signal.getsignal(signal.SIGTERM) if settings.handle_signals else None
         with _endpoint(job) as live:
             try:
                 stop = anyio.run(main, live)
+            except BaseExceptionGroup as group:
+                raise _unwrapped(group) from None
             finally:
                 writer.close()
+                if sigterm is not None:
+                    signal.signal(signal.SIGTERM, sigterm)
         state = checkpoint.resume_state(rows=scan.rows)
 
     complete = state.rows_done >= scan.rows
     if complete:
-        compact(checkpoint.directory, job.output, schema=schema, rows=scan.rows)
+        try:
+            compact(checkpoint.directory, job.output, schema=schema, rows=scan.rows)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(job.output) from None
+            raise
         # kept with --limit, so the full run resumes, and while error rows remain, so that
         # running again retries them
         if job.limit is None and state.rows_ok == scan.rows:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
+from batchrun.logs import has_secrets, scrub
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -180,9 +182,17 @@ def _journal_default(value: Any) -> Any:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    written = os.write(fd, data)
-    while written < len(data):  # only on a full disk or a signal mid-write
-        written += os.write(fd, data[written:])
+    """Append all of `data`, or nothing: a torn line left by a full disk would swallow the
+    line written after it once space is back, so it is cut off again before raising."""
+    written = 0
+    try:
+        while written < len(data):  # more than one write only on a full disk or a signal
+            written += os.write(fd, data[written:])
+    except BaseException:
+        if written:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, os.fstat(fd).st_size - written)
+        raise
 
 
 class PartWriter:
@@ -209,6 +219,17 @@ class PartWriter:
         return len(self._rows)
 
     def add(self, row: dict[str, Any]) -> None:
+        """Journal a result row and buffer it for the next part.
+
+        Registered secrets are redacted first: a server may echo the key inside an answer.
+
+        Raises:
+            OSError: the journal could not be written (the row is then neither journalled
+                nor buffered).
+        """
+        if has_secrets():
+            for name, value in row.items():  # in place, like the carried values below
+                row[name] = scrub(value)
         for name, kind in self._json_carried.items():
             row[name] = _carried_value(row.get(name), kind)
         line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from batchrun.checkpoint import Checkpoint
+from batchrun.checkpoint import Checkpoint, check_parts, damaged
 from batchrun.errors import ConfigError
 from batchrun.sinks import (
     INDEX_COLUMN,
@@ -48,6 +48,8 @@ class JobStatus:
     completion_tokens: int
     #: pid of a live run holding the lock
     active_pid: int | None
+    #: whether the output file is there (a checkpoint may be complete before it is written)
+    output_written: bool = True
 
     @property
     def rows_error(self) -> int:
@@ -83,7 +85,13 @@ def read_status(output: Path) -> JobStatus:
 def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
     import polars as pl
 
-    manifest = checkpoint.read_manifest() if checkpoint.exists() else {}
+    active_pid = checkpoint.lock_holder()
+    if checkpoint.exists():
+        manifest = checkpoint.read_manifest()
+    elif active_pid is None:  # a run writes its manifest before any result
+        raise damaged(checkpoint.manifest_path, "missing, yet results are there")
+    else:
+        manifest = {}
     rows = manifest.get("rows")
     rows = rows if isinstance(rows, int) else None
     limit = manifest.get("limit")
@@ -110,7 +118,11 @@ def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
         scanned = pl.scan_parquet(parts, include_file_paths="_part").select(
             INDEX_COLUMN, *_COUNTED, part_number().alias("_segment")
         )
-        frames.append(scanned.collect())
+        try:
+            frames.append(scanned.collect())
+        except Exception:  # polars raises several types for a bad file: name it
+            check_parts(parts)
+            raise
     frame = pl.concat(frames) if frames else pl.DataFrame(schema=schema)
     if rows is not None:
         frame = frame.filter(pl.col(INDEX_COLUMN) < rows)
@@ -121,7 +133,8 @@ def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
         source="checkpoint",
         rows=rows,
         limit=limit if isinstance(limit, int) else None,
-        active_pid=checkpoint.lock_holder(),
+        active_pid=active_pid,
+        output_written=checkpoint.output.is_file(),
     )
 
 
@@ -155,6 +168,7 @@ def _summarise(
     rows: int | None,
     limit: int | None,
     active_pid: int | None,
+    output_written: bool = True,
 ) -> JobStatus:
     import polars as pl
 
@@ -171,6 +185,7 @@ def _summarise(
         prompt_tokens=int(frame["prompt_tokens"].sum() or 0),
         completion_tokens=int(frame["completion_tokens"].sum() or 0),
         active_pid=active_pid,
+        output_written=output_written,
     )
 
 
@@ -184,6 +199,11 @@ def describe(status: JobStatus) -> list[str]:
         state = f"running (pid {status.active_pid})"
     elif status.source == "output":
         state = "complete"
+    elif remaining == 0 and not status.output_written:
+        # a run stopped or killed while compacting: every row has a result, the file does not
+        state = "checkpoint complete, output not yet written: run again to compact"
+        if status.rows_error:
+            state += " (error rows are retried first)"
     elif remaining == 0 and status.rows_error:
         state = "finished with error rows: run the same command again to retry them"
     elif remaining == 0:

@@ -151,8 +151,10 @@ async def _admitted(
     if config.latency_jitter:
         delay += state.jitter.uniform(0.0, config.latency_jitter)
 
+    echo = request.headers.get("Authorization", "") if config.echo_auth else None
+
     def build(*, isr: bool = False) -> tuple[dict[str, Any], Answer, dict[str, Any] | None]:
-        return _completion(state, chat, prompt, prompt_tokens, first_tokens, isr=isr)
+        return _completion(state, chat, prompt, prompt_tokens, first_tokens, isr=isr, echo=echo)
 
     if fault is not None:
         state.count_fault(fault.kind)
@@ -178,13 +180,24 @@ def _completion(
     first_tokens: int,
     *,
     isr: bool = False,
+    echo: str | None = None,
 ) -> tuple[dict[str, Any], Answer, dict[str, Any] | None]:
-    """Build the answer and its usage, and book the tokens and the cached prefix."""
+    """Build the answer and its usage, and book the tokens and the cached prefix.
+
+    With `echo` (the request's Authorization header, in `echo_auth` mode) the answer's id,
+    content and reasoning repeat it, as a careless proxy might.
+    """
     if isr:
         answer = Answer("", "" if chat.reasoner else None, 0, 0, "insufficient_system_resource")
     else:
         text, reasoning = content.answer(prompt, json_mode=chat.json_mode, reasoner=chat.reasoner)
         answer = content.fit(text, reasoning, chat.effective_max_tokens)
+    if echo is not None:
+        answer = dataclasses.replace(
+            answer,
+            content=f"{answer.content} (you sent {echo})",
+            reasoning=f"{answer.reasoning or ''} (you sent {echo})",
+        )
     first = chat.messages[0]
     seen = state.seen_prefix(hash((first.get("role"), first.get("content"))))
     hit = content.cache_hit_tokens(prompt_tokens, first_tokens, seen_before=seen)
@@ -193,7 +206,7 @@ def _completion(
     state.completions += 1
     reported = bodies.reported_usage(usage, state.config.usage)
     payload = bodies.completion(
-        id_=str(uuid.uuid4()),
+        id_=f"{uuid.uuid4()} {echo}" if echo is not None else str(uuid.uuid4()),
         created=int(time.time()),
         model=chat.model,
         answer=answer,

@@ -6,6 +6,8 @@ instant; the server (aiohttp, orjson) is imported when the command runs.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import click
@@ -56,6 +58,12 @@ def _faults(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     type=click.Choice(["full", "no_cache", "omit"]),
     help="Usage in answers: all fields (default), without the cache split, or none at all.",
 )
+@click.option(
+    "--echo-auth",
+    is_flag=True,
+    default=None,
+    help="Repeat the Authorization header in every answer (to test secret redaction).",
+)
 def fake_server_command(host: str, port: int, **options: Any) -> None:
     """Run a fake DeepSeek-compatible API server, for tests and benchmarks."""
     from batchrun.fake.config import FakeConfig
@@ -66,4 +74,9 @@ def fake_server_command(host: str, port: int, **options: Any) -> None:
         config = FakeConfig(**given)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    serve(config, host=host, port=port)
+    try:
+        serve(config, host=host, port=port)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        click.echo(f"error: cannot listen on {host}:{port}: {reason}", err=True)
+        sys.exit(2)

@@ -59,6 +59,8 @@ class FakeConfig:
     rate_headers: bool = True
     usage_chunk: UsageChunk = "final"
     usage: UsageMode = "full"
+    #: repeat the request's Authorization header in the answer's id, content and reasoning
+    echo_auth: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.faults, str):
