@@ -15,7 +15,14 @@ from typing import Any
 import orjson
 
 from batchrun.checkpoint import Checkpoint
-from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError, RunStopped
+from batchrun.errors import (
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    AuthError,
+    ConfigError,
+    KeyWanted,
+    RunStopped,
+)
 from batchrun.job import Job, resolve_api_key
 from batchrun.logs import register_secret
 from batchrun.progress import RunStatistics, Tally
@@ -121,9 +128,10 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     """
     from batchrun.pool import Pool, PoolSettings
 
-    scan = scan_input(job)
+    # the key first: a missing key is found before anything is read or sent
     api_key = resolve_api_key(job)
     register_secret(api_key)
+    scan = scan_input(job)
     checkpoint = Checkpoint(job.output)
     manifest = checkpoint.manifest_for(job)
     schema = output_schema(scan.carried_types)
@@ -252,6 +260,9 @@ def _run_with_checkpoint(
         state.rows_done - state.rows_ok,
         tally.statistics(),
     )
+    if isinstance(stop, AuthError) and api_key is None:
+        # no key was sent (a loopback URL may go without): the server wants one
+        stop = KeyWanted(job.api_key_env)
     if stop is not None:
         stop.summary = summary
         raise stop
