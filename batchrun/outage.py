@@ -30,6 +30,9 @@ log = structlog.get_logger("batchrun.outage")
 
 #: resets in a row, from at least two rows and with no answer in between, that make an outage
 RESET_STREAK = 3
+#: the shortest wait for a verdict on a dropped connection: the refusals of new connections
+#: that tell an outage take a few milliseconds to come, more on a loaded machine
+VERDICT_MIN_WAIT = 0.25
 #: the longest wait between two probes, whatever max_backoff says: a run should go on soon
 #: after the endpoint comes back
 PROBE_MAX_DELAY = 10.0
@@ -69,7 +72,7 @@ class EndpointGate:
         if await gate.failed(exc, row=position, probing=probing):
             ...                             # down: not the row's fault, go again at a turn
     else:
-        gate.answered(probing=probing)
+        gate.answered(probing=probing, sent_at=sent_at)
     ```
     """
 
@@ -95,6 +98,10 @@ class EndpointGate:
         self._probe_delay = probe_delay
         self._streak = 0
         self._streak_rows: set[int] = set()
+        #: when the last connection dropped, and the latest send time of an answered request
+        self._failed_at = -math.inf
+        self._answer_sent_at = -math.inf
+        self._verdicts_wanted = 0
         self._changed = anyio.Event()
         self._closed = False
         self._probes = 0
@@ -134,13 +141,25 @@ class EndpointGate:
             with anyio.move_on_after(self._time_left()):
                 await changed.wait()
 
-    def answered(self, *, probing: bool) -> None:
-        """An answer of any kind came back (a 429 or a 500 too): the endpoint is up."""
+    def answered(self, *, probing: bool, sent_at: float) -> None:
+        """An answer of any kind came back (a 429 or a 500 too) to a request sent at
+        `sent_at` (`anyio.current_time()`): the endpoint is up.
+
+        Only answers to requests sent after a failure say anything about it: a server going
+        away still answers the requests it had, and drops the rest. While the endpoint is
+        down, only a probe's answer brings it back.
+        """
         self._ever_answered = True
-        self._streak = 0
-        self._streak_rows.clear()
         if probing:
             self._probing = False
+        elif self.down:
+            return
+        if sent_at > self._failed_at:
+            self._streak = 0
+            self._streak_rows.clear()
+            self._answer_sent_at = max(self._answer_sent_at, sent_at)
+            if self._verdicts_wanted:
+                self._notify()
         if self.down:
             log.warning("endpoint_back", url=self.url, down_since=f"{self._down_since:%H:%M}")
             self._down_since = None
@@ -160,7 +179,11 @@ class EndpointGate:
         """Record a connection-level failure; returns whether the endpoint is down (the
         failure is then not the row's: it should go again at its turn, spending no attempt).
 
-        A failed probe waits its delay before the next one may go.
+        A connection dropped mid-request while the endpoint is up waits up to a probe delay
+        (about the backoff its retry would wait anyway) for a verdict: an answer to a request
+        sent since makes it one flaky connection (False, a normal retry); the endpoint going
+        down meanwhile makes it part of the outage. A failed probe waits its delay before
+        the next one may go.
 
         Raises:
             EndpointUnreachable: a URL that never answered like an API, or down too long.
@@ -169,13 +192,16 @@ class EndpointGate:
         if isinstance(error, NotAnEndpoint) and not self._ever_answered:
             raise EndpointUnreachable(self.url, reason=self._reason)  # a wrong path stays wrong
         if not isinstance(error, ConnectFailed | NotAnEndpoint) and not self.down:
+            failed_at = anyio.current_time()
+            self._failed_at = failed_at
             self._streak += 1
             self._streak_rows.add(row)
             if self._streak < RESET_STREAK or len(self._streak_rows) < 2:
-                return False  # a flaky connection so far: a normal retry
+                return not await self._flaky(failed_at)
         if not self.down:
             self._go_down()
         if probing:
+            log.info("endpoint_probe_failed", url=self.url, delay_s=self._probe_delay)
             try:
                 with anyio.move_on_after(min(self._probe_delay, self._time_left())):
                     while self.down and not self._closed:
@@ -189,10 +215,24 @@ class EndpointGate:
 
     # -- inside ---------------------------------------------------------------------------
 
+    async def _flaky(self, failed_at: float) -> bool:
+        """Wait for a verdict on a dropped connection: True once a request sent after it is
+        answered (or none is within a probe delay), False if the endpoint goes down."""
+        self._verdicts_wanted += 1
+        try:
+            with anyio.move_on_after(max(self.first_probe_delay, VERDICT_MIN_WAIT)):
+                while not self.down and not self._closed and self._answer_sent_at <= failed_at:
+                    changed = self._changed
+                    await changed.wait()
+        finally:
+            self._verdicts_wanted -= 1
+        return not self.down
+
     def _go_down(self) -> None:
         self._down_at = anyio.current_time()
         self._down_since = datetime.now().astimezone()
         self._outages += 1
+        self._notify()
         log.warning(
             "endpoint_unreachable",
             url=self.url,

@@ -436,23 +436,24 @@ class Pool:
             except GateClosed:
                 raise _Abandoned from None
             failure: RetryableError | NotAnEndpoint
+            sent_at = anyio.current_time()
             try:
                 answer = await self.client.send(body)
             except (ConnectFailed, NotAnEndpoint) as exc:
                 failure = exc
             except RetryableError as exc:
                 if exc.error_class != "network":
-                    gate.answered(probing=probing)
+                    gate.answered(probing=probing, sent_at=sent_at)
                     raise
                 failure = exc
             except (RequestError, RunStopped):
-                gate.answered(probing=probing)
+                gate.answered(probing=probing, sent_at=sent_at)
                 raise
             except BaseException:
                 gate.release(probing=probing)
                 raise
             else:
-                gate.answered(probing=probing)
+                gate.answered(probing=probing, sent_at=sent_at)
                 return answer
             if not await gate.failed(failure, row=position, probing=probing):
                 raise failure  # one flaky connection: a normal retry
