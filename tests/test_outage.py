@@ -7,6 +7,7 @@ httpx.MockTransport raising the error httpx raises, so that no test sends a DNS 
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -30,6 +31,7 @@ from batchrun.runner import run_job
 from batchrun.sinks import list_journals, list_parts, parts_dir
 from tests.conftest import fast_job_data, write_jsonl
 from tests.test_cli_errors import write_job
+from tests.test_resume import start_run, wait_for_requests
 from tests.test_runner import prompts, read_output
 
 SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
@@ -269,3 +271,36 @@ async def test_plain_text_500s_to_keyless_first_requests_mean_a_key_is_wanted() 
             except Exception as exc:
                 errors.append(type(exc))
     assert errors[-1] is AuthError and AuthError not in errors[:-1]
+
+
+# --- stopping while every worker waits -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wait", "signum"),
+    [
+        pytest.param("429", signal.SIGTERM, id="429-pause-sigterm"),
+        pytest.param("rpm", signal.SIGINT, id="rpm-budget-ctrl-c"),
+    ],
+)
+def test_signal_while_every_worker_waits_ends_within_seconds(
+    tmp_path: Path, fake: FakeServer, wait: str, signum: signal.Signals
+) -> None:
+    """SIGTERM or Ctrl-C while every worker waits out a long 429 pause or an RPM budget far
+    below the row count: nothing is in flight, so the run ends in seconds (not after the
+    grace period for requests in flight), exit 3, resumable."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    if wait == "429":
+        fake.update(rpm=1)  # one answer, then 429s asking for about a minute's wait
+        extra: tuple[str, ...] = ()
+    else:
+        extra = ("--rpm", "1")
+    with start_run(tmp_path, fake, "--concurrency", "4", *extra) as process:
+        wait_for_requests(fake, 4 if wait == "429" else 1, process)
+        time.sleep(0.3)  # the workers reach their waits
+        signalled = time.monotonic()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 3, stderr
+    assert time.monotonic() - signalled < 5
+    assert "run the same command again to resume" in stderr
