@@ -123,22 +123,31 @@ async def test_dns_failure_is_a_connect_failure() -> None:
 # --- going away mid-run ----------------------------------------------------------------------
 
 
-def outage(server: FakeServer, *, after: int, down_for: float | None) -> threading.Thread:
-    """Stop the fake once it has answered `after` requests; start it again on the same port
-    `down_for` seconds later (never, if None)."""
+class Outage:
+    """Stops the fake once it has answered `after` requests; starts it again on the same port
+    `down_for` seconds later (never, if None). `seconds` is how long it was down."""
 
-    def run() -> None:
+    def __init__(self, server: FakeServer, *, after: int, down_for: float | None) -> None:
+        self.server = server
+        self.after = after
+        self.down_for = down_for
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
         deadline = time.monotonic() + 20
-        while server.stats()["requests"] < after and time.monotonic() < deadline:
+        while self.server.stats()["requests"] < self.after and time.monotonic() < deadline:
             time.sleep(0.002)
-        server.stop()
-        if down_for is not None:
-            time.sleep(down_for)
-            server.start()
+        went = time.monotonic()
+        self.server.stop()
+        if self.down_for is not None:
+            time.sleep(self.down_for)
+            self.server.start()
+            self.seconds = time.monotonic() - went
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    def join(self) -> None:
+        self._thread.join()
 
 
 def test_endpoint_down_mid_run_pauses_then_every_row_ends_ok_without_spent_attempts(
@@ -148,7 +157,7 @@ def test_endpoint_down_mid_run_pauses_then_every_row_ends_ok_without_spent_attem
     more than one attempt, and the logs and progress lines say the endpoint was unreachable."""
     with FakeServer(FakeConfig(latency=0.005)) as server:
         job = job_for(tmp_path, server.base_url, rows=60, limits={"outage_timeout": 20})
-        thread = outage(server, after=15, down_for=0.6)
+        thread = Outage(server, after=15, down_for=0.6)
         settings = PoolSettings(
             flush_rows=2, flush_seconds=0.05, display="lines", progress_every=0.05
         )
@@ -180,7 +189,7 @@ def test_while_down_one_probe_at_a_time(tmp_path: Path) -> None:
                 "outage_timeout": 20,
             },
         )
-        thread = outage(server, after=5, down_for=0.8)
+        thread = Outage(server, after=5, down_for=0.8)
         with capture_logs() as logs:
             summary = run_job(job, settings=SETTINGS)
         thread.join()
@@ -188,7 +197,8 @@ def test_while_down_one_probe_at_a_time(tmp_path: Path) -> None:
     down = [e for e in logs if e["event"] == "endpoint_unreachable"]
     probes = [e for e in logs if e["event"] == "endpoint_probe_failed"]
     assert len(down) == 1
-    assert 2 <= len(probes) <= 12  # 0.8 s / 0.1 s, not 16 workers each probing
+    # one probe every 0.1 s while down, not one per waiting worker (16)
+    assert 2 <= len(probes) <= thread.seconds / 0.1 + 3
 
 
 def test_outage_longer_than_outage_timeout_stops_resumably(tmp_path: Path) -> None:
@@ -196,7 +206,7 @@ def test_outage_longer_than_outage_timeout_stops_resumably(tmp_path: Path) -> No
     none is an error, and the same job completes once the endpoint is back."""
     with FakeServer(FakeConfig(latency=0.005)) as server:
         job = job_for(tmp_path, server.base_url, rows=60, limits={"outage_timeout": 0.3})
-        thread = outage(server, after=10, down_for=None)
+        thread = Outage(server, after=10, down_for=None)
         with pytest.raises(EndpointUnreachable) as caught:
             run_job(job, settings=SETTINGS)
         thread.join()
