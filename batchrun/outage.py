@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import anyio
 import structlog
@@ -34,7 +34,7 @@ RESET_STREAK = 3
 #: that tell an outage take a few milliseconds to come, more on a loaded machine
 VERDICT_MIN_WAIT = 0.25
 #: the longest wait between two probes, whatever max_backoff says: a run should go on soon
-#: after the endpoint comes back
+#: after the endpoint comes back (tens of probes in a 15-minute outage, one at a time)
 PROBE_MAX_DELAY = 10.0
 
 
@@ -89,7 +89,7 @@ class EndpointGate:
         self.outage_timeout = outage_timeout
         self.start_timeout = start_timeout
         self.first_probe_delay = probe_delay
-        self.max_probe_delay = max(probe_delay, max_probe_delay)
+        self.max_probe_delay = max(probe_delay, min(max_probe_delay, PROBE_MAX_DELAY))
         self._ever_answered = False
         self._down_at = math.nan
         self._down_since: datetime | None = None
@@ -174,7 +174,12 @@ class EndpointGate:
             self._notify()
 
     async def failed(
-        self, error: RetryableError | NotAnEndpoint, *, row: int, probing: bool
+        self,
+        error: RetryableError | NotAnEndpoint,
+        *,
+        row: int,
+        probing: bool,
+        sent_at: float | None = None,
     ) -> bool:
         """Record a connection-level failure; returns whether the endpoint is down (the
         failure is then not the row's: it should go again at its turn, spending no attempt).
@@ -184,6 +189,10 @@ class EndpointGate:
         sent since makes it one flaky connection (False, a normal retry); the endpoint going
         down meanwhile makes it part of the outage. A failed probe waits its delay before
         the next one may go.
+
+        Args:
+            sent_at: when the failed request went (`anyio.current_time()`): an outage is
+                counted from there, so a connect timeout's own wait counts towards it.
 
         Raises:
             EndpointUnreachable: a URL that never answered like an API, or down too long.
@@ -199,7 +208,7 @@ class EndpointGate:
             if self._streak < RESET_STREAK or len(self._streak_rows) < 2:
                 return not await self._flaky(failed_at)
         if not self.down:
-            self._go_down()
+            self._go_down(sent_at)
         if probing:
             log.info("endpoint_probe_failed", url=self.url, delay_s=self._probe_delay)
             try:
@@ -228,9 +237,10 @@ class EndpointGate:
             self._verdicts_wanted -= 1
         return not self.down
 
-    def _go_down(self) -> None:
-        self._down_at = anyio.current_time()
-        self._down_since = datetime.now().astimezone()
+    def _go_down(self, sent_at: float | None) -> None:
+        now = anyio.current_time()
+        self._down_at = now if sent_at is None else min(now, sent_at)
+        self._down_since = datetime.now().astimezone() - timedelta(seconds=now - self._down_at)
         self._outages += 1
         self._notify()
         log.warning(

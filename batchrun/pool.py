@@ -141,7 +141,7 @@ class Pool:
             outage_timeout=limits.outage_timeout,
             start_timeout=limits.start_timeout,
             probe_delay=limits.initial_backoff,
-            max_probe_delay=min(limits.max_backoff, 10.0),
+            max_probe_delay=limits.max_backoff,
         )
 
     # -- stopping -------------------------------------------------------------------------
@@ -455,7 +455,7 @@ class Pool:
             else:
                 gate.answered(probing=probing, sent_at=sent_at)
                 return answer
-            if not await gate.failed(failure, row=position, probing=probing):
+            if not await gate.failed(failure, row=position, probing=probing, sent_at=sent_at):
                 raise failure  # one flaky connection: a normal retry
             if self.stopping:
                 raise _Abandoned
