@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,24 @@ def test_signal_while_every_worker_waits_ends_within_seconds(
     assert process.returncode == 3, stderr
     assert time.monotonic() - signalled < 5
     assert "run the same command again to resume" in stderr
+
+
+def test_display_says_since_when_the_endpoint_is_unreachable() -> None:
+    """While the endpoint is down, the live display's pool line and the progress line's
+    `endpoint` field say "endpoint unreachable since 14:02, retrying"."""
+    from rich.console import Console
+
+    from batchrun.outage import GateStatistics
+    from batchrun.progress import Tally, _render, progress_fields
+
+    class DownGate:
+        def statistics(self) -> GateStatistics:
+            return GateStatistics(datetime(2026, 1, 1, 14, 2), probes=3, outages=1)
+
+    stats = Tally(rows_total=10).statistics()
+    assert progress_fields(stats, None, DownGate())["endpoint"] == (
+        "endpoint unreachable since 14:02, retrying"
+    )
+    console = Console(record=True, width=120)
+    console.print(_render(stats, None, DownGate()))
+    assert "endpoint unreachable since 14:02, retrying" in console.export_text()
