@@ -4,8 +4,9 @@ A connection that cannot be made (refused, DNS failure, connect timeout) or a UR
 like no API at all (a 404 page) is the endpoint's failure, never a row's: it costs no attempt.
 A connection reset mid-request may be one flaky connection (a normal retry, counted) or the
 endpoint going away: a streak of them across rows, with no answer in between, is taken as an
-outage. While the endpoint is down, one request at a time goes out as a probe and the others
-wait for it; the first answer of any kind brings every worker back. An endpoint down longer
+outage. While the endpoint is down, one request at a time goes out as a probe (a row's own
+request, so nothing extra is paid) and the others wait for it; a probe's answer of any kind,
+a 429 or a 500 too, brings every worker back. An endpoint down longer
 than `outage_timeout` (or than `start_timeout` when it never answered in this run) stops the
 run with `EndpointUnreachable`, resumable.
 """
@@ -66,6 +67,7 @@ class EndpointGate:
 
     ```python
     probing = await gate.wait_turn()        # at once while up; a turn to probe while down
+    sent_at = anyio.current_time()
     try:
         answer = await client.send(body)
     except ConnectFailed as exc:
