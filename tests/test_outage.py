@@ -221,6 +221,33 @@ def test_outage_longer_than_outage_timeout_stops_resumably(tmp_path: Path) -> No
     assert {r["attempts"] for r in read_output(tmp_path)} == {1}
 
 
+def test_every_connection_reset_is_an_outage_too(tmp_path: Path, fake: FakeServer) -> None:
+    """The endpoint accepts connections but resets every request: after a few resets across
+    rows the pool waits and probes; when requests go through again every row ends ok, with
+    no attempt spent on the resets."""
+    fake.update(fail_rate=1.0, faults=("drop",))
+    # a drop waits up to initial_backoff for a verdict: room for the other rows' resets to
+    # come in on a loaded machine
+    limits = {"initial_backoff": 0.3, "max_backoff": 0.3}
+    job = job_for(tmp_path, fake.base_url, rows=20, limits=limits)
+
+    def recover() -> None:
+        deadline = time.monotonic() + 20
+        while fake.stats()["requests"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(0.3)
+        fake.update(fail_rate=0.0)
+
+    thread = threading.Thread(target=recover, daemon=True)
+    thread.start()
+    with capture_logs() as logs:
+        summary = run_job(job, settings=SETTINGS)
+    thread.join()
+    assert summary.rows_ok == 20
+    assert {r["attempts"] for r in read_output(tmp_path)} == {1}
+    assert "endpoint_unreachable" in [e["event"] for e in logs]
+
+
 def test_one_dropped_connection_is_a_normal_retry(tmp_path: Path, fake: FakeServer) -> None:
     """A single connection dropped mid-request is retried as usual (a counted attempt), with
     no outage declared."""
