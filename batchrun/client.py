@@ -33,8 +33,9 @@ if TYPE_CHECKING:
 USER_AGENT = "batchrun/0.1"
 RETRYABLE_STATUS = frozenset({408, 409, 425, 500, 502, 503, 504})
 PERMANENT_CLASSES = {400: "bad_request", 404: "not_found", 413: "too_large", 422: "invalid_params"}
-#: plain-text 5xx answers to the first requests sent without a key, before they are taken to
-#: mean that the server wants one (some local servers answer a missing key so)
+#: plain-text 500s answering the first requests sent without a key, before they are taken to
+#: mean that the server wants one (some local servers answer a missing key so; a 502/503
+#: page is an overloaded or restarting server, not a refusal)
 KEYLESS_REFUSALS = 3
 
 
@@ -270,7 +271,7 @@ class Client:
             # an API's own 404 (an unknown model, say) has an error object; a wrong path
             # gets the web server's page, or a framework's {"detail": ...}
             raise NotAnEndpoint(f"{self.url} is not a chat-completions endpoint ({message})")
-        if status >= 500 and self._api_key is None and not self._answered:
+        if status == 500 and self._api_key is None and not self._answered:
             if _json_object(body) is None:
                 self._keyless_refusals += 1
                 if self._keyless_refusals >= KEYLESS_REFUSALS:

@@ -24,7 +24,13 @@ from structlog.testing import capture_logs
 
 from batchrun.cli import cli
 from batchrun.client import Client
-from batchrun.errors import AuthError, ConnectFailed, EndpointUnreachable, KeyWanted
+from batchrun.errors import (
+    AuthError,
+    ConnectFailed,
+    EndpointUnreachable,
+    KeyWanted,
+    RetryableError,
+)
 from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
@@ -290,14 +296,23 @@ def test_loopback_server_wanting_a_key_names_the_variable(
     assert caught.value.exit_code == 3
 
 
+@pytest.mark.parametrize(
+    ("content", "refused"),
+    [
+        pytest.param(b"Internal Server Error", True, id="plain-text"),
+        pytest.param(b'{"error": {"message": "boom", "type": "server_error"}}', False, id="json"),
+    ],
+)
 @pytest.mark.anyio
-async def test_plain_text_500s_to_keyless_first_requests_mean_a_key_is_wanted() -> None:
+async def test_plain_text_500s_to_keyless_first_requests_mean_a_key_is_wanted(
+    content: bytes, refused: bool
+) -> None:
     """Without a key, plain-text 500s on the first requests are taken as a refusal (AuthError)
-    by the third; a JSON 500 stays a retryable server error."""
+    by the third; JSON 500s stay retryable server errors."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         assert "authorization" not in request.headers
-        return httpx.Response(500, content=b"Internal Server Error")
+        return httpx.Response(500, content=content)
 
     client = Client("http://127.0.0.1:9", api_key=None, max_connections=1, transport="httpx")
     client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
@@ -308,7 +323,8 @@ async def test_plain_text_500s_to_keyless_first_requests_mean_a_key_is_wanted() 
                 await client.send({"model": "m", "messages": []})
             except Exception as exc:
                 errors.append(type(exc))
-    assert errors[-1] is AuthError and AuthError not in errors[:-1]
+    assert errors[:2] == [RetryableError, RetryableError]
+    assert (errors[2] is AuthError) == refused
 
 
 # --- stopping while every worker waits -------------------------------------------------------
