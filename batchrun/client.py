@@ -19,6 +19,8 @@ import orjson
 from batchrun.errors import (
     AuthError,
     BalanceError,
+    ConnectFailed,
+    NotAnEndpoint,
     PermanentError,
     RateLimited,
     RetryableError,
@@ -31,6 +33,10 @@ if TYPE_CHECKING:
 USER_AGENT = "batchrun/0.1"
 RETRYABLE_STATUS = frozenset({408, 409, 425, 500, 502, 503, 504})
 PERMANENT_CLASSES = {400: "bad_request", 404: "not_found", 413: "too_large", 422: "invalid_params"}
+#: plain-text 500s answering the first requests sent without a key, before they are taken to
+#: mean that the server wants one (some local servers answer a missing key so; a 502/503
+#: page is an overloaded or restarting server, not a refusal)
+KEYLESS_REFUSALS = 3
 
 
 @dataclass(slots=True)
@@ -126,6 +132,35 @@ def _error_message(status: int, body: bytes) -> str:
     return f"HTTP {status}: {text}" if text else f"HTTP {status}"
 
 
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _connect_failure(exc: BaseException) -> bool:
+    """Whether a transport error happened before the request left: no connection was made.
+
+    The aiohttp transport maps every dropped connection to `ConnectTimeout` too, so there
+    the original aiohttp error (the `__cause__`) decides.
+    """
+    if isinstance(exc, httpx.ConnectError):
+        return True
+    if not isinstance(exc, httpx.ConnectTimeout):
+        return False
+    cause = exc.__cause__
+    if cause is None:
+        return True  # httpx's own transport: a real connect timeout
+    import sys
+
+    aiohttp = sys.modules.get("aiohttp")
+    return aiohttp is not None and isinstance(
+        cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+    )
+
+
 def _completion_from_body(data: Any, status: int) -> Completion:
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise RetryableError(
@@ -192,6 +227,9 @@ class Client:
         #: a stream with no data for this long (keep-alive comments aside) has stalled
         self.stream_idle_limit = read_timeout
         self._api_key = api_key
+        #: whether any request of this client has been answered with a 200
+        self._answered = False
+        self._keyless_refusals = 0
         self._network_errors: tuple[type[BaseException], ...] = ()
         headers = {"content-type": "application/json", "user-agent": USER_AGENT}
         if api_key:
@@ -229,6 +267,15 @@ class Client:
         message = self._redact(_error_message(status, body))
         if status == 401 or status == 403:
             raise AuthError(message)
+        if status == 404 and (_json_object(body) or {}).get("error") is None:
+            # an API's own 404 (an unknown model, say) has an error object; a wrong path
+            # gets the web server's page, or a framework's {"detail": ...}
+            raise NotAnEndpoint(f"{self.url} is not a chat-completions endpoint ({message})")
+        if status == 500 and self._api_key is None and not self._answered:
+            if _json_object(body) is None:
+                self._keyless_refusals += 1
+                if self._keyless_refusals >= KEYLESS_REFUSALS:
+                    raise AuthError(message)
         if status == 402:
             raise BalanceError(message)
         if status == 429:
@@ -259,9 +306,11 @@ class Client:
             raise RetryableError(
                 f"no complete answer within {self.timeout:g} s", error_class="timeout"
             ) from None
-        except httpx.ConnectTimeout as exc:
-            # the aiohttp transport reports a dropped connection as ConnectTimeout
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             detail = self._redact(str(exc)) or type(exc).__name__
+            if _connect_failure(exc):
+                raise ConnectFailed(detail) from None
+            # the aiohttp transport reports a dropped connection as ConnectTimeout
             raise RetryableError(f"network error: {detail}", error_class="network") from None
         except httpx.TimeoutException as exc:
             raise RetryableError(
@@ -290,6 +339,7 @@ class Client:
             ) from None
         completion = _completion_from_body(data, status)
         completion.headers = response.headers
+        self._answered = True
         return _check_finish(completion)
 
     async def _send_streaming(self, payload: bytes) -> Completion:
@@ -336,4 +386,5 @@ class Client:
             headers=response.headers,
         )
         _fill_usage(completion, stream.usage)
+        self._answered = True
         return _check_finish(completion)

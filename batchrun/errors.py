@@ -5,16 +5,23 @@ BatchrunError
 ├── ConfigError              a job file or flag is wrong            -> exit 2
 ├── InputError               a prompt set is wrong (file, line, row, column) -> exit 2
 ├── RunStopped               the run stopped early, resumable       -> exit 3
-│   ├── AuthError            401: the key is wrong
+│   ├── AuthError            401/403: the key is wrong
+│   │   └── KeyWanted        401/403 to a request sent without a key
 │   ├── BalanceError         402: the account is out of credit
 │   ├── CannotWrite          the checkpoint or output cannot be written mid-run
 │   │   └── DiskFull         no space left there
+│   ├── EndpointUnreachable  no connection (or no API) at the URL for too long
 │   └── Interrupted          Ctrl-C or SIGTERM
 └── RequestError             one request failed (a row's failure, never a run's)
     ├── RetryableError       429, 5xx, network faults, hidden failures in a 200
-    │   └── RateLimited      429, with the server's retry_after
+    │   ├── RateLimited      429, with the server's retry_after
+    │   └── ConnectFailed    no connection made (refused, DNS, connect timeout): nothing sent
     └── PermanentError       400, 404, 422: the row is recorded as an error
+        └── NotAnEndpoint    404 without an API error body: the URL is not an API
 ```
+
+`ConnectFailed` and `NotAnEndpoint` are the endpoint's failures, not a row's: the pool pauses
+every worker on them and stops with `EndpointUnreachable` when they last.
 
 Only `cli.py` turns these into exit codes and one-line messages. Classes are chosen from status
 codes and JSON fields, never from message text.
@@ -92,6 +99,17 @@ class AuthError(RunStopped):
         )
 
 
+class KeyWanted(AuthError):
+    """Raised when a server refuses requests sent without a key (a loopback URL, no key set)."""
+
+    def __init__(self, variable: str, message: str = "") -> None:
+        self.variable = variable
+        detail = f" ({message})" if message else ""
+        RunStopped.__init__(
+            self, f"the server wants a key: set {variable}{detail} and run the same command again"
+        )
+
+
 class BalanceError(RunStopped):
     """Raised when the account has no credit left (HTTP 402)."""
 
@@ -151,6 +169,20 @@ def cannot_write(path: Path | str, exc: OSError) -> CannotWrite:
     return CannotWrite(path, exc.strerror or str(exc))
 
 
+class EndpointUnreachable(RunStopped):
+    """Raised when the endpoint cannot be reached (or is not an API) for too long."""
+
+    def __init__(self, url: str, *, reason: str, since: str | None = None) -> None:
+        self.url = url
+        self.reason = reason
+        self.since = since
+        when = f" since {since}" if since else ""
+        super().__init__(
+            f"cannot connect to {url}{when} ({reason}): check base_url and the server, then "
+            "run the same command again to resume"
+        )
+
+
 class Interrupted(RunStopped):
     """Raised when the user or the system asked the run to stop."""
 
@@ -194,9 +226,25 @@ class RateLimited(RetryableError):
         self.headers = headers
 
 
+class ConnectFailed(RetryableError):
+    """Raised when no connection could be made (refused, DNS failure, connect timeout): the
+    request never left this machine, so nothing was sent or paid."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_class="connect")
+
+
 class PermanentError(RequestError):
     """Raised when the server refused the request itself (400, 404, 422): retrying won't help."""
 
     def __init__(self, message: str, *, status: int | None = None, error_class: str) -> None:
         super().__init__(message, status=status)
         self.error_class = error_class
+
+
+class NotAnEndpoint(PermanentError):
+    """Raised on a 404 whose body is no API error object: the URL is not a chat-completions
+    endpoint (a wrong path), whatever the row holds."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=404, error_class="not_found")

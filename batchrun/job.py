@@ -159,6 +159,12 @@ class Limits(_Strict):
     adaptive: bool = True
     #: where adaptive concurrency starts
     start_concurrency: int = Field(default=8, ge=1)
+    #: seconds the endpoint may stay unreachable mid-run (every worker waiting, one probing)
+    #: before the run stops, resumable
+    outage_timeout: float = Field(default=900.0, gt=0)
+    #: the same for an endpoint that has not answered once in this run: a wrong URL is told
+    #: within this
+    start_timeout: float = Field(default=30.0, gt=0)
 
 
 class FakeEndpoint(_Strict):

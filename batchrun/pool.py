@@ -24,7 +24,9 @@ from batchrun import tokens
 from batchrun.cache import RequestCache, request_key
 from batchrun.client import Client, Completion
 from batchrun.errors import (
+    ConnectFailed,
     Interrupted,
+    NotAnEndpoint,
     PermanentError,
     RateLimited,
     RequestError,
@@ -34,6 +36,7 @@ from batchrun.errors import (
 )
 from batchrun.job import Job
 from batchrun.limits import Limiter, Outcome, SpendCap
+from batchrun.outage import EndpointGate, GateClosed
 from batchrun.prices import Charge, PriceTable
 from batchrun.progress import Tally, live_display, report_periodically
 from batchrun.prompts import RequestShape, build_request, expand_sweep
@@ -169,6 +172,14 @@ class Pool:
         self.parse = self.job.parse
         # one byte a position: the resume check per row is an index, not a search
         self._done: bytearray | None = self.skip
+        limits = self.job.limits
+        self.gate = EndpointGate(
+            self.client.url,
+            outage_timeout=limits.outage_timeout,
+            start_timeout=limits.start_timeout,
+            probe_delay=limits.initial_backoff,
+            max_probe_delay=limits.max_backoff,
+        )
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -182,6 +193,7 @@ class Pool:
             self.stop_reason = reason
             log.warning("run_stopping", reason=str(reason))
             self._stop_event.set()
+            self.gate.close()
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
@@ -197,10 +209,14 @@ class Pool:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flush_periodically)
                 if self.settings.display == "live":
-                    outer.start_soon(live_display, self.tally, self.limiter)
+                    outer.start_soon(live_display, self.tally, self.limiter, self.gate)
                 elif self.settings.display == "lines":
                     outer.start_soon(
-                        report_periodically, self.tally, self.settings.progress_every, self.limiter
+                        report_periodically,
+                        self.tally,
+                        self.settings.progress_every,
+                        self.limiter,
+                        self.gate,
                     )
                 async with anyio.create_task_group() as group:
                     outer.start_soon(self._cancel_after_grace, group.cancel_scope)
@@ -216,9 +232,16 @@ class Pool:
                 await self.flush()
 
     async def _cancel_after_grace(self, scope: anyio.CancelScope) -> None:
-        """After a stop, requests in flight get a grace period, then are cancelled."""
+        """After a stop, requests in flight get a grace period, then are cancelled.
+
+        Workers waiting out a 429 pause or a budget have nothing in flight: once no request
+        is, the rest are cancelled at once rather than after the grace period.
+        """
         await self._stop_event.wait()
-        await anyio.sleep(self.settings.stop_grace)
+        with anyio.move_on_after(self.settings.stop_grace):
+            # polled: in_flight is a plain counter of the tally, and this runs once a run
+            while self.tally.in_flight > 0:  # noqa: ASYNC110
+                await anyio.sleep(0.02)
         scope.cancel()
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
@@ -347,7 +370,7 @@ class Pool:
                 sent = asks.sending(sent_at)
                 self.tally.requests += 1
                 self.tally.in_flight += 1
-                answer = await self.client.send(body)
+                answer = await self._send(body, work.position)
                 outcome = Outcome.OK
                 return answer
             except RetryableError as exc:
@@ -439,6 +462,41 @@ class Pool:
         result = self._finish(work, rid, asks, failure, None, cached=False)
         self.writer.add(result)
         asks.journaled = result["cost_usd"] or 0.0
+
+    async def _send(self, body: dict[str, Any], position: int) -> Completion:
+        """`client.send` through the endpoint gate: while the endpoint is down, a failure to
+        reach it is not the row's, so the request waits its turn and goes again within the
+        same attempt."""
+        gate = self.gate
+        while True:
+            try:
+                probing = await gate.wait_turn()
+            except GateClosed:
+                raise _Abandoned from None
+            failure: RetryableError | NotAnEndpoint
+            sent_at = anyio.current_time()
+            try:
+                answer = await self.client.send(body)
+            except (ConnectFailed, NotAnEndpoint) as exc:
+                failure = exc
+            except RetryableError as exc:
+                if exc.error_class != "network":
+                    gate.answered(probing=probing, sent_at=sent_at)
+                    raise
+                failure = exc
+            except (RequestError, RunStopped):
+                gate.answered(probing=probing, sent_at=sent_at)
+                raise
+            except BaseException:
+                gate.release(probing=probing)
+                raise
+            else:
+                gate.answered(probing=probing, sent_at=sent_at)
+                return answer
+            if not await gate.failed(failure, row=position, probing=probing, sent_at=sent_at):
+                raise failure  # one flaky connection: a normal retry
+            if self.stopping:
+                raise _Abandoned
 
     def _cut_short(self, work: Work, rid: str, asks: _Asks) -> dict[str, Any]:
         """The row of paid answers that never parsed, when the run stops before a re-ask."""

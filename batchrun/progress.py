@@ -137,8 +137,8 @@ def _eta(stats: RunStatistics) -> float | None:
     return stats.rows_remaining / (stats.rows_done / stats.elapsed_s)
 
 
-def progress_fields(stats: RunStatistics, limiter: Any = None) -> dict[str, Any]:
-    """The figures a progress line or display shows."""
+def progress_fields(stats: RunStatistics, limiter: Any = None, gate: Any = None) -> dict[str, Any]:
+    """The figures a progress line or display shows (`endpoint` only while it is down)."""
     elapsed = stats.elapsed_s or 1e-9
     fields: dict[str, Any] = {
         "done": stats.rows_done + stats.rows_skipped,
@@ -159,22 +159,27 @@ def progress_fields(stats: RunStatistics, limiter: Any = None) -> dict[str, Any]
         fields["cooling_down_s"] = round(limits.paused_for, 2)
     if stats.retries_by_class:
         fields["retries"] = dict(sorted(stats.retries_by_class.items()))
+    note = gate.statistics().note if gate is not None else None
+    if note is not None:
+        fields["endpoint"] = note
     return fields
 
 
-async def report_periodically(tally: Tally, every: float = 5.0, limiter: Any = None) -> None:
+async def report_periodically(
+    tally: Tally, every: float = 5.0, limiter: Any = None, gate: Any = None
+) -> None:
     """Log a short progress line every few seconds (when there is no terminal display)."""
     log = structlog.get_logger("batchrun.progress")
     while True:
         await anyio.sleep(every)
-        log.info("progress", **progress_fields(tally.statistics(), limiter))
+        log.info("progress", **progress_fields(tally.statistics(), limiter, gate))
 
 
-def _render(stats: RunStatistics, limiter: Any) -> Any:
+def _render(stats: RunStatistics, limiter: Any, gate: Any = None) -> Any:
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
-    fields = progress_fields(stats, limiter)
+    fields = progress_fields(stats, limiter, gate)
     done, total = fields["done"], max(fields["total"], 1)
     eta = fields["eta_s"]
     grid = Table.grid(padding=(0, 2))
@@ -199,6 +204,8 @@ def _render(stats: RunStatistics, limiter: Any) -> Any:
     concurrency = fields.get("concurrency", "-")
     cooling = fields.get("cooling_down_s") or 0
     state = f"cooling down {cooling:.1f} s" if cooling > 0 else "sending"
+    if "endpoint" in fields:
+        state = fields["endpoint"]
     grid.add_row("pool", f"{fields['in_flight']} in flight, limit {concurrency}, {state}")
     retries = fields.get("retries")
     if retries:
@@ -206,14 +213,16 @@ def _render(stats: RunStatistics, limiter: Any) -> Any:
     return grid
 
 
-async def live_display(tally: Tally, limiter: Any = None, every: float = 0.25) -> None:
+async def live_display(
+    tally: Tally, limiter: Any = None, gate: Any = None, every: float = 0.25
+) -> None:
     """Redraw a rich display on the terminal until cancelled."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console(stderr=True)
     with Live(
-        _render(tally.statistics(), limiter),
+        _render(tally.statistics(), limiter, gate),
         console=console,
         refresh_per_second=4,
         transient=False,
@@ -223,6 +232,6 @@ async def live_display(tally: Tally, limiter: Any = None, every: float = 0.25) -
         try:
             while True:
                 await anyio.sleep(every)
-                live.update(_render(tally.statistics(), limiter))
+                live.update(_render(tally.statistics(), limiter, gate))
         finally:
-            live.update(_render(tally.statistics(), limiter))
+            live.update(_render(tally.statistics(), limiter, gate))

@@ -20,10 +20,12 @@ from batchrun.checkpoint import Checkpoint
 from batchrun.errors import (
     EXIT_OK,
     EXIT_ROW_ERRORS,
+    AuthError,
     BatchrunError,
     ConfigError,
     DiskFull,
     InputError,
+    KeyWanted,
     RunStopped,
     is_disk_full,
 )
@@ -164,12 +166,13 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     """
     from batchrun.pool import Pool, PoolSettings
 
+    # the key first: a missing key is found before anything is read or sent
+    api_key = resolve_api_key(job)
+    register_secret(api_key)
     checkpoint = Checkpoint(job.output)
     if restart or checkpoint.exists() or not job.output.exists():
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
-    api_key = resolve_api_key(job)
-    register_secret(api_key)
     # redacted as the checkpoint's copy is, so that the two compare equal
     manifest = scrub(checkpoint.manifest_for(job))
     schema = output_schema(scan.carried_types)
@@ -334,6 +337,9 @@ def _run_with_checkpoint(
         state.rows_done - state.rows_ok,
         tally.statistics(),
     )
+    if isinstance(stop, AuthError) and api_key is None:
+        # no key was sent (a loopback URL may go without): the server wants one
+        stop = KeyWanted(job.api_key_env)
     if stop is not None:
         stop.summary = summary
         raise stop

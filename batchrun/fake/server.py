@@ -72,7 +72,11 @@ class FakeServer:
         return self._state.config
 
     def start(self) -> FakeServer:
-        """Start serving; returns once the port is listening."""
+        """Start serving; returns once the port is listening.
+
+        After `stop()`, starts again on the same port (an endpoint that went away and came
+        back), with its counters and log as they were.
+        """
         if self._thread is not None:
             raise RuntimeError("FakeServer is already started")
         self._ready.clear()
@@ -99,7 +103,7 @@ class FakeServer:
                 loop.call_soon_threadsafe(stopping.set)
         thread.join()
         self._thread = None
-        self._loop = None
+        self._loop = None  # the port is kept: start() comes back on it
         self._stopping = None
         if self._error is not None:
             raise RuntimeError("FakeServer failed while stopping") from self._error
@@ -144,7 +148,7 @@ class FakeServer:
         runner = _runner(self._state)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", self._port or 0)
             await site.start()
             self._port = int(runner.addresses[0][1])
             self._stopping = asyncio.Event()
@@ -152,7 +156,21 @@ class FakeServer:
             self._ready.set()
             await self._stopping.wait()
         finally:
+            server = runner.server
             await runner.cleanup()
+            # connections accepted just as the site closed are made after the shutdown that
+            # closed the others; and closing a socket is a callback the loop runs next. Both
+            # must happen before the loop ends, or the sockets are left to the garbage
+            # collector (and a ResourceWarning in whichever test runs then).
+            await asyncio.sleep(0.01)
+            if server is not None:
+                await server.shutdown(0.1)
+            # whatever is still open (a connection caught mid-accept) is cut: the selector
+            # loop's own table of transports is the only list of them all
+            open_transports = getattr(asyncio.get_running_loop(), "_transports", {})
+            for transport in list(open_transports.values()):
+                transport.abort()
+            await asyncio.sleep(0.01)
 
 
 def serve(config: FakeConfig, *, host: str = "127.0.0.1", port: int = 8000) -> None:
