@@ -307,6 +307,18 @@ class Limiter:
                 return
             await anyio.sleep(delay)
 
+    def cancel(self, reservation: Reservation) -> None:
+        """Give back everything an attempt reserved but never sent: its slot, its request and
+        its tokens. Nothing is learnt from it."""
+        now = anyio.current_time()
+        self._in_flight -= 1
+        self._reserved_tokens -= reservation.tokens
+        self._slots.release()
+        if self.requests is not None:
+            self.requests.give_back(1, now)
+        if self.tokens is not None:
+            self.tokens.give_back(reservation.tokens, now)
+
     def settle(
         self,
         reservation: Reservation,

@@ -399,16 +399,21 @@ class Pool:
                     spend.settle(worst, charge.usd)
                 else:
                     spend.settle(worst, None)
-                self.limiter.settle(
-                    reservation,
-                    outcome=outcome,
-                    prompt_tokens=answer.prompt_tokens if answer else None,
-                    completion_tokens=answer.completion_tokens if answer else None,
-                    retry_after=failure.retry_after if isinstance(failure, RateLimited) else None,
-                    headers=answer.headers
-                    if answer
-                    else (failure.headers if isinstance(failure, RateLimited) else None),
-                )
+                if sent is None:  # stopped before sending: the budget it took goes back
+                    self.limiter.cancel(reservation)
+                else:
+                    self.limiter.settle(
+                        reservation,
+                        outcome=outcome,
+                        prompt_tokens=answer.prompt_tokens if answer else None,
+                        completion_tokens=answer.completion_tokens if answer else None,
+                        retry_after=failure.retry_after
+                        if isinstance(failure, RateLimited)
+                        else None,
+                        headers=answer.headers
+                        if answer
+                        else (failure.headers if isinstance(failure, RateLimited) else None),
+                    )
 
         cache, key, cached = self.cache, "", False
         if cache is not None:

@@ -270,6 +270,23 @@ async def test_cancelled_wait_gives_its_slot_back(anyio_backend: object) -> None
 
 
 @TRIO
+async def test_cancelled_reservation_gives_back_its_slot_request_and_tokens(
+    anyio_backend: object,
+) -> None:
+    """A reservation never sent is returned whole: the next request does not wait for it."""
+    import anyio
+
+    limiter = Limiter(concurrency=1, rpm=60, tpm=6000, adaptive=False)
+    first = await limiter.reserve(prompt_tokens=30, completion_cap=30)
+    limiter.cancel(first)
+    assert limiter.statistics().in_flight == 0
+    assert limiter.statistics().reserved_tokens == 0
+    start = anyio.current_time()
+    await limiter.reserve(prompt_tokens=30, completion_cap=30)
+    assert anyio.current_time() - start < 0.01
+
+
+@TRIO
 async def test_oversized_request_is_sent_alone_and_logged(anyio_backend: object) -> None:
     """A request larger than the whole TPM budget goes once the bucket is full, with a log."""
     from structlog.testing import capture_logs
