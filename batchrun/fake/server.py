@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -147,30 +148,34 @@ class FakeServer:
     async def _main(self) -> None:
         runner = _runner(self._state)
         await runner.setup()
+        loop = asyncio.get_running_loop()
+        # our own listening socket, so that a stop can stop accepting before it closes: a
+        # connection accepted in the same loop step as asyncio's Server.close() can no longer
+        # attach to it and its socket is leaked (a ResourceWarning in whichever test runs
+        # next), which a fake stopped mid-run, under load, hits
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            site = web.TCPSite(runner, "127.0.0.1", self._port or 0)
+            listener.bind(("127.0.0.1", self._port or 0))
+        except OSError:
+            listener.close()
+            raise
+        try:
+            site = web.SockSite(runner, listener)
             await site.start()
-            self._port = int(runner.addresses[0][1])
+            self._port = int(listener.getsockname()[1])
             self._stopping = asyncio.Event()
-            self._loop = asyncio.get_running_loop()
+            self._loop = loop
             self._ready.set()
             await self._stopping.wait()
         finally:
-            server = runner.server
+            with contextlib.suppress(ValueError, OSError):  # not serving (start failed)
+                loop.remove_reader(listener.fileno())
+            await asyncio.sleep(0)  # connections already accepted attach to the server
+            await asyncio.sleep(0)
             await runner.cleanup()
-            # connections accepted just as the site closed are made after the shutdown that
-            # closed the others; and closing a socket is a callback the loop runs next. Both
-            # must happen before the loop ends, or the sockets are left to the garbage
-            # collector (and a ResourceWarning in whichever test runs then).
-            await asyncio.sleep(0.01)
-            if server is not None:
-                await server.shutdown(0.1)
-            # whatever is still open (a connection caught mid-accept) is cut: the selector
-            # loop's own table of transports is the only list of them all
-            open_transports = getattr(asyncio.get_running_loop(), "_transports", {})
-            for transport in list(open_transports.values()):
-                transport.abort()
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # closing a socket is a callback the loop runs next
+            listener.close()
 
 
 def serve(config: FakeConfig, *, host: str = "127.0.0.1", port: int = 8000) -> None:
