@@ -246,13 +246,21 @@ class Pool:
 
     async def _watch_signals(self, scope: anyio.CancelScope) -> None:
         """First Ctrl-C or SIGTERM: stop gracefully. A second one: cancel in-flight requests."""
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if self.stopping:
-                    log.warning("run_cancelling", signal=signal.Signals(signum).name)
-                    scope.cancel()
-                    return
-                self.stop(Interrupted(signal.Signals(signum).name))
+        # asyncio resets a signal to its default (for SIGTERM: kill) when the receiver closes;
+        # the caller's handlers go back at once, so no signal finds the process unguarded
+        previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if self.stopping:
+                        log.warning("run_cancelling", signal=signal.Signals(signum).name)
+                        scope.cancel()
+                        return
+                    self.stop(Interrupted(signal.Signals(signum).name))
+        finally:
+            for signum, handler in previous.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
 
     async def _produce(self, send: MemoryObjectSendStream[Work]) -> None:
         async with send:
