@@ -177,6 +177,8 @@ class FakeEndpoint(_Strict):
     seed: int = 0
     retry_after: float = 1.0
     token_budget: int | None = None
+    #: usage in answers: all fields, without the cache split, or none (as some proxies do)
+    usage: Literal["full", "no_cache", "omit"] = "full"
 
 
 FieldType = Literal["str", "float", "int", "bool", "list", "dict"]

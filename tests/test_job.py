@@ -304,6 +304,26 @@ def test_fake_table_needs_no_key() -> None:
     assert resolve_api_key(job, {}) is None
 
 
+def test_fake_table_can_strip_usage(tmp_path: Path) -> None:
+    """`[fake] usage = "omit"` runs the job against a fake that sends no usage: every row's
+    cost is its worst case, marked as such."""
+    import pyarrow.parquet as pq
+
+    from batchrun.runner import run_job
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n{"prompt": "there"}\n')
+    job = job_of(
+        input=str(tmp_path / "in.jsonl"),
+        output=str(tmp_path / "out.parquet"),
+        fake={"usage": "omit"},
+        params={"max_tokens": 50},
+    )
+    assert run_job(job).rows_ok == 2
+    table = pq.read_table(tmp_path / "out.parquet").to_pydict()
+    assert table["cost_worst_case"] == [True, True]
+    assert table["prompt_tokens"] == [None, None]
+
+
 def test_loopback_url_still_uses_a_key_when_set() -> None:
     """A key that is set is returned even for a loopback URL."""
     job = job_of(base_url="http://127.0.0.1:9")
