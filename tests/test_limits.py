@@ -10,7 +10,14 @@ from trio.testing import MockClock
 
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
-from batchrun.limits import AdaptiveConcurrency, Limiter, Outcome, TokenBucket, parse_duration
+from batchrun.limits import (
+    COMPLETION_PRIOR,
+    AdaptiveConcurrency,
+    Limiter,
+    Outcome,
+    TokenBucket,
+    parse_duration,
+)
 from batchrun.pool import PoolSettings
 from batchrun.runner import run_job
 from tests.conftest import fast_job_data, write_jsonl
@@ -75,15 +82,16 @@ def test_parse_duration(text: str, seconds: float | None) -> None:
 
 
 def test_adaptive_grows_when_saturated_and_shrinks_on_429() -> None:
-    """Concurrency grows with clean answers while saturated, and shrinks on a 429."""
+    """Before any 429, concurrency grows a slot per clean answer while saturated (doubling a
+    round of answers), and shrinks on a 429."""
     adaptive = AdaptiveConcurrency(64, start=4)
     for _ in range(20):
         adaptive.on_success(saturated=True, now=0.0)
-    assert adaptive.limit == 14
+    assert adaptive.limit == 24
     adaptive.on_success(saturated=False, now=0.0)
-    assert adaptive.limit == 14
-    assert adaptive.on_rate_limited(in_flight_at_send=13, send_number=1)
-    assert adaptive.ceiling == 12 and adaptive.limit == 9
+    assert adaptive.limit == 24
+    assert adaptive.on_rate_limited(in_flight_at_send=23, send_number=1)
+    assert adaptive.ceiling == 22 and adaptive.limit == 16
 
 
 def test_adaptive_ignores_429s_from_before_its_last_shrink() -> None:
@@ -126,7 +134,6 @@ def test_adaptive_server_errors_pause_growth_without_shrinking() -> None:
     adaptive.on_server_error(now=10.0)
     adaptive.on_success(saturated=True, now=11.0)
     assert adaptive.limit == 8
-    adaptive.on_success(saturated=True, now=12.5)
     adaptive.on_success(saturated=True, now=12.5)
     assert adaptive.limit == 9
 
@@ -305,7 +312,7 @@ async def test_usage_counting_reserves_a_percentile_and_settles_real_usage(
     """Once answers come back, a request reserves the 95th percentile of completions seen
     (not its max_tokens), and unused tokens return to the bucket when it settles."""
     limiter = Limiter(concurrency=4, tpm=100_000, adaptive=False, tpm_counts="usage")
-    assert limiter.completion_allowance(1000) == 1000  # nothing seen yet: the cap
+    assert limiter.completion_allowance(1000) == COMPLETION_PRIOR  # nothing seen yet: a prior
     for size in range(1, 101):  # completions of 1..100 tokens
         reservation = await limiter.reserve(prompt_tokens=10, completion_cap=1000)
         limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=size)
