@@ -114,9 +114,10 @@ def parse_duration(value: str) -> float | None:
 class AdaptiveConcurrency:
     """How many requests may be in flight, learnt from the server's answers.
 
-    Starts where what is known allows (the caller says where) and, before any 429, grows by
-    one slot per clean answer while the pool is saturated: it doubles every round of answers
-    (TCP's slow start), so a run is at full pace within a few latency periods. A 429 that
+    Starts where what is known allows (the caller says where: the user's explicit
+    concurrency, or rpm x expected latency) and, before any 429, grows by half a slot per
+    clean answer while the pool is saturated (x1.5 a round of answers: a faster climb
+    overshoots a concurrency limit by more than 1% of requests). A 429 that
     tracks what is in flight shrinks it multiplicatively and records the level where it
     happened as a ceiling. Below the ceiling it grows back quickly; at the ceiling it probes
     upward only slowly, so a server's concurrency limit costs few 429s. 5xx answers pause
@@ -124,8 +125,8 @@ class AdaptiveConcurrency:
     """
 
     DECREASE = 0.7
-    #: growth per clean answer before any 429 (x2 a round)
-    START_STEP = 1.0
+    #: growth per clean answer before any 429 (x1.5 a round: a bounded overshoot)
+    START_STEP = 0.5
     #: growth per clean answer below the ceiling, and at it (one step per ~50 rounds)
     FAST_STEP = 0.5
     PROBE_ROUNDS = 50

@@ -82,16 +82,15 @@ def test_parse_duration(text: str, seconds: float | None) -> None:
 
 
 def test_adaptive_grows_when_saturated_and_shrinks_on_429() -> None:
-    """Before any 429, concurrency grows a slot per clean answer while saturated (doubling a
-    round of answers), and shrinks on a 429."""
+    """Concurrency grows with clean answers while saturated, and shrinks on a 429."""
     adaptive = AdaptiveConcurrency(64, start=4)
     for _ in range(20):
         adaptive.on_success(saturated=True, now=0.0)
-    assert adaptive.limit == 24
+    assert adaptive.limit == 14
     adaptive.on_success(saturated=False, now=0.0)
-    assert adaptive.limit == 24
-    assert adaptive.on_rate_limited(in_flight_at_send=23, send_number=1)
-    assert adaptive.ceiling == 22 and adaptive.limit == 16
+    assert adaptive.limit == 14
+    assert adaptive.on_rate_limited(in_flight_at_send=13, send_number=1)
+    assert adaptive.ceiling == 12 and adaptive.limit == 9
 
 
 def test_adaptive_ignores_429s_from_before_its_last_shrink() -> None:
@@ -134,6 +133,7 @@ def test_adaptive_server_errors_pause_growth_without_shrinking() -> None:
     adaptive.on_server_error(now=10.0)
     adaptive.on_success(saturated=True, now=11.0)
     assert adaptive.limit == 8
+    adaptive.on_success(saturated=True, now=12.5)
     adaptive.on_success(saturated=True, now=12.5)
     assert adaptive.limit == 9
 
