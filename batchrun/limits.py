@@ -5,10 +5,13 @@ implementation can replace it without touching the pool:
 
     reservation = await limiter.reserve(prompt_tokens=..., completion_cap=...)
     ... send ...
-    limiter.settle(reservation, outcome=..., tokens_used=..., headers=...)
+    limiter.settle(reservation, outcome=..., prompt_tokens=..., completion_tokens=..., ...)
 
-The arithmetic (`TokenBucket`, `AdaptiveConcurrency`, `parse_duration`) is pure and takes
-`now`, so it is tested without a clock.
+What it learns from the server, each in a small object: `TokenBucket` (a budget's pace),
+`AdaptiveConcurrency` (how many in flight), `Backoff` (429s that give no delay: one shared,
+growing pause, and whether they are a rate limit or a concurrency limit) and `RateLearner`
+(the request rate such a rate limit allows). The arithmetic is pure and takes `now` or send
+numbers, so it is tested without a clock; the `Limiter` on trio's mock clock.
 """
 
 from __future__ import annotations

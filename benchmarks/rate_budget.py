@@ -171,7 +171,7 @@ def cases(window: float, n: int) -> list[Case]:
             mixed,
             {"tpm": tpm, "window": window, "tpm_counts": "max_tokens", "concurrency": 32},
             lambda o: steady(o.rows, lambda r: r["prompt_tokens"] + 100) * window / tpm,
-            "(was 68%)",
+            "",
             params={"max_tokens": 100},
         ),
         Case(
@@ -188,7 +188,7 @@ def cases(window: float, n: int) -> list[Case]:
             short,
             {"window": window},
             lambda o: steady(o.rows) * window / per_window,
-            "",
+            "(bursts at resets)",
         ),
         Case(
             "header-less RPM window, no budget",
