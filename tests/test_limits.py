@@ -271,6 +271,8 @@ class Simulation:
     retry_after: bool = False
     #: whether the server counts TPM on real usage (else prompt + cap on admission)
     usage: bool = False
+    #: whether answers carry the server's x-ratelimit-* headers
+    headers: bool = False
     server: RateLimiter = field(default_factory=RateLimiter)
     sends: list[tuple[float, bool]] = field(default_factory=list)
 
@@ -294,11 +296,16 @@ class Simulation:
             reservation = await limiter.reserve(prompt_tokens=self.prompt, completion_cap=self.cap)
             now = anyio.current_time()
             charge = self.prompt if self.usage else self.prompt + self.cap
-            decision = self.server.admit(now, charge, limits, headers=False)
+            decision = self.server.admit(now, charge, limits, headers=self.headers)
             self.sends.append((now, decision.admitted))
             if not decision.admitted:
                 delay = decision.retry_after if self.retry_after else None
-                limiter.settle(reservation, outcome=Outcome.RATE_LIMITED, retry_after=delay)
+                limiter.settle(
+                    reservation,
+                    outcome=Outcome.RATE_LIMITED,
+                    retry_after=delay,
+                    headers=decision.headers,
+                )
                 continue
             await anyio.sleep(self.latency)
             self.server.release()
@@ -309,6 +316,7 @@ class Simulation:
                 outcome=Outcome.OK,
                 prompt_tokens=self.prompt,
                 completion_tokens=self.completion,
+                headers=decision.headers,
             )
 
 
@@ -323,6 +331,21 @@ async def test_tpm_without_max_tokens_fills_a_usage_counted_budget(anyio_backend
     await sim.run(workers=8, seconds=180.0)
     assert not sim.refused
     assert 0.9 * 180 <= sim.admitted <= 1.02 * 180 + 1
+
+
+@TRIO
+async def test_a_server_sending_only_its_token_limit_is_followed(anyio_backend: object) -> None:
+    """No --tpm, a server that sends x-ratelimit-limit-tokens (no reset fields) and counts
+    real usage: its limit becomes the budget, and that budget is used, not starved."""
+    limiter = Limiter(concurrency=8, adaptive=False)
+    server = Limits(None, 6000, None, 60.0, reset_headers=False)
+    sim = Simulation(
+        limiter, server, prompt=20, completion=80, latency=2.0, usage=True, headers=True
+    )
+    await sim.run(workers=8, seconds=180.0)
+    assert limiter.statistics().tpm_limit == 6000
+    assert len(sim.refused) <= 0.01 * len(sim.sends)
+    assert sim.admitted >= 0.85 * 180
 
 
 @TRIO
