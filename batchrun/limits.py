@@ -222,6 +222,7 @@ class Backoff:
     refused_probes: int = 0
     rate_like: bool = False
     probe_out: bool = False
+    probe_sent_at: float = -math.inf
     #: adaptive concurrency before the episode, restored if it turns out a rate limit
     concurrency_before: tuple[float, int | None] | None = None
 
@@ -285,6 +286,8 @@ EXPECTED_LATENCY = 2.0
 #: completion tokens a request reserves before any answer has come back, when the server
 #: counts real usage (then the observed 95th percentile, within each request's cap)
 COMPLETION_PRIOR = 256
+#: seconds after which a probe not yet refused counts as admitted: the next request may go
+PROBE_PATIENCE = 2.0
 #: answers after which the completion estimate is refreshed only every 50
 EARLY_ANSWERS = 20
 
@@ -424,7 +427,9 @@ class Limiter:
             now = anyio.current_time()
             delay = self._paused_until - now
             if self._backoff.one_at_a_time and self._backoff.probe_out:
-                delay = math.inf  # one probe at a time: wait for its answer
+                # one probe at a time: wait for its answer, or until it has been out long
+                # enough that it was plainly admitted (a refusal comes back at once)
+                delay = max(delay, self._backoff.probe_sent_at + PROBE_PATIENCE - now)
             if self.requests is not None:
                 delay = max(delay, self.requests.wait_time(1, now))
             if self.tokens is not None:
@@ -448,6 +453,7 @@ class Limiter:
                 probe = self._backoff.one_at_a_time
                 if probe:
                     self._backoff.probe_out = True
+                    self._backoff.probe_sent_at = now
                 return taken, probe
             # woken early when budget comes back (a settle, a cancel, an episode's end)
             with anyio.move_on_after(delay):
