@@ -288,6 +288,8 @@ EXPECTED_LATENCY = 2.0
 COMPLETION_PRIOR = 256
 #: seconds after which a probe not yet refused counts as admitted: the next request may go
 PROBE_PATIENCE = 2.0
+#: seconds after which a request not refused counts as admitted, for concurrency growth
+ADMITTED_AFTER = PROBE_PATIENCE
 #: answers after which the completion estimate is refreshed only every 50
 EARLY_ANSWERS = 20
 
@@ -360,6 +362,8 @@ class Limiter:
         self._paused_until = -math.inf
         self._backoff = Backoff(base=fallback_pause, maximum=max(max_pause, fallback_pause))
         self._learner = RateLearner()
+        #: sends not yet answered, oldest first: send number -> when last counted for growth
+        self._unanswered: dict[int, float] = {}
         self._in_flight = 0
         self._waiting = 0
         self._sends = 0
@@ -386,7 +390,7 @@ class Limiter:
         while True:
             self._waiting += 1
             try:
-                await self._slots.acquire()
+                await self._acquire_slot()
             finally:
                 self._waiting -= 1
             try:
@@ -402,8 +406,11 @@ class Limiter:
             self._slots.release()
         self._in_flight += 1
         self._sends += 1
+        now = anyio.current_time()
         if self._learner.since is None:
-            self._learner.since = anyio.current_time()
+            self._learner.since = now
+        if self.adaptive is not None:
+            self._unanswered[self._sends] = now
         taken, probe = took
         self._reserved_tokens += tokens
         return Reservation(
@@ -415,6 +422,35 @@ class Limiter:
             taken_tokens=taken,
             probe=probe,
         )
+
+    async def _acquire_slot(self) -> None:
+        """Wait for a concurrency slot. While waiting, each request out for `ADMITTED_AFTER`
+        without a refusal counts as a clean answer for growth, once a period: a concurrency
+        429 comes back at once, so with long answers concurrency need not wait whole answers
+        to climb (x1.5 every `ADMITTED_AFTER` rather than every answer's latency)."""
+        while True:
+            with anyio.move_on_after(ADMITTED_AFTER if self.adaptive is not None else math.inf):
+                await self._slots.acquire()
+                return
+            self._credit_admitted(anyio.current_time())
+
+    def _credit_admitted(self, now: float) -> None:
+        unanswered = self._unanswered
+        while unanswered:
+            send_number, sent_at = next(iter(unanswered.items()))
+            if sent_at > now - ADMITTED_AFTER:
+                break
+            del unanswered[send_number]
+            unanswered[send_number] = now  # counted again each period it stays out
+            self._grow(send_number, now)
+
+    def _grow(self, send_number: int, now: float) -> None:
+        if self.adaptive is None:
+            return
+        before = self.adaptive.limit
+        self.adaptive.on_success(saturated=self._saturated(), now=now, send_number=send_number)
+        if self.adaptive.limit != before:
+            self._slots.total_tokens = self.adaptive.limit
 
     async def _wait_for_budget(self, tokens: int) -> tuple[float, bool] | None:
         """Wait until the request may go, then take its request and tokens; returns the
@@ -470,6 +506,7 @@ class Limiter:
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
+        self._unanswered.pop(reservation.send_number, None)
         if reservation.probe:
             self._backoff.probe_out = False
         if self.requests is not None:
@@ -493,6 +530,7 @@ class Limiter:
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
+        self._unanswered.pop(reservation.send_number, None)
         if reservation.probe:
             self._backoff.probe_out = False
         if headers is not None:
@@ -503,6 +541,7 @@ class Limiter:
             if outcome is Outcome.OK:
                 self._learner.admitted += 1
                 self._on_ok(reservation, prompt_tokens, completion_tokens, now)
+                self._grow(reservation.send_number, now)
             elif outcome is Outcome.SERVER_ERROR and self.adaptive is not None:
                 self.adaptive.on_server_error(now)
             if outcome is not Outcome.OTHER:
@@ -524,13 +563,6 @@ class Limiter:
             else:  # the server charged the prompt plus the whole max_tokens when it admitted us
                 used = prompt_tokens + reservation.completion_cap
             self.tokens.give_back(reservation.taken_tokens - used, now)
-        if self.adaptive is not None:
-            before = self.adaptive.limit
-            self.adaptive.on_success(
-                saturated=self._saturated(), now=now, send_number=reservation.send_number
-            )
-            if self.adaptive.limit != before:
-                self._slots.total_tokens = self.adaptive.limit
 
     def _saturated(self) -> bool:
         return self._waiting > 0 or self._in_flight + 1 >= self._slots.total_tokens

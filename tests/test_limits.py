@@ -416,6 +416,31 @@ async def test_concurrency_429s_are_not_taken_for_a_rate(anyio_backend: object) 
 
 
 @TRIO
+async def test_with_long_answers_concurrency_climbs_without_waiting_for_them(
+    anyio_backend: object,
+) -> None:
+    """Reasoner-length answers (60 s): requests out for a while without a refusal count as
+    admitted, so concurrency is at its maximum within seconds, not after rounds of answers."""
+    limiter = Limiter(concurrency=64, start_concurrency=8)
+    sim = Simulation(limiter, Limits(None, None, None, 60.0), latency=60.0)
+    await sim.run(workers=64, seconds=20.0)
+    assert limiter.statistics().concurrency == 64
+    assert len(sim.sends) == 64
+
+
+@TRIO
+async def test_with_long_answers_a_concurrency_limit_still_holds(anyio_backend: object) -> None:
+    """Climbing on admissions still stops at a server's concurrency limit, with few 429s."""
+    limiter = Limiter(concurrency=64, start_concurrency=8, fallback_pause=0.5)
+    sim = Simulation(limiter, Limits(None, None, 20, 60.0), latency=60.0)
+    await sim.run(workers=64, seconds=300.0)
+    stats = limiter.statistics()
+    assert stats.concurrency <= 20
+    assert sim.admitted >= 0.8 * 20 * 300 / 60
+    assert len(sim.refused) <= 0.1 * len(sim.sends)
+
+
+@TRIO
 async def test_after_a_429_with_a_reset_every_worker_waits_for_it(anyio_backend: object) -> None:
     """A fixed window (counts reset on the window): after a 429 saying when, no worker sends
     before that reset, and every window's budget is used."""
