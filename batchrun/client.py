@@ -25,6 +25,7 @@ from batchrun.errors import (
     RateLimited,
     RetryableError,
 )
+from batchrun.limits import parse_duration
 from batchrun.sse import StreamAccumulator, StreamBroken
 
 if TYPE_CHECKING:
@@ -90,9 +91,18 @@ def _fill_usage(completion: Completion, usage: Any) -> None:
         completion.reasoning_tokens = _int(details.get("reasoning_tokens"))
 
 
+#: vendor headers that carry a plain delay in seconds, as Retry-After does (LiteLLM's proxy)
+VENDOR_RETRY_HEADERS = ("llm_provider-retry-after",)
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait: `retry-after-ms`, or `Retry-After` in seconds or
-    as an HTTP date."""
+    """Seconds the server asks us to wait, from the first header that says:
+
+    `retry-after-ms`; `Retry-After` in seconds or as an HTTP date; a vendor header such as
+    `llm_provider-retry-after`; else `x-ratelimit-reset-requests` / `-tokens` (seconds or a
+    Go duration such as `6m0s`): the one whose `remaining` is 0, or the later of the two when
+    neither says which limit was hit.
+    """
     millis = headers.get("retry-after-ms")
     if millis:
         try:
@@ -100,8 +110,21 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
         except ValueError:
             pass
     value = headers.get("retry-after")
-    if not value:
-        return None
+    if value:
+        seconds = _http_delay(value, now)
+        if seconds is not None:
+            return seconds
+    for name in VENDOR_RETRY_HEADERS:
+        value = headers.get(name)
+        if value:
+            seconds = _http_delay(value, now)
+            if seconds is not None:
+                return seconds
+    return _reset_delay(headers)
+
+
+def _http_delay(value: str, now: float | None) -> float | None:
+    """A Retry-After value: seconds, or an HTTP date."""
     try:
         return max(float(value), 0.0)
     except ValueError:
@@ -112,6 +135,26 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
         return None
     current = time.time() if now is None else now
     return max(when.timestamp() - current, 0.0)
+
+
+def _reset_delay(headers: Mapping[str, str]) -> float | None:
+    resets: dict[str, float] = {}
+    exhausted: list[str] = []
+    told = False  # whether any remaining-* header says how much is left
+    for kind in ("requests", "tokens"):
+        reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", "") or "")
+        if reset is not None:
+            resets[kind] = reset
+        remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+        if remaining is not None:
+            told = True
+            if remaining.strip() in ("0", "0.0"):
+                exhausted.append(kind)
+    if exhausted:
+        chosen = [resets[kind] for kind in exhausted if kind in resets]
+    else:  # with room left in both, the 429 is some other limit's: no reset applies
+        chosen = [] if told else list(resets.values())
+    return max(chosen) if chosen else None
 
 
 def _error_message(status: int, body: bytes) -> str:

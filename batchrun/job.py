@@ -157,7 +157,7 @@ class Limits(_Strict):
     window: float = Field(default=60.0, gt=0)
     #: learn the server's concurrency limit, up to `concurrency`
     adaptive: bool = True
-    #: where adaptive concurrency starts
+    #: where adaptive concurrency starts (see `first_concurrency`)
     start_concurrency: int = Field(default=8, ge=1)
     #: seconds the endpoint may stay unreachable mid-run (every worker waiting, one probing)
     #: before the run stops, resumable
@@ -165,6 +165,16 @@ class Limits(_Strict):
     #: the same for an endpoint that has not answered once in this run: a wrong URL is told
     #: within this
     start_timeout: float = Field(default=30.0, gt=0)
+
+    @property
+    def first_concurrency(self) -> int:
+        """Where adaptive concurrency starts: `start_concurrency` when given; else an explicit
+        `concurrency` (the user knows what the endpoint takes); else the default start."""
+        if "start_concurrency" not in self.model_fields_set and "concurrency" in (
+            self.model_fields_set
+        ):
+            return self.concurrency
+        return min(self.start_concurrency, self.concurrency)
 
 
 class FakeEndpoint(_Strict):

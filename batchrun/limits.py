@@ -5,10 +5,13 @@ implementation can replace it without touching the pool:
 
     reservation = await limiter.reserve(prompt_tokens=..., completion_cap=...)
     ... send ...
-    limiter.settle(reservation, outcome=..., tokens_used=..., headers=...)
+    limiter.settle(reservation, outcome=..., prompt_tokens=..., completion_tokens=..., ...)
 
-The arithmetic (`TokenBucket`, `AdaptiveConcurrency`, `parse_duration`) is pure and takes
-`now`, so it is tested without a clock.
+What it learns from the server, each in a small object: `TokenBucket` (a budget's pace),
+`AdaptiveConcurrency` (how many in flight), `Backoff` (429s that give no delay: one shared,
+growing pause, and whether they are a rate limit or a concurrency limit) and `RateLearner`
+(the request rate such a rate limit allows). The arithmetic is pure and takes `now` or send
+numbers, so it is tested without a clock; the `Limiter` on trio's mock clock.
 """
 
 from __future__ import annotations
@@ -114,10 +117,14 @@ def parse_duration(value: str) -> float | None:
 class AdaptiveConcurrency:
     """How many requests may be in flight, learnt from the server's answers.
 
-    Starts modest and grows quickly (one step per clean answer) while the pool is saturated;
-    a 429 shrinks it multiplicatively and records the level where it happened as a ceiling.
-    Below the ceiling it grows back quickly; at the ceiling it probes upward only slowly, so
-    a server's concurrency limit costs few 429s. 5xx answers pause growth, never shrink.
+    Starts where what is known allows (the caller says where: the user's explicit
+    concurrency, or rpm x expected latency) and, before any 429, grows by half a slot per
+    clean answer while the pool is saturated (x1.5 a round of answers: a faster climb
+    overshoots a concurrency limit by more than 1% of requests). A 429 that
+    tracks what is in flight shrinks it multiplicatively and records the level where it
+    happened as a ceiling. Below the ceiling it grows back quickly; at the ceiling it probes
+    upward only slowly, so a server's concurrency limit costs few 429s. 5xx answers pause
+    growth, never shrink.
     """
 
     DECREASE = 0.7
@@ -129,7 +136,7 @@ class AdaptiveConcurrency:
 
     def __init__(self, maximum: int, *, start: int = 8, growth_pause: float = 2.0) -> None:
         self.maximum = maximum
-        self.value = float(min(maximum, start))
+        self.value = float(max(1, min(maximum, start)))
         self.ceiling: int | None = None
         self.growth_pause = growth_pause
         self._no_growth_until = -math.inf
@@ -140,17 +147,22 @@ class AdaptiveConcurrency:
     def limit(self) -> int:
         return max(1, int(self.value))
 
+    def snapshot(self) -> tuple[float, int | None]:
+        return self.value, self.ceiling
+
+    def restore(self, snapshot: tuple[float, int | None]) -> None:
+        """Undo shrinks that turned out to answer a rate limit, not a concurrency limit."""
+        self.value, self.ceiling = snapshot
+
     def on_success(self, *, saturated: bool, now: float, send_number: int = 0) -> None:
         if send_number and send_number <= self._shrunk_at_send:
             return  # sent before the last shrink: says nothing about the new level
         if not saturated or now < self._no_growth_until or self.value >= self.maximum:
             return
-        if self.ceiling is None or self.value < self.ceiling:
-            step = self.START_STEP if self.ceiling is None else self.FAST_STEP
-            if self.ceiling is not None:
-                self.value = min(self.value + step, float(self.ceiling))
-            else:
-                self.value += step
+        if self.ceiling is None:
+            self.value += self.START_STEP
+        elif self.value < self.ceiling:
+            self.value = min(self.value + self.FAST_STEP, float(self.ceiling))
         else:
             self.value += 1.0 / (self.value * self.PROBE_ROUNDS)
             if int(self.value) > self.ceiling:
@@ -182,7 +194,104 @@ class AdaptiveConcurrency:
         self._no_growth_until = now + self.growth_pause
 
 
+@dataclass(slots=True)
+class Backoff:
+    """What 429s without a usable delay have shown: one pause for every worker, growing.
+
+    An episode starts with such a 429: every worker waits `base` seconds. Once a request sent
+    after that pause is refused too, requests go one at a time (a probe each) and each probe
+    refused grows the shared pause (x GROWTH, up to `maximum`). An answer to a request sent
+    after the episode began ends it.
+
+    A concurrency 429 (DeepSeek's, also without headers) tracks what is in flight: it stops
+    as soon as fewer requests are out. A rate-window 429 persists however few are: so an
+    episode is a rate limit once a probe sent with at most half the in-flight count of the
+    episode's first 429 is refused too. Until then it is taken for a concurrency limit.
+    """
+
+    GROWTH = 1.5
+
+    base: float
+    maximum: float
+    active: bool = False
+    #: sends numbered up to this were out when the episode began
+    started_send: int = 0
+    #: 429s on sends numbered up to this belong to a round the current pause already answers
+    paused_at_send: int = 0
+    in_flight_at_start: int = 0
+    refused_probes: int = 0
+    rate_like: bool = False
+    probe_out: bool = False
+    probe_sent_at: float = -math.inf
+    #: adaptive concurrency before the episode, restored if it turns out a rate limit
+    concurrency_before: tuple[float, int | None] | None = None
+
+    def begin(
+        self, *, sends: int, in_flight: int, concurrency: tuple[float, int | None] | None
+    ) -> None:
+        self.active = True
+        self.started_send = self.paused_at_send = sends
+        self.in_flight_at_start = in_flight
+        self.refused_probes = 0
+        self.rate_like = False
+        self.concurrency_before = concurrency
+
+    def refused_again(self, *, sends: int, in_flight_at_send: int) -> bool:
+        """A send made after the last pause was refused: grow the pause. Returns whether this
+        refusal shows the episode is a rate limit (first time only)."""
+        self.refused_probes += 1
+        self.paused_at_send = sends
+        if self.rate_like or in_flight_at_send > max(1, self.in_flight_at_start // 2):
+            return False
+        self.rate_like = True
+        return True
+
+    @property
+    def one_at_a_time(self) -> bool:
+        return self.active and self.refused_probes > 0
+
+    @property
+    def pause(self) -> float:
+        return min(self.maximum, self.base * self.GROWTH**self.refused_probes)
+
+
+@dataclass(slots=True)
+class RateLearner:
+    """A request rate learnt from header-less rate-limit episodes: the requests the server
+    admitted from the end of one episode (or the first send) to the end of the next, over
+    that time. Each later episode means the pace was still too fast: it only lowers it."""
+
+    #: what share of the measured rate to budget (room for timing jitter)
+    SHARE = 0.95
+
+    since: float | None = None
+    admitted: int = 0
+    #: requests per second
+    rate: float | None = None
+
+    def episode_ended(self, now: float) -> float | None:
+        if self.since is None or now <= self.since:
+            return self.rate
+        measured = self.admitted / (now - self.since) * self.SHARE
+        self.rate = measured if self.rate is None else min(self.rate * self.SHARE, measured)
+        self.since, self.admitted = now, 0
+        return self.rate
+
+
 # -- the limiter ------------------------------------------------------------------------------
+
+#: seconds an answer is expected to take before any has come back: with an RPM budget,
+#: adaptive concurrency starts at rpm x this, so the budget is usable from the first second
+EXPECTED_LATENCY = 2.0
+#: completion tokens a request reserves before any answer has come back, when the server
+#: counts real usage (then the observed 95th percentile, within each request's cap)
+COMPLETION_PRIOR = 256
+#: seconds after which a probe not yet refused counts as admitted: the next request may go
+PROBE_PATIENCE = 2.0
+#: seconds after which a request not refused counts as admitted, for concurrency growth
+ADMITTED_AFTER = PROBE_PATIENCE
+#: answers after which the completion estimate is refreshed only every 50
+EARLY_ANSWERS = 20
 
 
 @dataclass(frozen=True)
@@ -198,6 +307,8 @@ class LimiterStatistics:
     rate_limited: int
     #: tokens reserved by requests in flight
     reserved_tokens: int
+    #: requests per window learnt from 429s without a delay (None: none learnt)
+    learnt_rpm: float | None = None
 
 
 @dataclass(slots=True)
@@ -209,6 +320,11 @@ class Reservation:
     completion_cap: int
     send_number: int
     in_flight_at_send: int
+    #: tokens taken from the token bucket (at most what it holds; the rest is charged on
+    #: settling, from the real usage)
+    taken_tokens: float = 0.0
+    #: sent as the one probe of a header-less 429 episode
+    probe: bool = False
 
 
 class Limiter:
@@ -225,6 +341,8 @@ class Limiter:
         tpm_counts: str = "usage",
         start_concurrency: int = 8,
         fallback_pause: float = 1.0,
+        max_pause: float = 60.0,
+        expected_latency: float = EXPECTED_LATENCY,
     ) -> None:
         now = anyio.current_time()
         self.window = window
@@ -234,12 +352,18 @@ class Limiter:
         self._tpm_configured = tpm
         self.requests = TokenBucket(rpm, window=window, now=now) if rpm else None
         self.tokens = TokenBucket(tpm, window=window, now=now) if tpm else None
-        self.adaptive = (
-            AdaptiveConcurrency(concurrency, start=start_concurrency) if adaptive else None
-        )
+        start = start_concurrency
+        if rpm:  # enough in flight to use the budget at the expected latency
+            start = max(start, math.ceil(rpm / window * expected_latency))
+        self.adaptive = AdaptiveConcurrency(concurrency, start=start) if adaptive else None
         self._slots = anyio.CapacityLimiter(self.adaptive.limit if self.adaptive else concurrency)
         self._dispatch = anyio.Lock()
+        self._budget_changed = anyio.Event()
         self._paused_until = -math.inf
+        self._backoff = Backoff(base=fallback_pause, maximum=max(max_pause, fallback_pause))
+        self._learner = RateLearner()
+        #: sends not yet answered, oldest first: send number -> when last counted for growth
+        self._unanswered: dict[int, float] = {}
         self._in_flight = 0
         self._waiting = 0
         self._sends = 0
@@ -252,11 +376,13 @@ class Limiter:
     # -- reserve / settle -----------------------------------------------------------------
 
     def completion_allowance(self, cap: int) -> int:
-        """Completion tokens to reserve: the cap, or once answers have come back (and the
-        server counts real usage) a high percentile of what they used, within the cap."""
-        if self.tpm_counts == "usage" and self._completion_estimate is not None:
-            return min(cap, self._completion_estimate)
-        return cap
+        """Completion tokens to reserve: the cap when the server charges it (`max_tokens`);
+        otherwise a prior, then a high percentile of what answers used, within the cap."""
+        if self.tpm_counts == "max_tokens":
+            return cap
+        if self._completion_estimate is None:
+            return min(cap, COMPLETION_PRIOR)
+        return min(cap, self._completion_estimate)
 
     async def reserve(self, *, prompt_tokens: int, completion_cap: int) -> Reservation:
         """Wait for a concurrency slot, the end of any pause, and room in the buckets."""
@@ -264,29 +390,82 @@ class Limiter:
         while True:
             self._waiting += 1
             try:
-                await self._slots.acquire()
+                await self._acquire_slot()
             finally:
                 self._waiting -= 1
             try:
                 async with self._dispatch:  # one task at a time waits on the buckets, in order
-                    await self._wait_for_budget(tokens)
+                    took = await self._wait_for_budget(tokens)
             except BaseException:
                 self._slots.release()
                 raise
-            if self._in_flight < self._slots.total_tokens:
+            if took is not None:
                 break
-            # concurrency shrank while this task waited: its slot is no longer one to use
+            # concurrency shrank while this task waited: its slot is no longer one to use,
+            # and it took nothing from the buckets
             self._slots.release()
         self._in_flight += 1
         self._sends += 1
+        now = anyio.current_time()
+        if self._learner.since is None:
+            self._learner.since = now
+        if self.adaptive is not None:
+            self._unanswered[self._sends] = now
+        taken, probe = took
         self._reserved_tokens += tokens
-        return Reservation(tokens, prompt_tokens, completion_cap, self._sends, self._in_flight)
+        return Reservation(
+            tokens,
+            prompt_tokens,
+            completion_cap,
+            self._sends,
+            self._in_flight,
+            taken_tokens=taken,
+            probe=probe,
+        )
 
-    async def _wait_for_budget(self, tokens: int) -> None:
+    async def _acquire_slot(self) -> None:
+        """Wait for a concurrency slot. While waiting, each request out for `ADMITTED_AFTER`
+        without a refusal counts as a clean answer for growth, once a period: a concurrency
+        429 comes back at once, so with long answers concurrency need not wait whole answers
+        to climb (x1.5 every `ADMITTED_AFTER` rather than every answer's latency)."""
+        while True:
+            with anyio.move_on_after(ADMITTED_AFTER if self.adaptive is not None else math.inf):
+                await self._slots.acquire()
+                return
+            self._credit_admitted(anyio.current_time())
+
+    def _credit_admitted(self, now: float) -> None:
+        unanswered = self._unanswered
+        while unanswered:
+            send_number, sent_at = next(iter(unanswered.items()))
+            if sent_at > now - ADMITTED_AFTER:
+                break
+            del unanswered[send_number]
+            unanswered[send_number] = now  # counted again each period it stays out
+            self._grow(send_number, now)
+
+    def _grow(self, send_number: int, now: float) -> None:
+        if self.adaptive is None:
+            return
+        before = self.adaptive.limit
+        self.adaptive.on_success(saturated=self._saturated(), now=now, send_number=send_number)
+        if self.adaptive.limit != before:
+            self._slots.total_tokens = self.adaptive.limit
+
+    async def _wait_for_budget(self, tokens: int) -> tuple[float, bool] | None:
+        """Wait until the request may go, then take its request and tokens; returns the
+        tokens taken and whether it is an episode's probe, or None (nothing taken) when
+        concurrency shrank meanwhile."""
         warned = False
         while True:
+            if self._in_flight >= self._slots.total_tokens:
+                return None
             now = anyio.current_time()
             delay = self._paused_until - now
+            if self._backoff.one_at_a_time and self._backoff.probe_out:
+                # one probe at a time: wait for its answer, or until it has been out long
+                # enough that it was plainly admitted (a refusal comes back at once)
+                delay = max(delay, self._backoff.probe_sent_at + PROBE_PATIENCE - now)
             if self.requests is not None:
                 delay = max(delay, self.requests.wait_time(1, now))
             if self.tokens is not None:
@@ -300,12 +479,25 @@ class Limiter:
                         note="sent alone once the token bucket is full",
                     )
             if delay <= 0:
+                taken = 0.0
                 if self.requests is not None:
                     self.requests.take(1, now)
                 if self.tokens is not None:
-                    self.tokens.take(tokens, now)
-                return
-            await anyio.sleep(delay)
+                    # never more than the bucket holds: the rest is charged from real usage
+                    taken = min(float(tokens), self.tokens.capacity)
+                    self.tokens.take(taken, now)
+                probe = self._backoff.one_at_a_time
+                if probe:
+                    self._backoff.probe_out = True
+                    self._backoff.probe_sent_at = now
+                return taken, probe
+            # woken early when budget comes back (a settle, a cancel, an episode's end)
+            with anyio.move_on_after(delay):
+                await self._budget_changed.wait()
+
+    def _wake(self) -> None:
+        self._budget_changed.set()
+        self._budget_changed = anyio.Event()
 
     def cancel(self, reservation: Reservation) -> None:
         """Give back everything an attempt reserved but never sent: its slot, its request and
@@ -314,10 +506,14 @@ class Limiter:
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
+        self._unanswered.pop(reservation.send_number, None)
+        if reservation.probe:
+            self._backoff.probe_out = False
         if self.requests is not None:
             self.requests.give_back(1, now)
         if self.tokens is not None:
-            self.tokens.give_back(reservation.tokens, now)
+            self.tokens.give_back(reservation.taken_tokens, now)
+        self._wake()
 
     def settle(
         self,
@@ -334,14 +530,23 @@ class Limiter:
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
+        self._unanswered.pop(reservation.send_number, None)
+        if reservation.probe:
+            self._backoff.probe_out = False
         if headers is not None:
             self._follow_headers(headers, now)
         if outcome is Outcome.RATE_LIMITED:
             self._on_rate_limited(reservation, retry_after, now)
-        elif outcome is Outcome.OK:
-            self._on_ok(reservation, prompt_tokens, completion_tokens, now)
-        elif outcome is Outcome.SERVER_ERROR and self.adaptive is not None:
-            self.adaptive.on_server_error(now)
+        else:
+            if outcome is Outcome.OK:
+                self._learner.admitted += 1
+                self._on_ok(reservation, prompt_tokens, completion_tokens, now)
+                self._grow(reservation.send_number, now)
+            elif outcome is Outcome.SERVER_ERROR and self.adaptive is not None:
+                self.adaptive.on_server_error(now)
+            if outcome is not Outcome.OTHER:
+                self._end_episode(reservation, now)
+        self._wake()
 
     def _on_ok(
         self,
@@ -357,14 +562,7 @@ class Limiter:
                 used = prompt_tokens + (completion_tokens or 0)
             else:  # the server charged the prompt plus the whole max_tokens when it admitted us
                 used = prompt_tokens + reservation.completion_cap
-            self.tokens.give_back(reservation.tokens - used, now)
-        if self.adaptive is not None:
-            before = self.adaptive.limit
-            self.adaptive.on_success(
-                saturated=self._saturated(), now=now, send_number=reservation.send_number
-            )
-            if self.adaptive.limit != before:
-                self._slots.total_tokens = self.adaptive.limit
+            self.tokens.give_back(reservation.taken_tokens - used, now)
 
     def _saturated(self) -> bool:
         return self._waiting > 0 or self._in_flight + 1 >= self._slots.total_tokens
@@ -377,37 +575,81 @@ class Limiter:
         if self.requests is not None:
             self.requests.give_back(1, now)
         if self.tokens is not None:
-            self.tokens.give_back(reservation.tokens, now)
-        if self.adaptive is not None:
-            shrunk = self.adaptive.on_rate_limited(
-                in_flight_at_send=reservation.in_flight_at_send,
-                send_number=reservation.send_number,
-            )
-            if shrunk:
-                self.adaptive.mark_shrink(self._sends)
-                self._slots.total_tokens = self.adaptive.limit
-                log.info(
-                    "concurrency_reduced",
-                    concurrency=self.adaptive.limit,
-                    ceiling=self.adaptive.ceiling,
-                    in_flight_at_send=reservation.in_flight_at_send,
-                )
+            self.tokens.give_back(reservation.taken_tokens, now)
         if retry_after is not None:
-            pause = retry_after
-        elif self.adaptive is not None:
-            pause = 0.0  # a concurrency limit: fewer requests in flight is the remedy
+            # the server said when: every worker waits for that (a fixed window's reset, a
+            # sliding window's room), and nothing about concurrency is learnt
+            self.pause(retry_after, now=now)
+            return
+        backoff = self._backoff
+        if not backoff.active:
+            backoff.begin(
+                sends=self._sends,
+                in_flight=reservation.in_flight_at_send,
+                concurrency=self.adaptive.snapshot() if self.adaptive else None,
+            )
+            self._shrink(reservation)
+            log.info("rate_limited_without_delay", pause=backoff.pause)
+        elif reservation.send_number > backoff.paused_at_send:
+            if backoff.refused_again(
+                sends=self._sends, in_flight_at_send=reservation.in_flight_at_send
+            ):
+                # refused with few requests out: a rate window, not a concurrency limit
+                if self.adaptive is not None and backoff.concurrency_before is not None:
+                    self.adaptive.restore(backoff.concurrency_before)
+                    self._slots.total_tokens = self.adaptive.limit
+                log.info("rate_limit_window_found", pause=backoff.pause)
+            if not backoff.rate_like:
+                self._shrink(reservation)
         else:
-            pause = self.fallback_pause
-        self.pause(pause, now=now)
+            return  # one of the round the current pause already answers
+        self.pause(backoff.pause, now=now)
+
+    def _shrink(self, reservation: Reservation) -> None:
+        if self.adaptive is None:
+            return
+        shrunk = self.adaptive.on_rate_limited(
+            in_flight_at_send=reservation.in_flight_at_send,
+            send_number=reservation.send_number,
+        )
+        if shrunk:
+            self.adaptive.mark_shrink(self._sends)
+            self._slots.total_tokens = self.adaptive.limit
+            log.info(
+                "concurrency_reduced",
+                concurrency=self.adaptive.limit,
+                ceiling=self.adaptive.ceiling,
+                in_flight_at_send=reservation.in_flight_at_send,
+            )
+
+    def _end_episode(self, reservation: Reservation, now: float) -> None:
+        """An answer to a request sent after a header-less 429 episode began ends it; a rate
+        limit's episode teaches a request rate."""
+        backoff = self._backoff
+        if not backoff.active or reservation.send_number <= backoff.started_send:
+            return
+        backoff.active = False
+        if not backoff.rate_like:
+            return
+        rate = self._learner.episode_ended(now)
+        if rate is None or rate <= 0:
+            return
+        per_window = rate * self.window
+        if self.requests is None:
+            self.requests = TokenBucket(per_window, window=self.window, now=now)
+        elif per_window < self.requests.limit:
+            self.requests.set_limit(per_window, now=now)
+        else:
+            return
+        log.info("request_rate_learnt", rpm=round(per_window, 1), window=self.window)
 
     def _record_completion(self, tokens: int) -> None:
         self._completions.append(tokens)
         self._seen_since_estimate += 1
-        if self._seen_since_estimate >= 50 or (
-            self._completion_estimate is None and len(self._completions) >= 20
-        ):
+        # every answer moves the estimate at first, so the prior is left within a few
+        if len(self._completions) <= EARLY_ANSWERS or self._seen_since_estimate >= 50:
             ordered = sorted(self._completions)
-            self._completion_estimate = ordered[int(len(ordered) * 0.95) - 1]
+            self._completion_estimate = ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)]
             self._seen_since_estimate = 0
 
     def _follow_headers(self, headers: Mapping[str, str], now: float) -> None:
@@ -449,6 +691,7 @@ class Limiter:
 
     def statistics(self) -> LimiterStatistics:
         now = anyio.current_time()
+        learnt = self._learner.rate
         return LimiterStatistics(
             concurrency=int(self._slots.total_tokens),
             in_flight=self._in_flight,
@@ -458,6 +701,7 @@ class Limiter:
             tpm_limit=self.tokens.limit if self.tokens else None,
             rate_limited=self._rate_limited,
             reserved_tokens=self._reserved_tokens,
+            learnt_rpm=learnt * self.window if learnt is not None else None,
         )
 
 

@@ -284,7 +284,7 @@ def _run_with_checkpoint(
                     window=limits.window,
                     adaptive=limits.adaptive,
                     tpm_counts=limits.tpm_counts,
-                    start_concurrency=limits.start_concurrency,
+                    start_concurrency=limits.first_concurrency,
                     fallback_pause=limits.initial_backoff,
                 )
                 pool = pool_class(

@@ -8,7 +8,7 @@ import httpx
 import orjson
 import pytest
 
-from batchrun.client import Client
+from batchrun.client import Client, parse_retry_after
 from batchrun.errors import RetryableError
 
 pytestmark = pytest.mark.anyio
@@ -67,3 +67,43 @@ async def test_undecodable_body_is_a_network_error() -> None:
         with pytest.raises(RetryableError) as caught:
             await client.send({"model": "m", "messages": []})
     assert caught.value.error_class == "network"
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        pytest.param({"retry-after": "3"}, 3.0, id="retry-after"),
+        pytest.param({"retry-after-ms": "1500", "retry-after": "2"}, 1.5, id="millis-first"),
+        pytest.param({"llm_provider-retry-after": "60"}, 60.0, id="vendor"),
+        pytest.param({"x-ratelimit-reset-requests": "6m0s"}, 360.0, id="go-duration"),
+        pytest.param({"x-ratelimit-reset-tokens": "2.5"}, 2.5, id="reset-seconds"),
+        pytest.param(
+            {
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "850ms",
+                "x-ratelimit-remaining-tokens": "900",
+                "x-ratelimit-reset-tokens": "30s",
+            },
+            0.85,
+            id="the-exhausted-limit",
+        ),
+        pytest.param(
+            {"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "4s"},
+            4.0,
+            id="later-when-unsaid",
+        ),
+        pytest.param(
+            {"x-ratelimit-remaining-requests": "12", "x-ratelimit-reset-requests": "5s"},
+            None,
+            id="room-left-is-another-limit",
+        ),
+        pytest.param({"x-ratelimit-reset-requests": "soon"}, None, id="garbage"),
+        pytest.param({}, None, id="nothing"),
+    ],
+)
+def test_parse_retry_after_reads_vendor_headers(
+    headers: dict[str, str], seconds: float | None
+) -> None:
+    """Vendor delay headers and x-ratelimit-reset-* are read like Retry-After."""
+    got = parse_retry_after(httpx.Headers(headers))
+    assert got == (pytest.approx(seconds) if seconds is not None else None)

@@ -623,3 +623,87 @@ def test_command_import_is_light() -> None:
         check=True,
     ).stdout
     assert out.strip() == "[]"
+
+
+# --- servers that are not DeepSeek: usage-counted TPM, fixed windows, odd 429s ----------------
+
+
+def test_tpm_counting_usage_charges_the_prompt_then_the_completion(
+    client: httpx.Client, fake: FakeServer
+) -> None:
+    """`tpm_counts="usage"`: no max_tokens is charged on admission; the prompt is, and the
+    completion once served."""
+    fake.update(tpm=1000, window=60.0, tpm_counts="usage")
+    first = chat(client, "hello")  # no max_tokens: OpenAI-style counting would charge 4096
+    assert first.status_code == 200
+    usage = first.json()["usage"]
+    prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
+    # remaining was measured on admission: only the prompt was counted then
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(1000 - prompt)
+    second = chat(client, "hello")
+    spent = 2 * prompt + completion  # the first answer's completion now counts too
+    assert second.headers["x-ratelimit-remaining-tokens"] == str(1000 - spent)
+
+
+def test_fixed_window_resets_every_count_at_the_boundary(
+    client: httpx.Client, fake: FakeServer
+) -> None:
+    """A fixed window forgets every count at its boundary, unlike a sliding one: two requests
+    sent apart in one window both have room again right after the reset."""
+    window, gap = 0.25, 0.08
+    fake.update(rpm=2, window=window, fixed_window=True, rate_headers=False)
+    while time.monotonic() % window > 0.03:  # start near the beginning of a window
+        time.sleep(0.002)
+    assert chat(client).status_code == 200
+    time.sleep(gap)
+    assert chat(client).status_code == 200
+    refused = chat(client)
+    assert refused.status_code == 429
+    wait = int(refused.headers["retry-after-ms"]) / 1000
+    assert wait <= window - gap + 0.01  # until the boundary, not until the first entry ages
+    time.sleep(wait + 0.005)
+    # sliding, the second request would still count for another `gap` seconds
+    assert [chat(client).status_code for _ in range(2)] == [200, 200]
+
+
+@pytest.mark.parametrize(
+    ("limit_retry", "present", "absent"),
+    [
+        pytest.param("vendor", {"llm_provider-retry-after"}, {"retry-after"}, id="vendor"),
+        pytest.param("none", set(), {"retry-after", "llm_provider-retry-after"}, id="none"),
+    ],
+)
+def test_rate_limit_429_without_retry_after(
+    client: httpx.Client, fake: FakeServer, limit_retry: str, present: set[str], absent: set[str]
+) -> None:
+    """A proxy's 429 may carry only a vendor delay header, or none at all."""
+    fake.update(rpm=1, window=60.0, rate_headers=False, limit_retry=limit_retry)
+    assert chat(client).status_code == 200
+    refused = chat(client)
+    assert refused.status_code == 429
+    assert present <= set(refused.headers)
+    assert not absent & set(refused.headers)
+    if present:
+        assert 59 <= int(refused.headers["llm_provider-retry-after"]) <= 60
+
+
+def test_rate_headers_without_reset_fields(client: httpx.Client, fake: FakeServer) -> None:
+    """Some proxies send limit and remaining but no x-ratelimit-reset-*."""
+    fake.update(rpm=5, tpm=10_000, window=60.0, reset_headers=False)
+    answer = chat(client, max_tokens=10)
+    assert answer.headers["x-ratelimit-remaining-requests"] == "4"
+    assert "x-ratelimit-limit-tokens" in answer.headers
+    assert not any(name.startswith("x-ratelimit-reset") for name in answer.headers)
+
+
+def test_fake_server_command_takes_the_new_behaviours() -> None:
+    """The command line reaches every new knob."""
+    from click.testing import CliRunner
+
+    from batchrun.fake.command import fake_server_command
+
+    result = CliRunner().invoke(fake_server_command, ["--tpm-counts", "nonsense"])
+    assert result.exit_code == 2 and "max_tokens" in result.output
+    helptext = CliRunner().invoke(fake_server_command, ["--help"]).output
+    for option in ("--tpm-counts", "--fixed-window", "--limit-retry", "--no-reset-headers"):
+        assert option in helptext

@@ -1,19 +1,26 @@
-"""Rate budgets: the pure arithmetic, then whole runs against the fake's own limits."""
+"""Rate budgets: the pure arithmetic, then the limiter on a mock clock, against the fake's
+own window arithmetic standing in for a server (whole runs against the fake, which take
+seconds of wall time, are in benchmarks/rate_budget.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
+import anyio
+import anyio.abc
 import pytest
 from trio.testing import MockClock
 
-from batchrun.fake import FakeServer
-from batchrun.job import build_job
-from batchrun.limits import AdaptiveConcurrency, Limiter, Outcome, TokenBucket, parse_duration
-from batchrun.pool import PoolSettings
-from batchrun.runner import run_job
-from tests.conftest import fast_job_data, write_jsonl
+from batchrun.fake.limits import Limits, RateLimiter
+from batchrun.limits import (
+    COMPLETION_PRIOR,
+    AdaptiveConcurrency,
+    Limiter,
+    Outcome,
+    Reservation,
+    TokenBucket,
+    parse_duration,
+)
 
 # -- pure arithmetic --------------------------------------------------------------------------
 
@@ -131,92 +138,6 @@ def test_adaptive_server_errors_pause_growth_without_shrinking() -> None:
     assert adaptive.limit == 9
 
 
-# -- whole runs against the fake's limits (windows scaled down to fractions of a second) -----
-
-
-def budget_run(
-    tmp_path: Path, fake: FakeServer, rows: list[dict[str, Any]], **limits: Any
-) -> list[dict[str, Any]]:
-    """Run rows through the runner; returns the output rows."""
-    import gc
-
-    import pyarrow.parquet as pq
-
-    # Windows here are scaled down from a minute to seconds, so a bucket holds only
-    # milliseconds of budget; collector pauses over the heap earlier tests left behind would
-    # then cost budget they never cost at a real minute. Freeze that heap first.
-    gc.collect()
-    gc.freeze()
-
-    write_jsonl(tmp_path / "in.jsonl", rows)
-    data = fast_job_data(tmp_path, fake.base_url, limits=limits, params={"max_tokens": 60})
-    summary = run_job(build_job(data), settings=PoolSettings(flush_seconds=0.2))
-    assert summary.rows_ok == len(rows)
-    return pq.read_table(tmp_path / "out.parquet").to_pylist()
-
-
-def pace(rows: list[dict[str, Any]], *, since: float = 0.0) -> tuple[int, float]:
-    """How many rows finished, and over how many seconds, from a share `since` of the run on."""
-    times = sorted(r["finished_at"].timestamp() for r in rows)
-    start = times[0] + (times[-1] - times[0]) * since
-    finished = [t for t in times if t >= start]
-    return len(finished) - 1, finished[-1] - finished[0]
-
-
-def requests_rows(n: int) -> list[dict[str, Any]]:
-    return [{"prompt": f"p{i}"} for i in range(n)]
-
-
-def test_rpm_budget_equal_to_the_server_limit(tmp_path: Path, fake: FakeServer) -> None:
-    """A budget equal to the server's RPM: no 429 and at least 95% of the limit used."""
-    window, rpm, n = 2.0, 200, 200
-    fake.update(rpm=rpm, window=window, rate_headers=False)
-    out = budget_run(tmp_path, fake, requests_rows(n), rpm=rpm, window=window, concurrency=16)
-    assert fake.stats()["rate_limited"] == 0
-    done, seconds = pace(out)
-    assert done / (seconds / window) >= 0.95 * rpm
-
-
-def test_tpm_budget_equal_to_the_server_limit(tmp_path: Path, fake: FakeServer) -> None:
-    """A TPM budget equal to the server's (counted as prompt + max_tokens): no 429, >=95%."""
-    window, tpm = 2.0, 48_000
-    fake.update(tpm=tpm, window=window, rate_headers=False)
-    rows = [{"prompt": "word " * (5 + (i * 37) % 120)} for i in range(300)]
-    out = budget_run(
-        tmp_path, fake, rows, tpm=tpm, window=window, tpm_counts="max_tokens", concurrency=16
-    )
-    assert fake.stats()["rate_limited"] == 0
-    charged = sorted((r["finished_at"].timestamp(), r["prompt_tokens"] + 60) for r in out)
-    seconds = charged[-1][0] - charged[0][0]
-    tokens = sum(c for _, c in charged[1:])
-    assert tokens / (seconds / window) >= 0.95 * tpm
-
-
-def test_budget_set_too_high_follows_the_server_headers(tmp_path: Path, fake: FakeServer) -> None:
-    """A budget 50% above the server's, with rate headers: every row ok, few 429s, >=90%."""
-    window, rpm, n = 2.0, 200, 200
-    fake.update(rpm=rpm, window=window, rate_headers=True)
-    out = budget_run(tmp_path, fake, requests_rows(n), rpm=rpm * 1.5, window=window, concurrency=16)
-    assert fake.stats()["rate_limited"] < 0.02 * n
-    done, seconds = pace(out)
-    assert done / (seconds / window) >= 0.90 * rpm
-
-
-def test_adaptive_concurrency_settles_near_the_server_limit(
-    tmp_path: Path, fake: FakeServer
-) -> None:
-    """Against a concurrency-limited server without headers: few 429s, and once settled at
-    least 85% of C requests per latency."""
-    limit, latency, n = 16, 0.2, 300
-    fake.update(max_concurrency=limit, latency=latency, rate_headers=False)
-    out = budget_run(tmp_path, fake, requests_rows(n), concurrency=32, start_concurrency=4)
-    stats = fake.stats()
-    assert stats["rate_limited"] < 0.02 * n
-    assert stats["max_in_flight"] <= limit
-    done, seconds = pace(out, since=0.5)
-    assert done / seconds >= 0.85 * limit / latency, done / seconds / (limit / latency)
-
-
 # -- the limiter object, on trio with a clock that jumps: a simulated minute takes ms ---------
 
 TRIO = pytest.mark.parametrize(
@@ -305,7 +226,7 @@ async def test_usage_counting_reserves_a_percentile_and_settles_real_usage(
     """Once answers come back, a request reserves the 95th percentile of completions seen
     (not its max_tokens), and unused tokens return to the bucket when it settles."""
     limiter = Limiter(concurrency=4, tpm=100_000, adaptive=False, tpm_counts="usage")
-    assert limiter.completion_allowance(1000) == 1000  # nothing seen yet: the cap
+    assert limiter.completion_allowance(1000) == COMPLETION_PRIOR  # nothing seen yet: a prior
     for size in range(1, 101):  # completions of 1..100 tokens
         reservation = await limiter.reserve(prompt_tokens=10, completion_cap=1000)
         limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=size)
@@ -331,3 +252,291 @@ async def test_max_tokens_counting_keeps_the_whole_cap_charged(anyio_backend: ob
     limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=12, completion_tokens=5)
     # the server charged the real prompt (12) plus all of max_tokens (200)
     assert limiter.tokens.level == pytest.approx(level + reservation.tokens - 212)
+
+
+# -- the limiter against a simulated server (the fake's own window arithmetic) --------------
+
+
+@dataclass
+class Simulation:
+    """Workers sending through a limiter to a server on the mock clock; what happened."""
+
+    limiter: Limiter
+    server_limits: Limits
+    latency: float = 0.5
+    prompt: int = 5
+    completion: int = 5
+    cap: int = 4096
+    #: whether 429s say when to come back (Retry-After)
+    retry_after: bool = False
+    #: whether the server counts TPM on real usage (else prompt + cap on admission)
+    usage: bool = False
+    #: whether answers carry the server's x-ratelimit-* headers
+    headers: bool = False
+    server: RateLimiter = field(default_factory=RateLimiter)
+    sends: list[tuple[float, bool]] = field(default_factory=list)
+
+    @property
+    def admitted(self) -> int:
+        return sum(ok for _, ok in self.sends)
+
+    @property
+    def refused(self) -> list[float]:
+        return [t for t, ok in self.sends if not ok]
+
+    async def run(self, *, workers: int, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            async with anyio.create_task_group() as group:
+                for _ in range(workers):
+                    group.start_soon(self._worker)
+
+    async def _worker(self) -> None:
+        limiter, limits = self.limiter, self.server_limits
+        while True:
+            reservation = await limiter.reserve(prompt_tokens=self.prompt, completion_cap=self.cap)
+            now = anyio.current_time()
+            charge = self.prompt if self.usage else self.prompt + self.cap
+            decision = self.server.admit(now, charge, limits, headers=self.headers)
+            self.sends.append((now, decision.admitted))
+            if not decision.admitted:
+                delay = decision.retry_after if self.retry_after else None
+                limiter.settle(
+                    reservation,
+                    outcome=Outcome.RATE_LIMITED,
+                    retry_after=delay,
+                    headers=decision.headers,
+                )
+                continue
+            await anyio.sleep(self.latency)
+            self.server.release()
+            if self.usage:
+                self.server.book(anyio.current_time(), self.completion, limits)
+            limiter.settle(
+                reservation,
+                outcome=Outcome.OK,
+                prompt_tokens=self.prompt,
+                completion_tokens=self.completion,
+                headers=decision.headers,
+            )
+
+
+@TRIO
+async def test_tpm_without_max_tokens_fills_a_usage_counted_budget(anyio_backend: object) -> None:
+    """--tpm 6000, no max_tokens, 100-token requests on a server counting real usage: about
+    the 60 requests a minute that fit (it was 2), and no 429."""
+    limiter = Limiter(concurrency=8, tpm=6000, adaptive=False, tpm_counts="usage")
+    sim = Simulation(
+        limiter, Limits(None, 6000, None, 60.0), prompt=20, completion=80, latency=2.0, usage=True
+    )
+    await sim.run(workers=8, seconds=180.0)
+    assert not sim.refused
+    assert 0.9 * 180 <= sim.admitted <= 1.02 * 180 + 1
+
+
+@TRIO
+async def test_a_server_sending_only_its_token_limit_is_followed(anyio_backend: object) -> None:
+    """No --tpm, a server that sends x-ratelimit-limit-tokens (no reset fields) and counts
+    real usage: its limit becomes the budget, and that budget is used, not starved."""
+    limiter = Limiter(concurrency=8, adaptive=False)
+    server = Limits(None, 6000, None, 60.0, reset_headers=False)
+    sim = Simulation(
+        limiter, server, prompt=20, completion=80, latency=2.0, usage=True, headers=True
+    )
+    await sim.run(workers=8, seconds=180.0)
+    assert limiter.statistics().tpm_limit == 6000
+    assert len(sim.refused) <= 0.01 * len(sim.sends)
+    assert sim.admitted >= 0.85 * 180
+
+
+@TRIO
+async def test_a_tpm_waiter_wakes_when_tokens_come_back(anyio_backend: object) -> None:
+    """A request waiting for tokens goes as soon as a settle returns them, not after
+    sleeping out the debt it saw."""
+    limiter = Limiter(concurrency=4, tpm=6000, adaptive=False)
+    first = await limiter.reserve(prompt_tokens=20, completion_cap=4096)
+    assert first.taken_tokens <= 60  # never more than the bucket holds (1% of 6000)
+    start = anyio.current_time()
+    went: list[float] = []
+
+    async def second() -> None:
+        await limiter.reserve(prompt_tokens=20, completion_cap=4096)
+        went.append(anyio.current_time() - start)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(second)
+        await anyio.sleep(0.01)
+        assert not went
+        limiter.settle(first, outcome=Outcome.RATE_LIMITED, retry_after=0.0)  # not counted
+    assert went and went[0] < 0.05
+
+
+@TRIO
+async def test_completion_estimate_leaves_the_prior_within_a_few_answers(
+    anyio_backend: object,
+) -> None:
+    """Counting real usage, a request first reserves a prior, then what answers used."""
+    limiter = Limiter(concurrency=4, tpm=100_000, adaptive=False)
+    assert limiter.completion_allowance(4096) == COMPLETION_PRIOR
+    for _ in range(3):
+        reservation = await limiter.reserve(prompt_tokens=10, completion_cap=4096)
+        limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=40)
+    assert limiter.completion_allowance(4096) == 40
+    counted = Limiter(concurrency=4, tpm=100_000, adaptive=False, tpm_counts="max_tokens")
+    assert counted.completion_allowance(4096) == 4096  # the server charges the cap
+
+
+@TRIO
+async def test_headerless_rpm_window_is_found_not_hammered(anyio_backend: object) -> None:
+    """A sliding RPM window that answers 429 with no delay and no headers, no budget given:
+    the limiter learns a request rate from when 429s start and stop, and does not shrink
+    concurrency for it."""
+    limiter = Limiter(concurrency=8, window=10.0, start_concurrency=8, fallback_pause=0.2)
+    sim = Simulation(limiter, Limits(30, None, None, 10.0), latency=0.2)
+    await sim.run(workers=8, seconds=120.0)
+    stats = limiter.statistics()
+    assert stats.learnt_rpm is not None and 0.6 * 30 <= stats.learnt_rpm <= 30
+    assert len(sim.refused) <= 0.3 * len(sim.sends)
+    assert sim.admitted >= 0.6 * 30 * 120 / 10
+    assert stats.concurrency == 8  # a rate limit, not a concurrency limit
+    # once learnt, the pace holds: no 429 in the last minute
+    assert not [t for t in sim.refused if t > sim.sends[0][0] + 60]
+
+
+@TRIO
+async def test_concurrency_429s_are_not_taken_for_a_rate(anyio_backend: object) -> None:
+    """DeepSeek-style 429s (no headers, beyond C in flight) teach a concurrency, no rate."""
+    limiter = Limiter(concurrency=16, start_concurrency=8, fallback_pause=0.05)
+    sim = Simulation(limiter, Limits(None, None, 4, 60.0), latency=1.0)
+    await sim.run(workers=16, seconds=60.0)
+    stats = limiter.statistics()
+    assert stats.learnt_rpm is None and stats.rpm_limit is None
+    assert stats.concurrency <= 5
+    assert len(sim.refused) <= 0.05 * len(sim.sends)
+    assert sim.admitted >= 0.85 * 4 * 60
+
+
+@TRIO
+async def test_with_long_answers_concurrency_climbs_without_waiting_for_them(
+    anyio_backend: object,
+) -> None:
+    """Reasoner-length answers (60 s): requests out for a while without a refusal count as
+    admitted, so concurrency is at its maximum within seconds, not after rounds of answers."""
+    limiter = Limiter(concurrency=64, start_concurrency=8)
+    sim = Simulation(limiter, Limits(None, None, None, 60.0), latency=60.0)
+    await sim.run(workers=64, seconds=20.0)
+    assert limiter.statistics().concurrency == 64
+    assert len(sim.sends) == 64
+
+
+@TRIO
+async def test_with_long_answers_a_concurrency_limit_still_holds(anyio_backend: object) -> None:
+    """Climbing on admissions still stops at a server's concurrency limit, with few 429s."""
+    limiter = Limiter(concurrency=64, start_concurrency=8, fallback_pause=0.5)
+    sim = Simulation(limiter, Limits(None, None, 20, 60.0), latency=60.0)
+    await sim.run(workers=64, seconds=300.0)
+    stats = limiter.statistics()
+    assert stats.concurrency <= 20
+    assert sim.admitted >= 0.8 * 20 * 300 / 60
+    assert len(sim.refused) <= 0.1 * len(sim.sends)
+
+
+@TRIO
+async def test_after_a_429_with_a_reset_every_worker_waits_for_it(anyio_backend: object) -> None:
+    """A fixed window (counts reset on the window): after a 429 saying when, no worker sends
+    before that reset, and every window's budget is used."""
+    limiter = Limiter(concurrency=8, window=10.0)
+    sim = Simulation(limiter, Limits(20, None, None, 10.0, fixed=True), latency=0.1)
+    sim.retry_after = True
+    await sim.run(workers=8, seconds=60.0)
+    for refused_at in sim.refused:
+        boundary = (refused_at // 10.0 + 1) * 10.0
+        assert not [t for t, _ in sim.sends if refused_at < t < boundary - 1e-9]
+    assert sim.admitted >= 0.9 * 20 * 6
+    windows = {t // 10.0 for t, _ in sim.sends}
+    assert len(sim.refused) <= len(windows)  # one a window at most
+
+
+class Held:
+    """A reservation taken and settled by a task of its own (a slot belongs to its task)."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.reservation: Reservation | None = None
+        self.outcome = Outcome.OK
+        self._settle = anyio.Event()
+        self.reserved = anyio.Event()
+
+    async def run(self) -> None:
+        self.reservation = await self.limiter.reserve(prompt_tokens=1, completion_cap=1)
+        self.reserved.set()
+        await self._settle.wait()
+        self.limiter.settle(
+            self.reservation, outcome=self.outcome, prompt_tokens=1, completion_tokens=1
+        )
+
+    async def settle(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self._settle.set()
+        await anyio.sleep(0.001)
+
+
+async def hold(group: anyio.abc.TaskGroup, limiter: Limiter, *, wait: float = 0.001) -> Held:
+    """Start a task reserving; return once it has its reservation or `wait` has passed."""
+    held = Held(limiter)
+    group.start_soon(held.run)
+    with anyio.move_on_after(wait):
+        await held.reserved.wait()
+    return held
+
+
+@TRIO
+async def test_headerless_backoff_is_shared_and_grows(anyio_backend: object) -> None:
+    """A 429 without a delay pauses every worker; requests sent after that pause and refused
+    again grow the shared pause, and then go one probe at a time."""
+    limiter = Limiter(concurrency=8, adaptive=False, fallback_pause=1.0)
+    async with anyio.create_task_group() as group:
+        first = [await hold(group, limiter) for _ in range(3)]
+        await first[0].settle(Outcome.RATE_LIMITED)
+        assert limiter.statistics().paused_for == pytest.approx(1.0, abs=0.01)
+        await first[1].settle(Outcome.RATE_LIMITED)  # same round: no growth
+        assert limiter.statistics().paused_for == pytest.approx(1.0, abs=0.01)
+        start = anyio.current_time()
+        probe = await hold(group, limiter, wait=5.0)
+        assert probe.reservation is not None  # it went, after the pause
+        assert anyio.current_time() - start >= 0.99
+        await probe.settle(Outcome.RATE_LIMITED)
+        assert limiter.statistics().paused_for == pytest.approx(1.5, abs=0.01)
+        probe = await hold(group, limiter, wait=5.0)
+        assert probe.reservation is not None and probe.reservation.probe
+        waiter = await hold(group, limiter)
+        await anyio.sleep(1.0)
+        assert waiter.reservation is None  # one probe at a time: it waits for the answer
+        await probe.settle(Outcome.OK)  # the episode is over: requests go again at once
+        assert waiter.reservation is not None
+        for held in (first[2], waiter):
+            await held.settle(Outcome.OK)
+
+
+@TRIO
+async def test_a_pass_abandoned_for_shrunk_concurrency_takes_no_budget(
+    anyio_backend: object,
+) -> None:
+    """A worker that waited for budget while concurrency shrank under it gives up its slot
+    without taking a request from the RPM bucket (it was 3 sends for 4 takes)."""
+    limiter = Limiter(concurrency=4, rpm=60, start_concurrency=4, fallback_pause=5.0)
+    bucket = limiter.requests
+    assert bucket is not None and bucket.capacity == 1  # a request a second, one at most held
+    async with anyio.create_task_group() as group:
+        sent = [await hold(group, limiter, wait=5.0) for _ in range(3)]
+        start = anyio.current_time()
+        limiter.pause(5.0)
+        fourth = await hold(group, limiter)
+        # a concurrency 429 shrinks the limit to 2 while the fourth waits out the pause
+        await sent[2].settle(Outcome.RATE_LIMITED)
+        assert limiter.statistics().concurrency == 2
+        await anyio.sleep(start + 5.1 - anyio.current_time())
+        assert fourth.reservation is None
+        bucket.refill(anyio.current_time())
+        assert bucket.level > 0.9  # the abandoned pass took nothing (it was ~0.1)
+        assert limiter.statistics().in_flight == 2
+        group.cancel_scope.cancel()

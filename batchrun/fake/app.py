@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -117,15 +118,20 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     if remaining is not None and remaining <= 0:
         return _error(state, 402, "Insufficient Balance")
 
-    charge = prompt_tokens + (chat.max_tokens or DEFAULT_COMPLETION_CHARGE)
+    charge = prompt_tokens
+    if config.tpm_counts == "max_tokens":
+        charge += chat.max_tokens or DEFAULT_COMPLETION_CHARGE
     decision = state.limiter.admit(
         time.monotonic(), charge, state.limits(), headers=config.rate_headers
     )
     headers = decision.headers
     if not decision.admitted:
         state.rate_limited += 1
-        if decision.retry_after is not None:
+        if decision.retry_after is not None and config.limit_retry == "standard":
             headers = {**headers, **bodies.retry_after_headers(decision.retry_after)}
+        elif decision.retry_after is not None and config.limit_retry == "vendor":
+            vendor = str(math.ceil(decision.retry_after))
+            headers = {**headers, "llm_provider-retry-after": vendor}
         return _error(state, 429, _LIMIT_MESSAGES[decision.reason or "requests"], headers)
     try:
         return await _admitted(request, state, config, chat, prompt_tokens, first_tokens, headers)
@@ -204,6 +210,8 @@ def _completion(
     usage = bodies.usage(prompt_tokens, hit, answer)
     state.tokens_served += usage["total_tokens"]
     state.completions += 1
+    if state.config.tpm_counts == "usage":  # the completion counts against TPM when served
+        state.limiter.book(time.monotonic(), usage["completion_tokens"], state.limits())
     reported = bodies.reported_usage(usage, state.config.usage)
     payload = bodies.completion(
         id_=f"{uuid.uuid4()} {echo}" if echo is not None else str(uuid.uuid4()),

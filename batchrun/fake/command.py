@@ -40,13 +40,35 @@ def _faults(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 @click.option("--keepalive-lines", type=int, help="Blank lines before a keepalive answer (3).")
 @click.option("--keepalive-interval", type=float, help="Seconds between keepalive lines (0).")
 @click.option("--rpm", type=int, help="Requests per window before 429.")
-@click.option("--tpm", type=int, help="Tokens (prompt + max_tokens) per window before 429.")
+@click.option("--tpm", type=int, help="Tokens per window before 429 (see --tpm-counts).")
 @click.option("--max-concurrency", type=int, help="Requests in flight before 429.")
 @click.option("--window", type=float, help="Rate-limit window in seconds (default 60).")
 @click.option(
     "--rate-headers/--no-rate-headers",
     default=None,
     help="Send x-ratelimit-* headers when limits are set (default on).",
+)
+@click.option(
+    "--reset-headers/--no-reset-headers",
+    default=None,
+    help="Include x-ratelimit-reset-* in the rate headers (default on).",
+)
+@click.option(
+    "--tpm-counts",
+    type=click.Choice(["max_tokens", "usage"]),
+    help="TPM counts prompt + max_tokens on admission (default), or the prompt on admission "
+    "and the completion when served.",
+)
+@click.option(
+    "--fixed-window/--sliding-window",
+    default=None,
+    help="Rate counts reset at every multiple of --window, or slide (default).",
+)
+@click.option(
+    "--limit-retry",
+    type=click.Choice(["standard", "vendor", "none"]),
+    help="What a rate-limit 429 carries: Retry-After (default), only llm_provider-retry-after, "
+    "or no delay at all.",
 )
 @click.option(
     "--usage-chunk",

@@ -12,6 +12,12 @@ UsageChunk = Literal["final", "separate"]
 #: what `usage` answers carry: all of DeepSeek's fields, no cache split and no completion
 #: details (as some resellers), or no `usage` at all (as proxies that strip it)
 UsageMode = Literal["full", "no_cache", "omit"]
+#: how TPM is counted: prompt + max_tokens on admission (OpenAI), or the prompt on admission
+#: and the completion when served (proxies counting real usage)
+TpmCounts = Literal["max_tokens", "usage"]
+#: what a rate-limit 429 says about when to come back: Retry-After (and retry-after-ms), only
+#: a vendor header (`llm_provider-retry-after`, as LiteLLM), or nothing
+LimitRetry = Literal["standard", "vendor", "none"]
 
 #: Every fault kind the server can inject, randomly or through a `[[fault:KIND]]` marker.
 KNOWN_FAULTS = frozenset(
@@ -57,6 +63,12 @@ class FakeConfig:
     max_concurrency: int | None = None
     window: float = 60.0
     rate_headers: bool = True
+    #: rate headers carry x-ratelimit-reset-* (some proxies send limit and remaining only)
+    reset_headers: bool = True
+    tpm_counts: TpmCounts = "max_tokens"
+    #: counts reset at every multiple of `window` (on the minute) rather than sliding
+    fixed_window: bool = False
+    limit_retry: LimitRetry = "standard"
     usage_chunk: UsageChunk = "final"
     usage: UsageMode = "full"
     #: repeat the request's Authorization header in the answer's id, content and reasoning
@@ -98,5 +110,11 @@ def _validate(config: FakeConfig) -> None:
         raise ValueError(f"window must be > 0, got {config.window!r}")
     if config.usage_chunk not in ("final", "separate"):
         raise ValueError(f"usage_chunk must be 'final' or 'separate', got {config.usage_chunk!r}")
+    if config.tpm_counts not in ("max_tokens", "usage"):
+        raise ValueError(f"tpm_counts must be 'max_tokens' or 'usage', got {config.tpm_counts!r}")
+    if config.limit_retry not in ("standard", "vendor", "none"):
+        raise ValueError(
+            f"limit_retry must be 'standard', 'vendor' or 'none', got {config.limit_retry!r}"
+        )
     if config.usage not in ("full", "no_cache", "omit"):
         raise ValueError(f"usage must be 'full', 'no_cache' or 'omit', got {config.usage!r}")

@@ -106,4 +106,11 @@ class FakeState:
     def limits(self) -> Limits:
         """The ceilings of the current config (read per request, so live edits apply)."""
         config = self.config
-        return Limits(config.rpm, config.tpm, config.max_concurrency, config.window)
+        return Limits(
+            config.rpm,
+            config.tpm,
+            config.max_concurrency,
+            config.window,
+            fixed=config.fixed_window,
+            reset_headers=config.reset_headers,
+        )
