@@ -32,12 +32,9 @@ from batchrun.errors import (
 from batchrun.job import Job, resolve_api_key
 from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
-from batchrun.sinks import compact, output_schema
+from batchrun.sinks import METADATA_KEY, REPORT_KEY, compact, output_schema
 from batchrun.sources import InputSummary, scan_input
 
-METADATA_KEY = b"batchrun"
-#: what `batchrun report` needs to know about the job that wrote a file
-REPORT_KEY = b"batchrun.report"
 
 
 @dataclass(frozen=True)
