@@ -23,7 +23,7 @@ import anyio
 
 from batchrun import tokens
 from batchrun.client import Completion
-from batchrun.errors import RateLimited, RetryableError
+from batchrun.errors import LeaseExpired, RateLimited, RetryableError
 from batchrun.limits import Outcome, SpendCap
 from batchrun.prices import Charge, PriceTable
 from batchrun.ratelimit import Lease, RateLimiter, Scope
@@ -66,6 +66,8 @@ class Attempt:
         self._meter = meter
         self.request = request
         self.lease: Lease | None = None
+        #: cancels the block at the lease's expiry
+        self._deadline: anyio.CancelScope | None = None
         #: wall-clock time and `perf_counter()` when the request left (None: never sent)
         self.sent_at: datetime | None = None
         self.started: float | None = None
@@ -98,6 +100,8 @@ class Attempt:
         except BaseException:
             meter.spend.settle(request.worst_usd, None)
             raise
+        self._deadline = anyio.CancelScope(deadline=self.lease.expires_at)
+        self._deadline.__enter__()
         return self
 
     async def __aexit__(
@@ -106,6 +110,14 @@ class Attempt:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            deadline.__exit__(exc_type, exc, tb)
+        if deadline is not None and deadline.cancelled_caught:
+            expired = LeaseExpired()  # the block was cancelled at the lease's expiry
+            with anyio.CancelScope(shield=True):
+                await self._meter.settle(self, expired)
+            raise expired from None
         with anyio.CancelScope(shield=True):
             await self._meter.settle(self, exc)
 

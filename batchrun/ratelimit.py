@@ -6,8 +6,10 @@ A limiter hands out leases: `reserve` waits until a request for a scope may go a
 `cancel`s it when nothing was sent (its slot, request and tokens go back whole). Every method
 may be called from any task, and `settle`/`cancel` must complete under a cancelled scope (the
 caller shields them), so a lease is never lost to a cancellation. A lease that is neither
-settled nor cancelled before `expires_at` returns to the pool by itself: that is what lets
-the leases of a dead worker come back in a cluster-wide implementation.
+closed by `expires_at` returns to the pool: the attempt meter cancels an attempt still
+running at its lease's expiry and closes the lease (so a local lease, whose holder is always
+alive, comes back by its holder's hand), and a cluster-wide implementation also takes back
+by itself the leases of a worker that died.
 
 A `Lease` is a plain value (scope, number, expiry) so that an implementation in another
 process can hand it out; what it took stays on the implementation's side.
@@ -16,7 +18,6 @@ process can hand it out; what it took stays on the implementation's side.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -41,8 +42,8 @@ __all__ = [
 
 log = structlog.get_logger("batchrun.ratelimit")
 
-#: how long a local lease lives unsettled before it is taken back, past the attempt's own
-#: bounds (a worker settles or cancels every lease it holds; expiry is the backstop)
+#: how long a local lease lives past the attempt's own bounds before its attempt is cut
+#: short (a backstop: an attempt ends within them)
 LEASE_MARGIN = 60.0
 
 
@@ -125,9 +126,8 @@ class LocalRateLimiter:
     def __init__(self, limiter: Limiter, *, lease_seconds: float) -> None:
         self.limiter = limiter
         self.lease_seconds = lease_seconds
-        self._leases: dict[int, tuple[Reservation, float]] = {}
+        self._leases: dict[int, Reservation] = {}
         self._numbers = 0
-        self.expired = 0
 
     @classmethod
     def for_limits(cls, limits: Limits) -> LocalRateLimiter:
@@ -148,19 +148,12 @@ class LocalRateLimiter:
         return cls(limiter, lease_seconds=hold)
 
     async def reserve(self, scope: Scope, *, prompt_tokens: int, completion_cap: int) -> Lease:
-        while True:
-            self._take_back_expired()
-            wait = self._next_expiry() - anyio.current_time()
-            with anyio.move_on_after(wait):
-                reservation = await self.limiter.reserve(
-                    prompt_tokens=prompt_tokens, completion_cap=completion_cap
-                )
-                break
-            # a lease expired while this task waited: take it back, then wait again
+        reservation = await self.limiter.reserve(
+            prompt_tokens=prompt_tokens, completion_cap=completion_cap
+        )
         self._numbers += 1
-        expires_at = anyio.current_time() + self.lease_seconds
-        self._leases[self._numbers] = (reservation, expires_at)
-        return Lease(scope, self._numbers, expires_at)
+        self._leases[self._numbers] = reservation
+        return Lease(scope, self._numbers, anyio.current_time() + self.lease_seconds)
 
     async def settle(
         self,
@@ -172,11 +165,11 @@ class LocalRateLimiter:
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        held = self._leases.pop(lease.number, None)
-        if held is None:
-            return  # expired and taken back already
+        reservation = self._leases.pop(lease.number, None)
+        if reservation is None:
+            return  # closed already
         self.limiter.settle(
-            held[0],
+            reservation,
             outcome=outcome,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -185,26 +178,12 @@ class LocalRateLimiter:
         )
 
     async def cancel(self, lease: Lease) -> None:
-        held = self._leases.pop(lease.number, None)
-        if held is not None:
-            self.limiter.cancel(held[0])
+        reservation = self._leases.pop(lease.number, None)
+        if reservation is not None:
+            self.limiter.cancel(reservation)
 
     async def pause(self, scope: Scope, seconds: float) -> None:
         self.limiter.pause(seconds)
 
     def statistics(self) -> LimiterStatistics:
         return self.limiter.statistics()
-
-    def _next_expiry(self) -> float:
-        return min((expires for _, expires in self._leases.values()), default=math.inf)
-
-    def _take_back_expired(self) -> None:
-        """Leases held past their expiry go back as attempts that may have been sent: their
-        slots return, their tokens stay spent (the server may have counted them)."""
-        now = anyio.current_time()
-        for number, (reservation, expires_at) in list(self._leases.items()):
-            if expires_at <= now:
-                del self._leases[number]
-                self.expired += 1
-                self.limiter.settle(reservation, outcome=Outcome.OTHER)
-                log.warning("lease_expired", lease=number)
