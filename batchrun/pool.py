@@ -1,5 +1,9 @@
 """Runs a job: one task group, source -> bounded stream -> workers -> part files.
 
+Workers hand each work item to `rows.RowMaker` and keep the row it returns; every request
+goes through the endpoint gate (`outage`) and is metered by `meter.AttemptMeter` against the
+`RateLimiter` the pool is given (`ratelimit`), the spend cap and the prices.
+
 A row's failure is a value (an error row); a run's failure (bad key, no balance, interrupt)
 is a stop: no new rows are taken, requests in flight may finish within a grace period, what
 is done is written, and the stop is raised for the CLI to report.

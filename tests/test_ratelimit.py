@@ -3,13 +3,10 @@ limiter is a stub implementing the protocol, passed in."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import anyio
-import pyarrow.parquet as pq
 import pytest
 from trio.testing import MockClock
 
@@ -139,39 +136,3 @@ def test_the_pool_takes_its_limiter_from_the_caller(tmp_path: Path, fake: FakeSe
         (f"{fake.base_url}/chat/completions", "deepseek-chat")
     }
     assert len(stub.holds) == 1 and 0.2 <= stub.holds[0] < 1.0
-
-
-def test_a_429_costs_no_attempt_while_others_are_answered(tmp_path: Path, fake: FakeServer) -> None:
-    """A server refusing with 429s far more requests than max_attempts allows: every row
-    still ends ok, each having sent more requests than it has attempts."""
-    fake.update(rpm=3, window=0.2, rate_headers=False)
-    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(9)])
-    data = fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 4, "max_attempts": 2})
-    summary = run_job(build_job(data), settings=SETTINGS)
-    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    assert summary.rows_ok == 9 and fake.stats()["rate_limited"] > 0
-    assert max(row["attempts"] for row in out) > 2
-
-
-def test_a_server_refusing_everything_fails_rows_after_outage_timeout(
-    tmp_path: Path, fake: FakeServer
-) -> None:
-    """When no request is answered for `outage_timeout`, 429s count as attempts again and the
-    rows end as rate_limit errors instead of waiting for ever."""
-    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "[[fault:429*always@0.01]] question"}])
-    data = fast_job_data(tmp_path, fake.base_url, limits={"max_attempts": 2, "outage_timeout": 0.3})
-    began = time.monotonic()
-    summary = run_job(build_job(data), settings=SETTINGS)
-    [row] = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    assert summary.rows_error == 1 and row["error_class"] == "rate_limit"
-    assert time.monotonic() - began < 2.0 and row["attempts"] >= 2
-
-
-def test_latency_leaves_out_rate_limit_waits(tmp_path: Path, fake: FakeServer) -> None:
-    """latency_s sums the time the row's requests took, not the 429 waits between them."""
-    rows: list[dict[str, Any]] = [{"prompt": "[[fault:429*2@0.1]] question"}]
-    write_jsonl(tmp_path / "in.jsonl", rows)
-    run_job(build_job(fast_job_data(tmp_path, fake.base_url)), settings=SETTINGS)
-    [row] = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    assert row["status"] == "ok" and row["attempts"] == 3
-    assert row["latency_s"] < 0.1
