@@ -116,7 +116,6 @@ class RowEnd:
     result: dict[str, Any] | None
     #: the run must stop for this reason (None: abandoned because it is stopping already)
     stop: RunStopped | None = None
-    stopping: bool = False
 
 
 @dataclass
@@ -193,9 +192,7 @@ class RowMaker:
             except (Abandoned, RunStopped) as exc:
                 # a paid answer that did not parse is kept; then the run stops
                 cut = self._cut_short(state) if state.answers else None
-                if isinstance(exc, RunStopped):
-                    return RowEnd(cut, stop=exc)
-                return RowEnd(cut, stopping=True)
+                return RowEnd(cut, stop=exc if isinstance(exc, RunStopped) else None)
             except anyio.get_cancelled_exc_class():
                 if state.answers:  # cancelled outright: write the paid answers before going
                     self.keep(self._cut_short(state))

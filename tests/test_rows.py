@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from batchrun.fake import FakeServer
+from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
 from batchrun.runner import run_job
@@ -20,14 +20,14 @@ SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
 def test_a_429_costs_no_attempt_while_others_are_answered(tmp_path: Path, fake: FakeServer) -> None:
     """A server whose RPM window is far below the row count refuses many requests with 429s:
     every row still ends ok on a single attempt (`attempts` counts the requests it sent)."""
-    fake.update(rpm=3, window=0.2, rate_headers=False)
-    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(9)])
+    fake.update(rpm=3, window=0.1, rate_headers=False)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(8)])
     data = fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 4, "max_attempts": 1})
     summary = run_job(build_job(data), settings=SETTINGS)
     out = pq.read_table(tmp_path / "out.parquet").to_pylist()
     refused = fake.stats()["rate_limited"]
-    assert summary.rows_ok == 9 and refused > 0
-    assert sum(row["attempts"] for row in out) == 9 + refused
+    assert summary.rows_ok == 8 and refused > 0
+    assert sum(row["attempts"] for row in out) == 8 + refused
 
 
 def test_a_server_refusing_everything_fails_rows_after_outage_timeout(
@@ -36,7 +36,7 @@ def test_a_server_refusing_everything_fails_rows_after_outage_timeout(
     """When no request is answered for `outage_timeout`, 429s count as attempts again and the
     rows end as rate_limit errors instead of waiting for ever."""
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "[[fault:429*always@0.01]] question"}])
-    data = fast_job_data(tmp_path, fake.base_url, limits={"max_attempts": 2, "outage_timeout": 0.3})
+    data = fast_job_data(tmp_path, fake.base_url, limits={"max_attempts": 2, "outage_timeout": 0.1})
     began = time.monotonic()
     summary = run_job(build_job(data), settings=SETTINGS)
     [row] = pq.read_table(tmp_path / "out.parquet").to_pylist()
@@ -54,13 +54,14 @@ def test_latency_leaves_out_rate_limit_waits(tmp_path: Path, fake: FakeServer) -
     assert row["latency_s"] < 0.1
 
 
-def test_concurrency_429s_without_retry_after_cost_no_attempt(
-    tmp_path: Path, fake: FakeServer
-) -> None:
+def test_concurrency_429s_without_retry_after_cost_no_attempt(tmp_path: Path) -> None:
     """A server allowing one request at a time refuses the rest with 429s and no Retry-After:
     the rows back off on their own and every one ends ok on a single attempt."""
-    fake.update(max_concurrency=1, latency=0.01)
-    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(8)])
-    data = fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 4, "max_attempts": 1})
-    summary = run_job(build_job(data), settings=SETTINGS)
-    assert summary.rows_ok == 8 and fake.stats()["rate_limited"] > 0
+    # a server of its own: requests of earlier tests still open on the session's fake would
+    # hold its only slot
+    with FakeServer(FakeConfig(max_concurrency=1, latency=0.01)) as fake:
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(8)])
+        limits = {"concurrency": 4, "max_attempts": 1}
+        data = fast_job_data(tmp_path, fake.base_url, limits=limits)
+        summary = run_job(build_job(data), settings=SETTINGS)
+        assert summary.rows_ok == 8 and fake.stats()["rate_limited"] > 0
