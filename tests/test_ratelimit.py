@@ -112,15 +112,21 @@ class StubLimiter:
         )
 
 
-def test_the_pool_takes_its_limiter_from_the_caller(tmp_path: Path, fake: FakeServer) -> None:
+def test_the_pool_takes_its_limiter_from_the_caller(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stub limiter passed to `run_job` meters every request the server saw, with the
-    run's scope; its pause after a 429 holds the next send for the Retry-After."""
+    run's scope (the key only as its digest); its pause after a 429 holds the next send for
+    the Retry-After."""
+    fake.update(api_key="sk-scope-123456")
+    monkeypatch.setenv("TEST_KEY", "sk-scope-123456")
     stub = StubLimiter()
     limiter: RateLimiter = stub  # the stub implements the protocol (checked by mypy)
     rows = [{"prompt": f"question {i}"} for i in range(5)]
     rows.append({"prompt": "[[fault:429@0.2]] question 5"})
     write_jsonl(tmp_path / "in.jsonl", rows)
-    data = fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 1, "max_attempts": 1})
+    limits = {"concurrency": 1, "max_attempts": 1}
+    data = fast_job_data(tmp_path, fake.base_url, limits=limits, api_key_env="TEST_KEY")
     made: list[Limits] = []
 
     def make(limits: Limits) -> RateLimiter:
@@ -132,7 +138,8 @@ def test_the_pool_takes_its_limiter_from_the_caller(tmp_path: Path, fake: FakeSe
     requests = fake.stats()["requests"]
     assert len(stub.scopes) == len(stub.settled) == requests == 7 and stub.cancelled == 0
     assert stub.settled.count(Outcome.RATE_LIMITED) == 1 and stub.in_flight == 0
-    assert {(s.endpoint, s.model) for s in stub.scopes} == {
-        (f"{fake.base_url}/chat/completions", "deepseek-chat")
+    assert set(stub.scopes) == {
+        Scope(f"{fake.base_url}/chat/completions", key_digest("sk-scope-123456"), "deepseek-chat")
     }
+    assert "sk-scope-123456" not in repr(stub.scopes)
     assert len(stub.holds) == 1 and 0.2 <= stub.holds[0] < 1.0
