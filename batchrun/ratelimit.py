@@ -3,13 +3,12 @@ local implementation behind it.
 
 A limiter hands out leases: `reserve` waits until a request for a scope may go and returns a
 `Lease`; the holder then either `settle`s it with what the attempt cost and how it ended, or
-`cancel`s it when nothing was sent (its slot, request and tokens go back whole). Every method
-may be called from any task, and `settle`/`cancel` must complete under a cancelled scope (the
-caller shields them), so a lease is never lost to a cancellation. A lease that is neither
-closed by `expires_at` returns to the pool: the attempt meter cancels an attempt still
-running at its lease's expiry and closes the lease (so a local lease, whose holder is always
-alive, comes back by its holder's hand), and a cluster-wide implementation also takes back
-by itself the leases of a worker that died.
+`cancel`s it when nothing was sent (its slot, request and tokens go back whole), from the
+task that reserved it. `settle`/`cancel` run under a shield (the caller's), so a lease is
+never lost to a cancellation. A lease not closed by `expires_at` returns to the pool: the
+attempt meter cuts short an attempt still running at its lease's expiry and closes the
+lease (a local lease's holder is always alive, so it comes back by the holder's hand), and
+a cluster-wide implementation also takes back by itself the leases of a worker that died.
 
 A `Lease` is a plain value (scope, number, expiry) so that an implementation in another
 process can hand it out; what it took stays on the implementation's side.
@@ -120,7 +119,8 @@ class LocalRateLimiter:
 
     Args:
         limiter: the budgets.
-        lease_seconds: how long a lease may stay unsettled before it is taken back.
+        lease_seconds: how long after its reservation a lease expires (the meter then cuts
+            its attempt short).
     """
 
     def __init__(self, limiter: Limiter, *, lease_seconds: float) -> None:
