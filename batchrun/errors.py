@@ -15,7 +15,8 @@ BatchrunError
 └── RequestError             one request failed (a row's failure, never a run's)
     ├── RetryableError       429, 5xx, network faults, hidden failures in a 200
     │   ├── RateLimited      429, with the server's retry_after
-    │   └── ConnectFailed    no connection made (refused, DNS, connect timeout): nothing sent
+    │   ├── ConnectFailed    no connection made (refused, DNS, connect timeout): nothing sent
+    │   └── LeaseExpired     the attempt outlived its rate-limiter lease and was cut short
     └── PermanentError       400, 404, 422: the row is recorded as an error
         └── NotAnEndpoint    404 without an API error body: the URL is not an API
 ```
@@ -232,6 +233,13 @@ class ConnectFailed(RetryableError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_class="connect")
+
+
+class LeaseExpired(RetryableError):
+    """Raised when an attempt outlived its rate-limiter lease and was cut short."""
+
+    def __init__(self) -> None:
+        super().__init__("the attempt outlived its rate-limit lease", error_class="timeout")
 
 
 class PermanentError(RequestError):

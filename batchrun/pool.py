@@ -1,5 +1,9 @@
 """Runs a job: one task group, source -> bounded stream -> workers -> part files.
 
+Workers hand each work item to `rows.RowMaker` and keep the row it returns; every request
+goes through the endpoint gate (`outage`) and is metered by `meter.AttemptMeter` against the
+`RateLimiter` the pool is given (`ratelimit`), the spend cap and the prices.
+
 A row's failure is a value (an error row); a run's failure (bad key, no balance, interrupt)
 is a stop: no new rows are taken, requests in flight may finish within a grace period, what
 is done is written, and the stop is raised for the CLI to report.
@@ -7,12 +11,9 @@ is done is written, and the stop is raised for the CLI to report.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -20,30 +21,29 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from tenacity import RetryCallState
 
-from batchrun import tokens
-from batchrun.cache import RequestCache, request_key
+from batchrun.cache import RequestCache
 from batchrun.client import Client, Completion
 from batchrun.errors import (
     ConnectFailed,
     Interrupted,
     NotAnEndpoint,
-    PermanentError,
-    RateLimited,
     RequestError,
     RetryableError,
     RunStopped,
     cannot_write,
 )
 from batchrun.job import Job
-from batchrun.limits import Limiter, Outcome, SpendCap
+from batchrun.limits import SpendCap
+from batchrun.meter import AttemptMeter
 from batchrun.outage import EndpointGate, GateClosed
-from batchrun.prices import Charge, PriceTable
+from batchrun.prices import PriceTable
 from batchrun.progress import Tally, live_display, report_periodically
-from batchrun.prompts import RequestShape, build_request, expand_sweep
+from batchrun.prompts import expand_sweep
+from batchrun.ratelimit import RateLimiter
 from batchrun.retry import RetryPolicy
-from batchrun.sinks import INDEX_COLUMN, PAID_BEFORE_COLUMN, PartWriter
+from batchrun.rows import Abandoned, RowMaker, Work
+from batchrun.sinks import PartWriter
 from batchrun.sources import InputRow, InputSummary, iter_batches
-from batchrun.structured import ParseFailed, parse_fields
 
 log = structlog.get_logger("batchrun")
 
@@ -53,80 +53,25 @@ FLUSH_SECONDS = 5.0
 STOP_GRACE_SECONDS = 30.0
 
 
-def _add(a: int | None, b: int | None) -> int | None:
-    return b if a is None else (a if b is None else a + b)
-
-
-def _summed(answers: list[Completion]) -> Completion:
-    """The last answer, with the usage of every answer the row paid for."""
-    last = answers[-1]
-    total = dataclasses.replace(last)
-    for name in (
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "prompt_cache_hit_tokens",
-        "prompt_cache_miss_tokens",
-        "reasoning_tokens",
-    ):
-        value: int | None = None
-        for answer in answers:
-            value = _add(value, getattr(answer, name))
-        setattr(total, name, value)
-    return total
-
-
 @dataclass(slots=True)
-class Work:
-    """One request to make: an input row in one sweep variant, at its output position."""
+class _RetryLog:
+    """Counts and logs a worker's retries, naming the row it is on."""
 
-    row: InputRow
-    variant: int
-    position: int
+    tally: Tally
+    row_id: str = ""
 
-
-@dataclass(slots=True)
-class _Asks:
-    """A row's progress through its requests (attempts and parse re-asks): what was sent,
-    what it cost, and how much of that cost is already journaled."""
-
-    #: `time.perf_counter()` when a worker took the row
-    taken: float
-    answers: list[Completion] = field(default_factory=list)
-    #: requests actually sent
-    attempts: int = 0
-    #: USD of every answer paid for; None while no answer has a known price
-    cost: float | None = None
-    #: some answer came without usage and is counted at its worst case
-    worst_case: bool = False
-    #: the part of `cost` already journaled in rows written before this row's last one
-    journaled: float = 0.0
-    #: `time.perf_counter()` when the first request left, and its wall-clock time
-    first_sent: float | None = None
-    started_at: datetime | None = None
-    #: seconds spent waiting on the server, summed over every request sent
-    in_requests: float = 0.0
-
-    def sending(self, at: datetime) -> float:
-        """Note that a request is leaving now; returns its `perf_counter` start."""
-        now = time.perf_counter()
-        self.attempts += 1
-        if self.first_sent is None:
-            self.first_sent, self.started_at = now, at
-        return now
-
-    def charge(self, charge: Charge) -> None:
-        if charge.usd is not None:
-            self.cost = charge.usd if self.cost is None else self.cost + charge.usd
-        self.worst_case = self.worst_case or charge.worst_case
-
-
-class _Abandoned(Exception):
-    """Raised inside a row's retry loop when the run is stopping: the row is not recorded."""
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+    def before_sleep(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        error_class = getattr(error, "error_class", "unknown")
+        self.tally.retries_by_class[error_class] += 1
+        log.info(
+            "request_retried",
+            row_id=self.row_id,
+            attempt=state.attempt_number,
+            error_class=error_class,
+            http_status=getattr(error, "status", None),
+            delay_s=round(state.upcoming_sleep, 3),
+        )
 
 
 @dataclass
@@ -150,12 +95,15 @@ class Pool:
     job: Job
     scan: InputSummary
     client: Client
-    limiter: Limiter
+    #: the rate limiter (`ratelimit.LocalRateLimiter`, or any other `RateLimiter`)
+    limiter: RateLimiter
     prices: PriceTable
     spend: SpendCap
     writer: PartWriter
     tally: Tally
     cache: RequestCache | None = None
+    #: the digest of the API key (`ratelimit.key_digest`), naming the account in scopes
+    key_digest: str = ""
     #: a byte per position, set where a row is already done ok (from the checkpoint)
     skip: bytearray | None = None
     settings: PoolSettings = field(default_factory=PoolSettings)
@@ -166,10 +114,6 @@ class Pool:
 
     def __post_init__(self) -> None:
         self.variants = expand_sweep(self.job.sweep)
-        self.shapes = [RequestShape.from_job(self.job, v.settings) for v in self.variants]
-        self.variant_columns = [v.columns() for v in self.variants] if self.job.sweep else None
-        self.carry = tuple(self.job.prompt.carry)
-        self.parse = self.job.parse
         # one byte a position: the resume check per row is an index, not a search
         self._done: bytearray | None = self.skip
         limits = self.job.limits
@@ -179,6 +123,26 @@ class Pool:
             start_timeout=limits.start_timeout,
             probe_delay=limits.initial_backoff,
             max_probe_delay=limits.max_backoff,
+        )
+        self.meter = AttemptMeter(
+            limiter=self.limiter,
+            spend=self.spend,
+            prices=self.prices,
+            endpoint=self.client.url,
+            key_digest=self.key_digest,
+        )
+        self.rows = RowMaker(
+            job=self.job,
+            scan=self.scan,
+            meter=self.meter,
+            tally=self.tally,
+            send=self._send,
+            journal=self.writer.add,
+            keep=self._keep,
+            stopping=lambda: self.stopping,
+            sleep=self._sleep_unless_stopping,
+            variants=self.variants,
+            cache=self.cache,
         )
 
     # -- stopping -------------------------------------------------------------------------
@@ -295,38 +259,21 @@ class Pool:
 
     async def _work(self, receive: MemoryObjectReceiveStream[Work]) -> None:
         async with receive:
-            current: list[str] = [""]
-
-            def before_sleep(state: RetryCallState) -> None:
-                error = state.outcome.exception() if state.outcome else None
-                error_class = getattr(error, "error_class", "unknown")
-                self.tally.retries_by_class[error_class] += 1
-                log.info(
-                    "request_retried",
-                    row_id=current[0],
-                    attempt=state.attempt_number,
-                    error_class=error_class,
-                    http_status=getattr(error, "status", None),
-                    delay_s=round(state.upcoming_sleep, 3),
-                )
-
+            retries = _RetryLog(self.tally)
             policy = RetryPolicy(
-                self.job.limits, before_sleep=before_sleep, sleep=self._sleep_unless_stopping
+                self.job.limits,
+                before_sleep=retries.before_sleep,
+                sleep=self._sleep_unless_stopping,
             )
             async for work in receive:
                 if self.stopping:
                     continue
-                current[0] = self.scan.ids.text(work.row, self.job.input)
-                try:
-                    result = await self._process(work, current[0], policy)
-                except (_Abandoned, RunStopped) as stop:
-                    if isinstance(stop, RunStopped):
-                        self.stop(stop)
-                    partial = getattr(stop, "partial_result", None)
-                    if partial is None:
-                        continue
-                    result = partial  # paid answers of a row cut short: written, not lost
-                self._keep(result)
+                retries.row_id = self.rows.row_id(work)
+                end = await self.rows.make(work, policy)
+                if end.stop is not None:
+                    self.stop(end.stop)
+                if end.result is not None:  # paid answers of a row cut short are kept too
+                    self._keep(end.result)
 
     def _keep(self, result: dict[str, Any]) -> None:
         """Hand a finished row to the writer (its journal has it at once) and count it."""
@@ -339,143 +286,6 @@ class Pool:
         if len(self.writer) >= self.settings.flush_rows:
             self._flush_wanted.set()
 
-    async def _process(self, work: Work, rid: str, policy: RetryPolicy) -> dict[str, Any]:
-        row = work.row
-        asks = _Asks(taken=time.perf_counter())
-        body = build_request(row.data, self.shapes[work.variant])
-        prompt_estimate = tokens.prompt_tokens(body)
-        prompt_at_most = tokens.prompt_tokens_at_most(body)
-        cap = tokens.completion_cap(body)
-        model = str(body.get("model"))
-        completion: Completion | None = None
-        failure: RequestError | None = None
-        spend = self.spend
-        worst = 0.0
-        if spend.cap is not None:
-            worst = self.prices.worst_case(
-                model, _now(), prompt_tokens=prompt_at_most, completion_cap=cap
-            )
-
-        async def attempt() -> Completion:
-            if self.stopping:
-                raise _Abandoned
-            await spend.reserve(worst)
-            try:
-                reservation = await self.limiter.reserve(
-                    prompt_tokens=prompt_estimate, completion_cap=cap
-                )
-            except BaseException:
-                spend.settle(worst, None)
-                raise
-            outcome = Outcome.OTHER
-            answer: Completion | None = None
-            failure: RetryableError | None = None
-            sent: float | None = None
-            sent_at = _now()
-            try:
-                if self.stopping:  # stopped while waiting for the budget: nothing is sent
-                    raise _Abandoned
-                sent = asks.sending(sent_at)
-                self.tally.requests += 1
-                self.tally.in_flight += 1
-                answer = await self._send(body, work.position)
-                outcome = Outcome.OK
-                return answer
-            except RetryableError as exc:
-                failure = exc
-                if isinstance(exc, RateLimited):
-                    outcome = Outcome.RATE_LIMITED
-                elif exc.error_class in ("server", "server_busy"):
-                    outcome = Outcome.SERVER_ERROR
-                raise
-            finally:
-                if sent is not None:
-                    self.tally.in_flight -= 1
-                    asks.in_requests += time.perf_counter() - sent
-                if answer is not None:
-                    charge = self.prices.charge(
-                        model if answer.model is None or self.prices.knows(model) else answer.model,
-                        sent_at,
-                        prompt_tokens=answer.prompt_tokens,
-                        cache_hit_tokens=answer.prompt_cache_hit_tokens,
-                        cache_miss_tokens=answer.prompt_cache_miss_tokens,
-                        completion_tokens=answer.completion_tokens,
-                        prompt_at_most=prompt_at_most,
-                        completion_cap=cap,
-                    )
-                    asks.charge(charge)
-                    spend.settle(worst, charge.usd)
-                else:
-                    spend.settle(worst, None)
-                if sent is None:  # stopped before sending: the budget it took goes back
-                    self.limiter.cancel(reservation)
-                else:
-                    self.limiter.settle(
-                        reservation,
-                        outcome=outcome,
-                        prompt_tokens=answer.prompt_tokens if answer else None,
-                        completion_tokens=answer.completion_tokens if answer else None,
-                        retry_after=failure.retry_after
-                        if isinstance(failure, RateLimited)
-                        else None,
-                        headers=answer.headers
-                        if answer
-                        else (failure.headers if isinstance(failure, RateLimited) else None),
-                    )
-
-        cache, key, cached = self.cache, "", False
-        if cache is not None:
-            variant = self.variants[work.variant]
-            # repeats of one combination are meant to be sampled again, not served twice
-            salt = f"repeat {variant.repeat}" if variant.repeats > 1 else ""
-            key = request_key(body, salt=salt)
-            completion = await cache.claim(key)
-            cached = completion is not None
-        parsed: dict[str, Any] | None = None
-        answers = asks.answers
-        try:
-            if completion is None:
-                asks_left = 1 + (self.parse.parse_attempts if self.parse else 0)
-                while asks_left:
-                    asks_left -= 1
-                    try:
-                        completion = await policy.call(attempt)
-                    except RequestError as exc:
-                        failure = exc
-                        break
-                    except (_Abandoned, RunStopped) as stop:
-                        if answers:  # a paid answer that did not parse: keep it, then stop
-                            stop.partial_result = self._cut_short(work, rid, asks)  # type: ignore[union-attr]
-                        raise
-                    except anyio.get_cancelled_exc_class():
-                        if answers:  # cancelled outright: write the paid answers before going
-                            self._keep(self._cut_short(work, rid, asks))
-                        raise
-                    answers.append(completion)
-                    parsed, failure = self._parsed(completion)
-                    if failure is None:
-                        break
-                    if asks_left:  # re-asked next: what is paid so far is journaled now
-                        self._journal_paid(work, rid, asks, failure)
-            else:
-                parsed, failure = self._parsed(completion)
-            if cache is not None and not cached and completion is not None and failure is None:
-                cache.put(key, completion)
-        finally:
-            if cache is not None and not cached:
-                cache.release(key)
-        if not answers and completion is not None:
-            answers.append(completion)
-        return self._finish(work, rid, asks, failure, parsed, cached=cached)
-
-    def _journal_paid(self, work: Work, rid: str, asks: _Asks, failure: RequestError) -> None:
-        """Journal the paid answers of a row about to be re-asked, so that a kill before the
-        next answer loses neither them nor their cost. The row is not counted as done: its
-        later row for the same position supersedes it."""
-        result = self._finish(work, rid, asks, failure, None, cached=False)
-        self.writer.add(result)
-        asks.journaled = result["cost_usd"] or 0.0
-
     async def _send(self, body: dict[str, Any], position: int) -> Completion:
         """`client.send` through the endpoint gate: while the endpoint is down, a failure to
         reach it is not the row's, so the request waits its turn and goes again within the
@@ -485,7 +295,7 @@ class Pool:
             try:
                 probing = await gate.wait_turn()
             except GateClosed:
-                raise _Abandoned from None
+                raise Abandoned from None
             failure: RetryableError | NotAnEndpoint
             sent_at = anyio.current_time()
             try:
@@ -509,89 +319,7 @@ class Pool:
             if not await gate.failed(failure, row=position, probing=probing, sent_at=sent_at):
                 raise failure  # one flaky connection: a normal retry
             if self.stopping:
-                raise _Abandoned
-
-    def _cut_short(self, work: Work, rid: str, asks: _Asks) -> dict[str, Any]:
-        """The row of paid answers that never parsed, when the run stops before a re-ask."""
-        failure = PermanentError("the run stopped before an answer parsed", error_class="parse")
-        return self._finish(work, rid, asks, failure, None, cached=False)
-
-    def _finish(
-        self,
-        work: Work,
-        rid: str,
-        asks: _Asks,
-        failure: RequestError | None,
-        parsed: dict[str, Any] | None,
-        *,
-        cached: bool,
-    ) -> dict[str, Any]:
-        """The result row: the last answer, with the usage of every answer paid for."""
-        answers = asks.answers
-        completion = _summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
-        result = self._result(work.row, rid, completion, failure, asks)
-        result[INDEX_COLUMN] = work.position
-        if self.variant_columns is not None:
-            result.update(self.variant_columns[work.variant])
-        if self.parse is not None:
-            for name in self.parse.fields:
-                result[name] = parsed.get(name) if parsed else None
-        result["cost_usd"] = 0.0 if cached else asks.cost
-        result["cost_worst_case"] = False if cached else asks.worst_case
-        result["cached"] = cached
-        result[PAID_BEFORE_COLUMN] = asks.journaled
-        return result
-
-    def _parsed(self, completion: Completion) -> tuple[dict[str, Any] | None, RequestError | None]:
-        """The parsed fields of an answer, or the parse failure to record."""
-        if self.parse is None:
-            return None, None
-        try:
-            return parse_fields(completion.content, self.parse.fields), None
-        except ParseFailed as exc:
-            return None, PermanentError(
-                f"the answer does not parse: {exc}",
-                status=completion.http_status,
-                error_class="parse",
-            )
-
-    def _result(
-        self,
-        row: InputRow,
-        rid: str,
-        completion: Completion | None,
-        failure: RequestError | None,
-        asks: _Asks,
-    ) -> dict[str, Any]:
-        result: dict[str, Any] = {INDEX_COLUMN: row.index}
-        for name in self.carry:
-            result[name] = row.data.get(name)
-        result["id"] = self.scan.ids.output_value(row, self.job.input)  # the user's, typed
-        c = completion
-        sent = asks.first_sent is not None
-        result.update(
-            status="ok" if c is not None and failure is None else "error",
-            content=c.content if c else None,
-            reasoning_content=c.reasoning_content if c else None,
-            finish_reason=c.finish_reason if c else None,
-            model=c.model if c else None,
-            prompt_tokens=c.prompt_tokens if c else None,
-            completion_tokens=c.completion_tokens if c else None,
-            total_tokens=c.total_tokens if c else None,
-            prompt_cache_hit_tokens=c.prompt_cache_hit_tokens if c else None,
-            prompt_cache_miss_tokens=c.prompt_cache_miss_tokens if c else None,
-            reasoning_tokens=c.reasoning_tokens if c else None,
-            attempts=asks.attempts,
-            latency_s=asks.in_requests if sent else None,
-            queued_s=asks.first_sent - asks.taken if asks.first_sent is not None else None,
-            http_status=c.http_status if c else (failure.status if failure else None),
-            error=failure.message if failure else None,
-            error_class=failure.error_class if failure else None,
-            response_id=c.response_id if c else None,
-            started_at=asks.started_at or _now(),
-            finished_at=_now(),
-        )
-        return result
+                raise Abandoned
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -15,9 +15,8 @@ from typing import IO, Any, Final
 import orjson
 
 from batchrun.errors import ConfigError
+from batchrun.sinks import REPORT_KEY
 
-#: the output's schema metadata key describing sweeps and parsed fields
-METADATA_KEY: Final = b"batchrun.report"
 SWEEP_PREFIX: Final = "sweep_"
 #: the `variant` of the one line of an output that was not a sweep
 ALL: Final = "all"
@@ -63,7 +62,7 @@ class VariantFigures:
 def read_spec(metadata: dict[bytes, bytes] | None) -> ReportSpec:
     """The report metadata of an output schema; whatever is absent or malformed is empty."""
     try:
-        data = orjson.loads((metadata or {})[METADATA_KEY])
+        data = orjson.loads((metadata or {})[REPORT_KEY])
     except (KeyError, orjson.JSONDecodeError):
         return ReportSpec()
     if not isinstance(data, dict):

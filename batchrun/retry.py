@@ -1,7 +1,9 @@
 """The retry policy, assembled from tenacity's named parts in one place.
 
 Only `RetryableError` is retried. The wait honours the server's Retry-After on a 429 and
-otherwise backs off exponentially with jitter. `RetryPolicy.call` runs a whole attempt
+otherwise backs off exponentially with jitter. (A 429 reaches the policy only when the server
+has answered nothing else for a long while: until then `rows` sends it again within the same
+attempt, after the limiter's wait.) `RetryPolicy.call` runs a whole attempt
 function each time, so every attempt goes through the limiter again.
 """
 

@@ -9,10 +9,10 @@ import contextlib
 import hashlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -29,15 +29,14 @@ from batchrun.errors import (
     RunStopped,
     is_disk_full,
 )
-from batchrun.job import Job, resolve_api_key
+from batchrun.job import Job, Limits, resolve_api_key
 from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
-from batchrun.sinks import compact, output_schema
+from batchrun.sinks import METADATA_KEY, REPORT_KEY, compact, output_schema
 from batchrun.sources import InputSummary, scan_input
 
-METADATA_KEY = b"batchrun"
-#: what `batchrun report` needs to know about the job that wrote a file
-REPORT_KEY = b"batchrun.report"
+if TYPE_CHECKING:
+    from batchrun.ratelimit import RateLimiter
 
 
 @dataclass(frozen=True)
@@ -152,12 +151,20 @@ def _counts(output: Path) -> tuple[int, int]:
     return ok, len(status) - ok
 
 
-def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSummary:
+def run_job(
+    job: Job,
+    *,
+    restart: bool = False,
+    settings: Any = None,
+    rate_limiter: Callable[[Limits], RateLimiter] | None = None,
+) -> RunSummary:
     """Run a job to completion, or until it must stop; resumes from its checkpoint.
 
     Args:
         restart: discard the checkpoint and any earlier output, and start over.
         settings: `PoolSettings` overriding flush and stop timings.
+        rate_limiter: makes the run's `RateLimiter` from the job's limits, inside the run's
+            event loop (default: `LocalRateLimiter.for_limits`).
 
     Raises:
         ConfigError, InputError: before any request is sent.
@@ -200,7 +207,14 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
         checkpoint.record_rows(scan.rows, limit=job.limit)
         checkpoint.recover(carried=scan.carried_types)
         return _run_with_checkpoint(
-            job, scan, checkpoint, schema, api_key, settings or PoolSettings(), Pool
+            job,
+            scan,
+            checkpoint,
+            schema,
+            api_key,
+            settings or PoolSettings(),
+            Pool,
+            rate_limiter=rate_limiter,
         )
     except OSError as exc:
         if is_disk_full(exc):
@@ -241,13 +255,16 @@ def _run_with_checkpoint(
     api_key: str | None,
     settings: Any,
     pool_class: Any,
+    *,
+    rate_limiter: Callable[[Limits], RateLimiter] | None,
 ) -> RunSummary:
     import anyio
 
     from batchrun.cache import RequestCache
     from batchrun.client import Client
-    from batchrun.limits import Limiter, SpendCap
+    from batchrun.limits import SpendCap
     from batchrun.prices import PriceTable
+    from batchrun.ratelimit import LocalRateLimiter, key_digest
 
     prices = PriceTable.load(job.prices)
     if job.max_cost is not None:
@@ -276,22 +293,12 @@ def _run_with_checkpoint(
                 read_timeout=live.limits.read_timeout,
                 transport=live.transport,
             ) as client:
-                limits = live.limits
-                limiter = Limiter(
-                    concurrency=limits.concurrency,
-                    rpm=limits.rpm,
-                    tpm=limits.tpm,
-                    window=limits.window,
-                    adaptive=limits.adaptive,
-                    tpm_counts=limits.tpm_counts,
-                    start_concurrency=limits.first_concurrency,
-                    fallback_pause=limits.initial_backoff,
-                )
                 pool = pool_class(
                     job=live,
                     scan=scan,
                     client=client,
-                    limiter=limiter,
+                    limiter=(rate_limiter or LocalRateLimiter.for_limits)(live.limits),
+                    key_digest=key_digest(api_key),
                     prices=prices,
                     spend=SpendCap(job.max_cost, spent=state.spent_usd),
                     cache=RequestCache(live.cache) if live.cache is not None else None,

@@ -34,6 +34,23 @@ INDEX_COLUMN = "_index"
 #: checkpoint is sum(cost_usd - _paid_before) and nothing is counted twice
 PAID_BEFORE_COLUMN = "_paid_before"
 
+#: the output file's schema metadata: the job's digest and row count (`runner`, `status`)
+METADATA_KEY = b"batchrun"
+#: what `batchrun report` needs to know about the job that wrote a file
+REPORT_KEY = b"batchrun.report"
+
+#: the usage columns, in output order: each is the `client.Completion` field of the same
+#: name, summed over the answers a row paid for. A new usage figure is a field there and a
+#: name here.
+USAGE_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_cache_hit_tokens",
+    "prompt_cache_miss_tokens",
+    "reasoning_tokens",
+)
+
 PART_PREFIX = "part-"
 JOURNAL_PREFIX = "journal-"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -50,12 +67,7 @@ def _result_fields() -> list[tuple[str, pa.DataType]]:
         ("reasoning_content", pa.large_string()),
         ("finish_reason", pa.string()),
         ("model", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("total_tokens", pa.int64()),
-        ("prompt_cache_hit_tokens", pa.int64()),
-        ("prompt_cache_miss_tokens", pa.int64()),
-        ("reasoning_tokens", pa.int64()),
+        *((name, pa.int64()) for name in USAGE_COLUMNS),
         ("attempts", pa.int32()),
         ("latency_s", pa.float64()),
         ("queued_s", pa.float64()),

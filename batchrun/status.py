@@ -16,6 +16,7 @@ from batchrun.checkpoint import Checkpoint, check_parts, damaged
 from batchrun.errors import ConfigError
 from batchrun.sinks import (
     INDEX_COLUMN,
+    METADATA_KEY,
     keep_latest,
     list_journals,
     list_parts,
@@ -25,8 +26,6 @@ from batchrun.sinks import (
     segment_number,
 )
 
-#: the output's metadata key (runner.METADATA_KEY; not imported, runner pulls in the run stack)
-_METADATA_KEY = b"batchrun"
 _COUNTED = ("status", "error_class", "prompt_tokens", "completion_tokens")
 
 
@@ -153,7 +152,7 @@ def _from_output(output: Path) -> JobStatus:
     assert isinstance(frame, pl.DataFrame)  # a table gives a frame, not a series
     rows: int | None = frame.height
     try:
-        written = orjson.loads((schema.metadata or {})[_METADATA_KEY])
+        written = orjson.loads((schema.metadata or {})[METADATA_KEY])
         rows = int(written["rows"])
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
         pass

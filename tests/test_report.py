@@ -17,8 +17,9 @@ from batchrun.cli import cli
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
-from batchrun.report import METADATA_KEY, ReportSpec, read_report, read_spec, write_report
+from batchrun.report import ReportSpec, read_report, read_spec, write_report
 from batchrun.runner import run_job
+from batchrun.sinks import REPORT_KEY
 from tests.conftest import fast_job_data, write_jsonl
 
 SPEC = {
@@ -98,7 +99,7 @@ def write_output(
 ) -> Path:
     schema = pa.schema(fields)
     if spec is not None:
-        schema = schema.with_metadata({METADATA_KEY: orjson.dumps(spec)})
+        schema = schema.with_metadata({REPORT_KEY: orjson.dumps(spec)})
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return path
 
@@ -263,9 +264,9 @@ def test_empty_output(tmp_path: Path) -> None:
     [
         pytest.param(None, id="no-metadata"),
         pytest.param({b"other": b"{}"}, id="no-key"),
-        pytest.param({METADATA_KEY: b"not json"}, id="not-json"),
-        pytest.param({METADATA_KEY: b"[1, 2]"}, id="not-an-object"),
-        pytest.param({METADATA_KEY: b'{"sweep_keys": "model", "reference": []}'}, id="bad-parts"),
+        pytest.param({REPORT_KEY: b"not json"}, id="not-json"),
+        pytest.param({REPORT_KEY: b"[1, 2]"}, id="not-an-object"),
+        pytest.param({REPORT_KEY: b'{"sweep_keys": "model", "reference": []}'}, id="bad-parts"),
     ],
 )
 def test_read_spec_tolerates_missing_or_odd_metadata(metadata: dict[bytes, bytes] | None) -> None:

@@ -1,0 +1,215 @@
+"""Metering one attempt: the rate limiter's lease, the spend cap's reservation and the price.
+
+    request = meter.request(body)            # estimated and priced once per row
+    async with meter.attempt(request) as a:  # waits for the budgets
+        a.sending()
+        a.received(await send(request.body))
+
+On leaving the block the attempt is settled whatever happened, cancellation included (the
+settling is shielded): the lease is settled with the outcome and the usage, or cancelled if
+nothing was sent; the spend cap learns the real charge. This module owns which outcome an
+error is for the limiter, and how an answer is charged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from batchrun import tokens
+from batchrun.client import Completion
+from batchrun.errors import LeaseExpired, RateLimited, RetryableError
+from batchrun.limits import Outcome, SpendCap
+from batchrun.prices import Charge, PriceTable
+from batchrun.ratelimit import Lease, RateLimiter, Scope
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def outcome_of(error: BaseException | None, answer: Completion | None) -> Outcome:
+    """How an attempt ended, as far as the limiter cares."""
+    if answer is not None:
+        return Outcome.OK
+    if isinstance(error, RateLimited):
+        return Outcome.RATE_LIMITED
+    if isinstance(error, RetryableError) and error.error_class in ("server", "server_busy"):
+        return Outcome.SERVER_ERROR
+    return Outcome.OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredRequest:
+    """A request body with what its attempts reserve: estimated and priced once per row."""
+
+    body: dict[str, Any]
+    model: str
+    scope: Scope
+    prompt_tokens: int
+    #: the prompt at most (every character a token), for the worst case
+    prompt_at_most: int
+    completion_cap: int
+    #: USD the spend cap holds while an attempt is in flight
+    worst_usd: float
+
+
+class Attempt:
+    """One attempt's metering; an async context manager made by `AttemptMeter.attempt`."""
+
+    def __init__(self, meter: AttemptMeter, request: MeteredRequest) -> None:
+        self._meter = meter
+        self.request = request
+        self.lease: Lease | None = None
+        #: cancels the block at the lease's expiry
+        self._deadline: anyio.CancelScope | None = None
+        #: wall-clock time and `perf_counter()` when the request left (None: never sent)
+        self.sent_at: datetime | None = None
+        self.started: float | None = None
+        #: seconds the request took, once the block is left
+        self.seconds = 0.0
+        self.answer: Completion | None = None
+        #: what the answer is counted as costing, once the block is left
+        self.charge: Charge | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.started is not None
+
+    def sending(self) -> None:
+        """Note that the request is leaving now: from here on, the lease is settled."""
+        self.sent_at, self.started = _now(), time.perf_counter()
+
+    def received(self, answer: Completion) -> None:
+        self.answer = answer
+
+    async def __aenter__(self) -> Attempt:
+        meter, request = self._meter, self.request
+        await meter.spend.reserve(request.worst_usd)
+        try:
+            self.lease = await meter.limiter.reserve(
+                request.scope,
+                prompt_tokens=request.prompt_tokens,
+                completion_cap=request.completion_cap,
+            )
+        except BaseException:
+            meter.spend.settle(request.worst_usd, None)
+            raise
+        self._deadline = anyio.CancelScope(deadline=self.lease.expires_at)
+        self._deadline.__enter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        deadline = self._deadline
+        if deadline is not None:
+            deadline.__exit__(exc_type, exc, tb)
+        if deadline is not None and deadline.cancelled_caught:
+            expired = LeaseExpired()  # the block was cancelled at the lease's expiry
+            with anyio.CancelScope(shield=True):
+                await self._meter.settle(self, expired)
+            raise expired from None
+        with anyio.CancelScope(shield=True):
+            await self._meter.settle(self, exc)
+
+
+class AttemptMeter:
+    """Meters every attempt of a run against the rate limiter, the spend cap and the prices.
+
+    Args:
+        endpoint, key_digest: the scope's endpoint and account (`ratelimit.key_digest`).
+    """
+
+    def __init__(
+        self,
+        *,
+        limiter: RateLimiter,
+        spend: SpendCap,
+        prices: PriceTable,
+        endpoint: str,
+        key_digest: str = "",
+    ) -> None:
+        self.limiter = limiter
+        self.spend = spend
+        self.prices = prices
+        self.endpoint = endpoint
+        self.key_digest = key_digest
+        #: `anyio.current_time()` of the last answer of any attempt (at first: the start)
+        self.last_answer = anyio.current_time()
+
+    def request(self, body: dict[str, Any]) -> MeteredRequest:
+        model = str(body.get("model"))
+        prompt_at_most = tokens.prompt_tokens_at_most(body)
+        cap = tokens.completion_cap(body)
+        worst = 0.0
+        if self.spend.cap is not None:
+            worst = self.prices.worst_case(
+                model, _now(), prompt_tokens=prompt_at_most, completion_cap=cap
+            )
+        return MeteredRequest(
+            body=body,
+            model=model,
+            scope=Scope(self.endpoint, self.key_digest, model),
+            prompt_tokens=tokens.prompt_tokens(body),
+            prompt_at_most=prompt_at_most,
+            completion_cap=cap,
+            worst_usd=worst,
+        )
+
+    def attempt(self, request: MeteredRequest) -> Attempt:
+        """`async with meter.attempt(request) as a:` waits for the budgets of one attempt."""
+        return Attempt(self, request)
+
+    def answering(self, within: float) -> bool:
+        """Whether some attempt was answered (not refused with a 429) within `within` s."""
+        return anyio.current_time() - self.last_answer < within
+
+    async def settle(self, attempt: Attempt, error: BaseException | None) -> None:
+        """Close an attempt's lease and spend reservation with what it cost."""
+        request, answer, lease = attempt.request, attempt.answer, attempt.lease
+        if attempt.started is not None:
+            attempt.seconds = time.perf_counter() - attempt.started
+        usd: float | None = None
+        if answer is not None:
+            attempt.charge = self._charge(request, answer, attempt.sent_at or _now())
+            usd = attempt.charge.usd
+        self.spend.settle(request.worst_usd, usd)
+        if lease is None:
+            return
+        if not attempt.sent:  # nothing left: everything the attempt took goes back
+            await self.limiter.cancel(lease)
+            return
+        outcome = outcome_of(error, answer)
+        if outcome is not Outcome.RATE_LIMITED and outcome is not Outcome.OTHER:
+            self.last_answer = anyio.current_time()
+        limited = error if isinstance(error, RateLimited) else None
+        await self.limiter.settle(
+            lease,
+            outcome=outcome,
+            prompt_tokens=answer.prompt_tokens if answer else None,
+            completion_tokens=answer.completion_tokens if answer else None,
+            retry_after=limited.retry_after if limited else None,
+            headers=answer.headers if answer else (limited.headers if limited else None),
+        )
+
+    def _charge(self, request: MeteredRequest, answer: Completion, at: datetime) -> Charge:
+        model = request.model
+        return self.prices.charge(
+            model if answer.model is None or self.prices.knows(model) else answer.model,
+            at,
+            prompt_tokens=answer.prompt_tokens,
+            cache_hit_tokens=answer.prompt_cache_hit_tokens,
+            cache_miss_tokens=answer.prompt_cache_miss_tokens,
+            completion_tokens=answer.completion_tokens,
+            prompt_at_most=request.prompt_at_most,
+            completion_cap=request.completion_cap,
+        )

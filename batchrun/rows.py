@@ -1,0 +1,327 @@
+"""One work item to one result row: cache claim, asks and parse re-asks, usage summed.
+
+A row's progress lives in a `RowState`; `RowMaker.make` returns a `RowEnd` saying what to
+keep and whether the run must stop. Each ask goes through the retry policy, and each attempt
+through the `AttemptMeter`. A 429 is not a row's failure while the server answers other
+requests: the attempt waits for the limiter and sends again, costing no `max_attempts`, for
+at most `timeout` seconds, and only while some request was answered within `outage_timeout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import structlog
+
+from batchrun.cache import RequestCache, request_key
+from batchrun.client import Completion
+from batchrun.errors import PermanentError, RateLimited, RequestError, RunStopped
+from batchrun.job import Job
+from batchrun.meter import Attempt, AttemptMeter, MeteredRequest
+from batchrun.progress import Tally
+from batchrun.prompts import RequestShape, Variant, build_request
+from batchrun.retry import RetryPolicy
+from batchrun.sinks import INDEX_COLUMN, PAID_BEFORE_COLUMN, USAGE_COLUMNS
+from batchrun.sources import InputRow, InputSummary
+from batchrun.structured import ParseFailed, parse_fields
+
+log = structlog.get_logger("batchrun")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return b if a is None else (a if b is None else a + b)
+
+
+def summed(answers: list[Completion]) -> Completion:
+    """The last answer, with the usage of every answer the row paid for."""
+    total = dataclasses.replace(answers[-1])
+    for name in USAGE_COLUMNS:
+        value: int | None = None
+        for answer in answers:
+            value = _add(value, getattr(answer, name))
+        setattr(total, name, value)
+    return total
+
+
+class Abandoned(Exception):
+    """Raised inside a row's asks when the run is stopping: the row is not recorded."""
+
+
+@dataclass(slots=True)
+class Work:
+    """One request to make: an input row in one sweep variant, at its output position."""
+
+    row: InputRow
+    variant: int
+    position: int
+
+
+@dataclass(slots=True)
+class RowState:
+    """A row's progress through its requests (attempts and parse re-asks): what was sent,
+    what it cost, and how much of that cost is already journaled."""
+
+    work: Work
+    rid: str
+    #: `time.perf_counter()` when a worker took the row
+    taken: float
+    answers: list[Completion] = field(default_factory=list)
+    #: requests actually sent
+    attempts: int = 0
+    #: USD of every answer paid for; None while no answer has a known price
+    cost: float | None = None
+    #: some answer came without usage and is counted at its worst case
+    worst_case: bool = False
+    #: the part of `cost` already journaled in rows written before this row's last one
+    journaled: float = 0.0
+    #: `time.perf_counter()` when the first request left, and its wall-clock time
+    first_sent: float | None = None
+    started_at: datetime | None = None
+    #: seconds spent waiting on the server, summed over every request sent
+    in_requests: float = 0.0
+    #: the answer came from the request cache
+    cached: bool = False
+    failure: RequestError | None = None
+    parsed: dict[str, Any] | None = None
+
+    def count(self, attempt: Attempt) -> None:
+        """Add what one attempt sent and cost."""
+        if attempt.started is not None:
+            self.attempts += 1
+            if self.first_sent is None:
+                self.first_sent, self.started_at = attempt.started, attempt.sent_at
+            self.in_requests += attempt.seconds
+        charge = attempt.charge
+        if charge is not None:
+            if charge.usd is not None:
+                self.cost = charge.usd if self.cost is None else self.cost + charge.usd
+            self.worst_case = self.worst_case or charge.worst_case
+
+
+@dataclass(frozen=True, slots=True)
+class RowEnd:
+    """What became of a work item: the row to keep (if any) and whether the run must stop."""
+
+    result: dict[str, Any] | None
+    #: the run must stop for this reason (None: abandoned because it is stopping already)
+    stop: RunStopped | None = None
+
+
+@dataclass
+class RowMaker:
+    """Turns work items into result rows; one per run, shared by its workers.
+
+    Args:
+        send: sends a body for a position (through the endpoint gate), raising `Abandoned`
+            when the run stops meanwhile.
+        journal: writes a row at once, before it is final (paid answers of a re-asked row).
+        keep: records a finished row (used for the paid answers of a row cancelled outright).
+        stopping: whether the run is stopping.
+        sleep: sleeps, returning early when the run stops.
+    """
+
+    job: Job
+    scan: InputSummary
+    meter: AttemptMeter
+    tally: Tally
+    send: Callable[[dict[str, Any], int], Awaitable[Completion]]
+    journal: Callable[[dict[str, Any]], None]
+    keep: Callable[[dict[str, Any]], None]
+    stopping: Callable[[], bool]
+    sleep: Callable[[float], Awaitable[None]]
+    variants: list[Variant]
+    cache: RequestCache | None = None
+
+    def __post_init__(self) -> None:
+        self.shapes = [RequestShape.from_job(self.job, v.settings) for v in self.variants]
+        self.variant_columns = [v.columns() for v in self.variants] if self.job.sweep else None
+        self.carry = tuple(self.job.prompt.carry)
+        self.parse = self.job.parse
+
+    def row_id(self, work: Work) -> str:
+        return self.scan.ids.text(work.row, self.job.input)
+
+    async def make(self, work: Work, policy: RetryPolicy) -> RowEnd:
+        """The row of a work item: from the cache, or asked (and re-asked until it parses)."""
+        state = RowState(work, self.row_id(work), taken=time.perf_counter())
+        request = self.meter.request(build_request(work.row.data, self.shapes[work.variant]))
+        cache, key = self.cache, ""
+        if cache is not None:
+            variant = self.variants[work.variant]
+            # repeats of one combination are meant to be sampled again, not served twice
+            salt = f"repeat {variant.repeat}" if variant.repeats > 1 else ""
+            key = request_key(request.body, salt=salt)
+            cached = await cache.claim(key)
+            if cached is not None:
+                state.cached = True
+                state.answers.append(cached)
+                state.parsed, state.failure = self._parsed(cached)
+                return RowEnd(self._finish(state))
+        try:
+            end = await self._ask(state, request, policy)
+            if cache is not None and end is None and state.failure is None:
+                cache.put(key, state.answers[-1])
+        finally:
+            if cache is not None:
+                cache.release(key)
+        return end or RowEnd(self._finish(state))
+
+    async def _ask(
+        self, state: RowState, request: MeteredRequest, policy: RetryPolicy
+    ) -> RowEnd | None:
+        """Ask, and re-ask while the answer does not parse; a `RowEnd` if the run stops."""
+        asks_left = 1 + (self.parse.parse_attempts if self.parse else 0)
+        while asks_left:
+            asks_left -= 1
+            try:
+                completion = await policy.call(lambda: self._attempt(state, request))
+            except RequestError as exc:
+                state.failure = exc
+                return None
+            except (Abandoned, RunStopped) as exc:
+                # a paid answer that did not parse is kept; then the run stops
+                cut = self._cut_short(state) if state.answers else None
+                return RowEnd(cut, stop=exc if isinstance(exc, RunStopped) else None)
+            except anyio.get_cancelled_exc_class():
+                if state.answers:  # cancelled outright: write the paid answers before going
+                    self.keep(self._cut_short(state))
+                raise
+            state.answers.append(completion)
+            state.parsed, state.failure = self._parsed(completion)
+            if state.failure is None:
+                return None
+            if asks_left:  # re-asked next: what is paid so far is journaled now
+                self._journal_paid(state)
+        return None
+
+    async def _attempt(self, state: RowState, request: MeteredRequest) -> Completion:
+        """One attempt: sent again after each 429 while the server answers other requests."""
+        limits = self.job.limits
+        began = anyio.current_time()
+        refused = 0
+        while True:
+            try:
+                return await self._send_once(state, request)
+            except RateLimited as exc:
+                elapsed = anyio.current_time() - began
+                if elapsed >= limits.timeout or not self.meter.answering(limits.outage_timeout):
+                    raise  # rate-limited alone for too long: a failed attempt after all
+                refused += 1
+                self.tally.retries_by_class[exc.error_class] += 1
+                log.info("rate_limit_wait", row_id=state.rid, refused=refused)
+                await self._back_off(refused)
+
+    async def _back_off(self, refused: int) -> None:
+        """Wait before sending again after a 429: the limiter's shared pause if it set one,
+        else a growing backoff of this row's own."""
+        if self.meter.limiter.statistics().paused_for > 0:
+            return  # the next reservation waits out the pause
+        limits = self.job.limits
+        delay = min(limits.max_backoff, limits.initial_backoff * 2 ** min(refused - 1, 30))
+        await self.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _send_once(self, state: RowState, request: MeteredRequest) -> Completion:
+        if self.stopping():
+            raise Abandoned
+        attempt = self.meter.attempt(request)
+        try:
+            async with attempt:
+                if self.stopping():  # stopped while waiting for the budget: nothing is sent
+                    raise Abandoned
+                attempt.sending()
+                self.tally.requests += 1
+                self.tally.in_flight += 1
+                try:
+                    attempt.received(await self.send(request.body, state.work.position))
+                finally:
+                    self.tally.in_flight -= 1
+        finally:
+            state.count(attempt)
+        assert attempt.answer is not None
+        return attempt.answer
+
+    def _journal_paid(self, state: RowState) -> None:
+        """Journal the paid answers of a row about to be re-asked, so that a kill before the
+        next answer loses neither them nor their cost. The row is not counted as done: its
+        later row for the same position supersedes it."""
+        result = self._finish(state)  # its parse failure recorded, as if it were the last
+        self.journal(result)
+        state.journaled = result["cost_usd"] or 0.0
+
+    def _cut_short(self, state: RowState) -> dict[str, Any]:
+        """The row of paid answers that never parsed, when the run stops before a re-ask."""
+        state.failure = PermanentError(
+            "the run stopped before an answer parsed", error_class="parse"
+        )
+        state.parsed = None
+        return self._finish(state)
+
+    def _parsed(self, completion: Completion) -> tuple[dict[str, Any] | None, RequestError | None]:
+        """The parsed fields of an answer, or the parse failure to record."""
+        if self.parse is None:
+            return None, None
+        try:
+            return parse_fields(completion.content, self.parse.fields), None
+        except ParseFailed as exc:
+            return None, PermanentError(
+                f"the answer does not parse: {exc}",
+                status=completion.http_status,
+                error_class="parse",
+            )
+
+    def _finish(self, state: RowState) -> dict[str, Any]:
+        """The result row: the last answer, with the usage of every answer paid for."""
+        work, answers, cached = state.work, state.answers, state.cached
+        completion = summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
+        result = self._result(state, completion)
+        result[INDEX_COLUMN] = work.position
+        if self.variant_columns is not None:
+            result.update(self.variant_columns[work.variant])
+        if self.parse is not None:
+            for name in self.parse.fields:
+                result[name] = state.parsed.get(name) if state.parsed else None
+        result["cost_usd"] = 0.0 if cached else state.cost
+        result["cost_worst_case"] = False if cached else state.worst_case
+        result["cached"] = cached
+        result[PAID_BEFORE_COLUMN] = state.journaled
+        return result
+
+    def _result(self, state: RowState, c: Completion | None) -> dict[str, Any]:
+        row, failure = state.work.row, state.failure
+        result: dict[str, Any] = {INDEX_COLUMN: row.index}
+        for name in self.carry:
+            result[name] = row.data.get(name)
+        result["id"] = self.scan.ids.output_value(row, self.job.input)  # the user's, typed
+        sent = state.first_sent is not None
+        result.update(
+            status="ok" if c is not None and failure is None else "error",
+            content=c.content if c else None,
+            reasoning_content=c.reasoning_content if c else None,
+            finish_reason=c.finish_reason if c else None,
+            model=c.model if c else None,
+        )
+        for name in USAGE_COLUMNS:
+            result[name] = getattr(c, name) if c else None
+        result.update(
+            attempts=state.attempts,
+            latency_s=state.in_requests if sent else None,
+            queued_s=state.first_sent - state.taken if state.first_sent is not None else None,
+            http_status=c.http_status if c else (failure.status if failure else None),
+            error=failure.message if failure else None,
+            error_class=failure.error_class if failure else None,
+            response_id=c.response_id if c else None,
+            started_at=state.started_at or _now(),
+            finished_at=_now(),
+        )
+        return result
