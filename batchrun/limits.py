@@ -1,7 +1,8 @@
 """Rate budgets: RPM and TPM buckets, the shared 429 pause, and adaptive concurrency.
 
-One `Limiter` serves every worker of a run through a small interface, so that a cluster-wide
-implementation can replace it without touching the pool:
+One `Limiter` serves every worker of a run (the pool reaches it through the `RateLimiter`
+protocol in `ratelimit.py`, whose local implementation wraps it; a cluster-wide limiter
+replaces that, not this):
 
     reservation = await limiter.reserve(prompt_tokens=..., completion_cap=...)
     ... send ...

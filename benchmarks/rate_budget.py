@@ -109,9 +109,9 @@ def run(case: Case, tmp: Path) -> tuple[Outcome, dict[str, Any]]:
                 "output": str(tmp / "out.parquet"),
                 "base_url": fake.base_url,
                 "params": case.params,
-                # until rate-limit waits stop consuming attempts, enough of them
+                # the default max_attempts: rate-limit waits do not consume attempts;
+                # backoffs scaled down with the window
                 "limits": {
-                    "max_attempts": 100,
                     "initial_backoff": 0.05,
                     "max_backoff": 1.0,
                     **case.limits,
