@@ -32,6 +32,32 @@ def _figure(value: int | None) -> str:
     return "not reported" if value is None else str(value)
 
 
+def _output_of(path: Path) -> Path:
+    """The output a status, report or export command is about: a job file names its own."""
+    if path.suffix == ".toml" and path.is_file():
+        from batchrun.job import load_job
+
+        return load_job(path).output.absolute()
+    return path
+
+
+def _finished_output(path: Path) -> Path:
+    """`_output_of(path)`, which must be written: a stopped run's output is not there yet."""
+    from batchrun.errors import ConfigError
+    from batchrun.sinks import parts_dir
+
+    output = _output_of(path)
+    checkpoint = parts_dir(output)
+    if not output.exists() and checkpoint.is_dir():
+        raise ConfigError(
+            f"not written yet: its run is going on or stopped, with a checkpoint in "
+            f"{checkpoint.name}/ (batchrun status {path} says which, and how far it got; a "
+            f"stopped run finishes when the same command runs again)",
+            path=output,
+        )
+    return output
+
+
 def _cost_line(stats: Any) -> str:
     line = f"cost: ${stats.cost_usd:.6f}"
     notes = []
@@ -249,10 +275,14 @@ def _job_from(
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path))
 def status(output: Path) -> None:
-    """Show what is done for OUTPUT (a checkpoint or a finished file), and if a run is on it."""
+    """Show what is done for OUTPUT (a checkpoint or a finished file; or the job file that
+    writes it), and if a run is on it."""
     from batchrun.status import describe, read_status
 
-    output = output.absolute()
+    try:
+        output = _output_of(output).absolute()
+    except BatchrunError as exc:
+        _exit_error(exc)
     if output.name.endswith(".parts") and output.is_dir():  # the checkpoint folder itself
         output = output.with_name(output.name.removesuffix(".parts"))
     try:
@@ -276,10 +306,11 @@ def status(output: Path) -> None:
     "-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write here, not stdout."
 )
 def export_command(output: Path, fmt: str, out: Path | None) -> None:
-    """Write the rows of OUTPUT as OpenAI batch output lines, JSONL or CSV."""
+    """Write the rows of OUTPUT (or the job file's output) as OpenAI batch lines, JSONL or CSV."""
     from batchrun.export import export_output, export_to_file
 
     try:
+        output = _finished_output(output)
         if out is None:
             export_output(output, sys.stdout.buffer, fmt=fmt)
         else:
@@ -292,11 +323,12 @@ def export_command(output: Path, fmt: str, out: Path | None) -> None:
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def report_command(output: Path, as_json: bool) -> None:
-    """Per-variant figures of OUTPUT: rows, ok, errors, tokens, cost, latency, accuracy."""
+    """Per-variant figures of OUTPUT (or of the job file's output): rows, ok, errors, tokens, cost,
+    latency, accuracy."""
     from batchrun.report import read_report, write_report
 
     try:
-        figures = read_report(output)
+        figures = read_report(_finished_output(output))
     except BatchrunError as exc:
         _exit_error(exc)
     write_report(figures, as_json=as_json, file=sys.stdout)
