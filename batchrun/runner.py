@@ -271,6 +271,7 @@ def _run_with_checkpoint(
             async with Client(
                 live.base_url,
                 api_key=api_key,
+                key_variable=live.api_key_env,
                 max_connections=live.limits.concurrency,
                 timeout=live.limits.timeout,
                 read_timeout=live.limits.read_timeout,
@@ -337,7 +338,7 @@ def _run_with_checkpoint(
         state.rows_done - state.rows_ok,
         tally.statistics(),
     )
-    if isinstance(stop, AuthError) and api_key is None:
+    if isinstance(stop, AuthError) and not isinstance(stop, KeyWanted) and api_key is None:
         # no key was sent (a loopback URL may go without): the server wants one
         stop = KeyWanted(job.api_key_env)
     if stop is not None:
