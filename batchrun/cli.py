@@ -85,15 +85,20 @@ def _echo_summary(summary: Any) -> None:
     if stats is None:
         click.echo("nothing to do: every row already has a result", file=err)
         return
-    lines = [
-        f"this run: {stats.rows_done} rows ({stats.rows_ok} ok, {stats.rows_error} errors), "
-        f"{stats.requests} requests sent in {stats.elapsed_s:.1f} s "
-        f"({stats.requests_per_s:.1f}/s)",
+    tokens = (
         f"tokens: prompt {_figure(stats.prompt_tokens)} "
         f"(cache hit {_figure(stats.cache_hit_tokens)}, "
         f"cache miss {_figure(stats.cache_miss_tokens)}), "
         f"completion {_figure(stats.completion_tokens)} "
-        f"(reasoning {_figure(stats.reasoning_tokens)})",
+        f"(reasoning {_figure(stats.reasoning_tokens)})"
+    )
+    if stats.rows_done == 0:  # no figure to report, rather than figures the server kept back
+        tokens = "tokens: none (no row finished in this run)"
+    lines = [
+        f"this run: {stats.rows_done} rows ({stats.rows_ok} ok, {stats.rows_error} errors), "
+        f"{stats.requests} requests sent in {stats.elapsed_s:.1f} s "
+        f"({stats.requests_per_s:.1f}/s)",
+        tokens,
         _cost_line(stats),
     ]
     if stats.rows_skipped:
