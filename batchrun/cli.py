@@ -73,10 +73,13 @@ def _cost_line(stats: Any) -> str:
     return f"{line} ({'; '.join(notes)})" if notes else line
 
 
-def _echo_summary(summary: Any) -> None:
+def _echo_summary(summary: Any, limit: int | None = None) -> None:
     stats = summary.statistics
     err = sys.stderr
     state = "complete" if summary.complete else "incomplete"
+    if limit is not None and summary.rows_total >= limit:
+        # the rows after the limit are not done: "complete" alone reads as the whole job
+        state += f" up to --limit {limit}"
     click.echo(
         f"{state}: {summary.rows_ok} ok, {summary.rows_error} errors "
         f"of {summary.rows_total} rows -> {summary.output}",
@@ -192,8 +195,10 @@ def run(
     except OSError as exc:
         click.echo(f"error: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    limit: int | None = None
     try:
         job = _job_from(job_file, input_, output, flags)
+        limit = job.limit
         if dry_run:
             from batchrun.estimate import describe, estimate_job
 
@@ -211,11 +216,11 @@ def run(
         _exit_stopped(Interrupted("SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"))
     except RunStopped as stop:
         if stop.summary is not None:
-            _echo_summary(stop.summary)
+            _echo_summary(stop.summary, limit)
         _exit_stopped(stop)
     except BatchrunError as exc:
         _exit_error(exc)
-    _echo_summary(summary)
+    _echo_summary(summary, limit)
     sys.exit(summary.exit_code)
 
 

@@ -237,6 +237,19 @@ def test_limit_run_then_full_run_with_ids_turning_mixed(tmp_path: Path, fake: Fa
 # --- an input edited between runs ------------------------------------------------------------
 
 
+def test_a_limit_run_says_it_is_complete_up_to_its_limit(tmp_path: Path, fake: FakeServer) -> None:
+    """`--limit 2` of 4 rows ends "complete up to --limit 2", not "complete" as if the whole
+    job were done; the full run after it says "complete"."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(4)])
+    first = cli_run(tmp_path, fake, "--limit", "2")
+    assert first.exit_code == 0, first.output
+    assert "complete up to --limit 2: 2 ok, 0 errors of 2 rows" in first.output
+    rest = cli_run(tmp_path, fake)
+    assert rest.exit_code == 0, rest.output
+    assert "complete: 4 ok, 0 errors of 4 rows" in rest.output
+    assert len(fake.requests()) == 4
+
+
 def test_same_size_edit_in_the_middle_is_refused(tmp_path: Path, fake: FakeServer) -> None:
     """An input edited in its middle (same size, > 2 MiB) is not resumed: exit 2 naming it."""
     pad = "x" * 1000
