@@ -173,6 +173,7 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     if restart or checkpoint.exists() or not job.output.exists():
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
+    _check_prices(job, scan)
     # redacted as the checkpoint's copy is, so that the two compare equal
     manifest = scrub(checkpoint.manifest_for(job))
     schema = output_schema(scan.carried_types)
@@ -208,6 +209,27 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
         raise
     finally:
         checkpoint.release_lock()
+
+
+def _check_prices(job: Job, scan: InputSummary) -> None:
+    """Refuse a price file or a spend cap that cannot be kept before the checkpoint is made: a
+    refused run leaves no checkpoint behind to call the corrected job "changed".
+
+    Raises:
+        ConfigError: the price file does not load (another currency), or `max_cost` is set and
+            a model the requests name has no price.
+    """
+    from batchrun.prices import PriceTable
+
+    prices = PriceTable.load(job.prices)
+    if job.max_cost is not None:
+        unpriced = sorted(m for m in scan.models if not prices.knows(m))
+        if unpriced:
+            raise ConfigError(
+                f"max_cost cannot be kept for a model without a price ({', '.join(unpriced)}): "
+                "add its price with --prices FILE",
+                path=job.source,
+            )
 
 
 def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -250,14 +272,6 @@ def _run_with_checkpoint(
     from batchrun.prices import PriceTable
 
     prices = PriceTable.load(job.prices)
-    if job.max_cost is not None:
-        unpriced = sorted(m for m in scan.models if not prices.knows(m))
-        if unpriced:
-            raise ConfigError(
-                f"max_cost cannot be kept for a model without a price ({', '.join(unpriced)}): "
-                "add its price with --prices FILE",
-                path=job.source,
-            )
     from batchrun.sinks import PartWriter
 
     state = checkpoint.resume_state(rows=scan.rows)
