@@ -202,6 +202,34 @@ def test_bad_row_param_is_exit_2_before_any_request(
     assert fake.requests() == []
 
 
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        pytest.param(
+            'system_column = "sytem"', "system_column names column 'sytem'", id="system_column"
+        ),
+        pytest.param(
+            'row_params = ["temperature"]', "row_params names column 'temperature'", id="row_params"
+        ),
+    ],
+)
+def test_a_request_column_no_row_has_is_exit_2_before_any_request(
+    tmp_path: Path, fake: FakeServer, prompt: str, message: str
+) -> None:
+    """A system_column or row_params column that no row has (a typo) would send every row
+    without the system prompt or parameter asked for: exit 2 naming it, nothing sent."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "system": "S"}, {"prompt": "b"}])
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "in.jsonl"\n[prompt]\n{prompt}\n')
+    result = cli_run(tmp_path, fake, str(job))
+    assert result.exit_code == 2, result.output
+    assert (
+        message in result.output and "which no row has (columns: prompt, system)" in result.output
+    )
+    assert fake.requests() == []
+    assert not (tmp_path / "out.parquet.parts").exists()
+
+
 # --- --limit, then the full run --------------------------------------------------------------
 
 
