@@ -174,6 +174,10 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
     _check_prices(job, scan)
+    if job.cache is not None:
+        from batchrun.cache import RequestCache
+
+        RequestCache(job.cache)  # a cache folder that cannot be written, before the checkpoint
     # redacted as the checkpoint's copy is, so that the two compare equal
     manifest = scrub(checkpoint.manifest_for(job))
     schema = output_schema(scan.carried_types)
