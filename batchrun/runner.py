@@ -169,6 +169,11 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
     # the key first: a missing key is found before anything is read or sent
     api_key = resolve_api_key(job)
     register_secret(api_key)
+    if job.output.is_dir():  # never "the output file exists": --restart would then fail on it
+        raise ConfigError(
+            f"is a folder: the output is a Parquet file, such as {job.output / 'results.parquet'}",
+            path=job.output,
+        )
     checkpoint = Checkpoint(job.output)
     if restart or checkpoint.exists() or not job.output.exists():
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input

@@ -268,6 +268,27 @@ def test_unwritable_output_folder_is_refused_before_any_request(
     assert fake.stats()["requests"] == 0
 
 
+@pytest.mark.parametrize("restart", [[], ["--restart"]], ids=["run", "restart"])
+def test_an_output_that_is_a_folder_is_refused_and_left_alone(
+    tmp_path: Path, fake: FakeServer, restart: list[str]
+) -> None:
+    """`--output results` naming a folder: exit 2 saying it is a folder, with or without
+    --restart (which once called it another job's output, then crashed trying to delete it);
+    the folder, its files and the output's parent are left as they were."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    job_file = write_job(tmp_path, fake.base_url, output=str(folder))
+    result = invoke("run", str(job_file), *restart)
+    assert result.exit_code == 2, result.output
+    assert f"error: {folder}: is a folder: the output is a Parquet file" in result.output
+    assert "Traceback" not in result.output
+    assert (folder / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "results.parts").exists()
+    assert fake.stats()["requests"] == 0
+
+
 def fill(folder: Path, *, leave: int) -> Path:
     """Fill the file system of `folder` but `leave` bytes; returns the filler file."""
     filler = folder / "filler"
