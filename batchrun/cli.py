@@ -77,7 +77,7 @@ def _echo_summary(summary: Any, limit: int | None = None) -> None:
     stats = summary.statistics
     err = sys.stderr
     state = "complete" if summary.complete else "incomplete"
-    if limit is not None and summary.rows_total >= limit:
+    if limit is not None and summary.rows_total == limit:
         # the rows after the limit are not done: "complete" alone reads as the whole job
         state += f" up to --limit {limit}"
     click.echo(

@@ -205,7 +205,8 @@ def run_job(job: Job, *, restart: bool = False, settings: Any = None) -> RunSumm
                 ok, errors = _counts(job.output)
             finally:
                 checkpoint.discard_if_empty()  # the folder made for the lock just taken
-            return RunSummary(job.output, True, scan.rows, ok, errors, None)
+            # the whole output, which a --limit run finds done: its rows, not the limit's
+            return RunSummary(job.output, True, ok + errors, ok, errors, None)
         checkpoint.open(job, restart=False)
         checkpoint.record_rows(scan.rows, limit=job.limit)
         checkpoint.recover(carried=scan.carried_types)

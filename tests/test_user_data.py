@@ -267,7 +267,7 @@ def test_limit_run_then_full_run_with_ids_turning_mixed(tmp_path: Path, fake: Fa
 
 def test_a_limit_run_says_it_is_complete_up_to_its_limit(tmp_path: Path, fake: FakeServer) -> None:
     """`--limit 2` of 4 rows ends "complete up to --limit 2", not "complete" as if the whole
-    job were done; the full run after it says "complete"."""
+    job were done; the full run after it, and a --limit run after that, say "complete"."""
     write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(4)])
     first = cli_run(tmp_path, fake, "--limit", "2")
     assert first.exit_code == 0, first.output
@@ -275,6 +275,12 @@ def test_a_limit_run_says_it_is_complete_up_to_its_limit(tmp_path: Path, fake: F
     rest = cli_run(tmp_path, fake)
     assert rest.exit_code == 0, rest.output
     assert "complete: 4 ok, 0 errors of 4 rows" in rest.output
+    assert len(fake.requests()) == 4
+    # --limit on a finished output: the whole output is done, not "4 ok of 2 rows"
+    again = cli_run(tmp_path, fake, "--limit", "2")
+    assert again.exit_code == 0, again.output
+    assert "complete: 4 ok, 0 errors of 4 rows" in again.output
+    assert "nothing to do" in again.output
     assert len(fake.requests()) == 4
 
 
