@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import anyio
 import orjson
 
 from batchrun.client import Completion
+from batchrun.errors import ConfigError
 from batchrun.logs import scrub
 
 _FIELDS = [f.name for f in dataclasses.fields(Completion) if f.name != "headers"]
@@ -35,8 +37,20 @@ class RequestCache:
     """Answers on disk, plus the requests of this run still waiting for theirs."""
 
     def __init__(self, directory: Path) -> None:
+        """Raises ConfigError: the folder cannot be made or written (a file is created and
+        removed in it)."""
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=directory, prefix=".batchrun-probe-")
+            os.close(fd)
+            os.unlink(name)
+        except OSError as exc:
+            raise ConfigError(
+                f"the cache folder cannot be written ({exc.strerror}): choose another --cache "
+                "or fix the folder's permissions",
+                path=directory,
+            ) from None
         self._pending: dict[str, anyio.Event] = {}
 
     def _path(self, key: str) -> Path:

@@ -32,6 +32,32 @@ def _figure(value: int | None) -> str:
     return "not reported" if value is None else str(value)
 
 
+def _output_of(path: Path) -> Path:
+    """The output a status, report or export command is about: a job file names its own."""
+    if path.suffix == ".toml" and path.is_file():
+        from batchrun.job import load_job
+
+        return load_job(path).output.absolute()
+    return path
+
+
+def _finished_output(path: Path) -> Path:
+    """`_output_of(path)`, which must be written: a stopped run's output is not there yet."""
+    from batchrun.errors import ConfigError
+    from batchrun.sinks import parts_dir
+
+    output = _output_of(path)
+    checkpoint = parts_dir(output)
+    if not output.exists() and checkpoint.is_dir():
+        raise ConfigError(
+            f"not written yet: its run is going on or stopped, with a checkpoint in "
+            f"{checkpoint.name}/ (batchrun status {path} says which, and how far it got; a "
+            f"stopped run finishes when the same command runs again)",
+            path=output,
+        )
+    return output
+
+
 def _cost_line(stats: Any) -> str:
     line = f"cost: ${stats.cost_usd:.6f}"
     notes = []
@@ -47,10 +73,13 @@ def _cost_line(stats: Any) -> str:
     return f"{line} ({'; '.join(notes)})" if notes else line
 
 
-def _echo_summary(summary: Any) -> None:
+def _echo_summary(summary: Any, limit: int | None = None) -> None:
     stats = summary.statistics
     err = sys.stderr
     state = "complete" if summary.complete else "incomplete"
+    if limit is not None and summary.rows_total == limit:
+        # the rows after the limit are not done: "complete" alone reads as the whole job
+        state += f" up to --limit {limit}"
     click.echo(
         f"{state}: {summary.rows_ok} ok, {summary.rows_error} errors "
         f"of {summary.rows_total} rows -> {summary.output}",
@@ -59,15 +88,20 @@ def _echo_summary(summary: Any) -> None:
     if stats is None:
         click.echo("nothing to do: every row already has a result", file=err)
         return
-    lines = [
-        f"this run: {stats.rows_done} rows ({stats.rows_ok} ok, {stats.rows_error} errors), "
-        f"{stats.requests} requests sent in {stats.elapsed_s:.1f} s "
-        f"({stats.requests_per_s:.1f}/s)",
+    tokens = (
         f"tokens: prompt {_figure(stats.prompt_tokens)} "
         f"(cache hit {_figure(stats.cache_hit_tokens)}, "
         f"cache miss {_figure(stats.cache_miss_tokens)}), "
         f"completion {_figure(stats.completion_tokens)} "
-        f"(reasoning {_figure(stats.reasoning_tokens)})",
+        f"(reasoning {_figure(stats.reasoning_tokens)})"
+    )
+    if stats.rows_done == 0:  # no figure to report, rather than figures the server kept back
+        tokens = "tokens: none (no row finished in this run)"
+    lines = [
+        f"this run: {stats.rows_done} rows ({stats.rows_ok} ok, {stats.rows_error} errors), "
+        f"{stats.requests} requests sent in {stats.elapsed_s:.1f} s "
+        f"({stats.requests_per_s:.1f}/s)",
+        tokens,
         _cost_line(stats),
     ]
     if stats.rows_skipped:
@@ -161,8 +195,10 @@ def run(
     except OSError as exc:
         click.echo(f"error: cannot open the log file {log_file}: {exc.strerror}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    limit: int | None = None
     try:
         job = _job_from(job_file, input_, output, flags)
+        limit = job.limit
         if dry_run:
             from batchrun.estimate import describe, estimate_job
 
@@ -180,11 +216,11 @@ def run(
         _exit_stopped(Interrupted("SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"))
     except RunStopped as stop:
         if stop.summary is not None:
-            _echo_summary(stop.summary)
+            _echo_summary(stop.summary, limit)
         _exit_stopped(stop)
     except BatchrunError as exc:
         _exit_error(exc)
-    _echo_summary(summary)
+    _echo_summary(summary, limit)
     sys.exit(summary.exit_code)
 
 
@@ -249,10 +285,14 @@ def _job_from(
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path))
 def status(output: Path) -> None:
-    """Show what is done for OUTPUT (a checkpoint or a finished file), and if a run is on it."""
+    """Show what is done for OUTPUT (a checkpoint or a finished file; or the job file that
+    writes it), and if a run is on it."""
     from batchrun.status import describe, read_status
 
-    output = output.absolute()
+    try:
+        output = _output_of(output).absolute()
+    except BatchrunError as exc:
+        _exit_error(exc)
     if output.name.endswith(".parts") and output.is_dir():  # the checkpoint folder itself
         output = output.with_name(output.name.removesuffix(".parts"))
     try:
@@ -276,10 +316,11 @@ def status(output: Path) -> None:
     "-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write here, not stdout."
 )
 def export_command(output: Path, fmt: str, out: Path | None) -> None:
-    """Write the rows of OUTPUT as OpenAI batch output lines, JSONL or CSV."""
+    """Write the rows of OUTPUT (or the job file's output) as OpenAI batch lines, JSONL or CSV."""
     from batchrun.export import export_output, export_to_file
 
     try:
+        output = _finished_output(output)
         if out is None:
             export_output(output, sys.stdout.buffer, fmt=fmt)
         else:
@@ -292,11 +333,12 @@ def export_command(output: Path, fmt: str, out: Path | None) -> None:
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def report_command(output: Path, as_json: bool) -> None:
-    """Per-variant figures of OUTPUT: rows, ok, errors, tokens, cost, latency, accuracy."""
+    """Per-variant figures of OUTPUT (or of the job file's output): rows, ok, errors, tokens, cost,
+    latency, accuracy."""
     from batchrun.report import read_report, write_report
 
     try:
-        figures = read_report(output)
+        figures = read_report(_finished_output(output))
     except BatchrunError as exc:
         _exit_error(exc)
     write_report(figures, as_json=as_json, file=sys.stdout)

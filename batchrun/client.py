@@ -20,6 +20,7 @@ from batchrun.errors import (
     AuthError,
     BalanceError,
     ConnectFailed,
+    KeyWanted,
     NotAnEndpoint,
     PermanentError,
     RateLimited,
@@ -260,6 +261,7 @@ class Client:
         base_url: str,
         *,
         api_key: str | None,
+        key_variable: str = "",
         max_connections: int,
         timeout: float = 600.0,
         read_timeout: float = 120.0,
@@ -270,6 +272,8 @@ class Client:
         #: a stream with no data for this long (keep-alive comments aside) has stalled
         self.stream_idle_limit = read_timeout
         self._api_key = api_key
+        #: the variable the key comes from: a refusal of keyless requests names it
+        self._key_variable = key_variable
         #: whether any request of this client has been answered with a 200
         self._answered = False
         self._keyless_refusals = 0
@@ -305,11 +309,18 @@ class Client:
             return message.replace(self._api_key, "[redacted]")
         return message
 
+    def _refused(self, message: str) -> AuthError:
+        # sent without a key (a loopback URL may go without): the server wants one, and the
+        # log line of the run stopping should say so, not that a key was rejected
+        if self._api_key is None and self._key_variable:
+            return KeyWanted(self._key_variable, message)
+        return AuthError(message)
+
     def _raise_for_status(self, response: httpx.Response, body: bytes) -> None:
         status = response.status_code
         message = self._redact(_error_message(status, body))
         if status == 401 or status == 403:
-            raise AuthError(message)
+            raise self._refused(message)
         if status == 404 and (_json_object(body) or {}).get("error") is None:
             # an API's own 404 (an unknown model, say) has an error object; a wrong path
             # gets the web server's page, or a framework's {"detail": ...}
@@ -318,7 +329,7 @@ class Client:
             if _json_object(body) is None:
                 self._keyless_refusals += 1
                 if self._keyless_refusals >= KEYLESS_REFUSALS:
-                    raise AuthError(message)
+                    raise self._refused(message)
         if status == 402:
             raise BalanceError(message)
         if status == 429:

@@ -176,10 +176,20 @@ def run_job(
     # the key first: a missing key is found before anything is read or sent
     api_key = resolve_api_key(job)
     register_secret(api_key)
+    if job.output.is_dir():  # never "the output file exists": --restart would then fail on it
+        raise ConfigError(
+            f"is a folder: the output is a Parquet file, such as {job.output / 'results.parquet'}",
+            path=job.output,
+        )
     checkpoint = Checkpoint(job.output)
     if restart or checkpoint.exists() or not job.output.exists():
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
+    _check_prices(job, scan)
+    if job.cache is not None:
+        from batchrun.cache import RequestCache
+
+        RequestCache(job.cache)  # a cache folder that cannot be written, before the checkpoint
     # redacted as the checkpoint's copy is, so that the two compare equal
     manifest = scrub(checkpoint.manifest_for(job))
     schema = output_schema(scan.carried_types)
@@ -202,7 +212,8 @@ def run_job(
                 ok, errors = _counts(job.output)
             finally:
                 checkpoint.discard_if_empty()  # the folder made for the lock just taken
-            return RunSummary(job.output, True, scan.rows, ok, errors, None)
+            # the whole output, which a --limit run finds done: its rows, not the limit's
+            return RunSummary(job.output, True, ok + errors, ok, errors, None)
         checkpoint.open(job, restart=False)
         checkpoint.record_rows(scan.rows, limit=job.limit)
         checkpoint.recover(carried=scan.carried_types)
@@ -222,6 +233,27 @@ def run_job(
         raise
     finally:
         checkpoint.release_lock()
+
+
+def _check_prices(job: Job, scan: InputSummary) -> None:
+    """Refuse a price file or a spend cap that cannot be kept before the checkpoint is made: a
+    refused run leaves no checkpoint behind to call the corrected job "changed".
+
+    Raises:
+        ConfigError: the price file does not load (another currency), or `max_cost` is set and
+            a model the requests name has no price.
+    """
+    from batchrun.prices import PriceTable
+
+    prices = PriceTable.load(job.prices)
+    if job.max_cost is not None:
+        unpriced = sorted(m for m in scan.models if not prices.knows(m))
+        if unpriced:
+            raise ConfigError(
+                f"max_cost cannot be kept for a model without a price ({', '.join(unpriced)}): "
+                "add its price with --prices FILE",
+                path=job.source,
+            )
 
 
 def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -267,14 +299,6 @@ def _run_with_checkpoint(
     from batchrun.ratelimit import LocalRateLimiter, key_digest
 
     prices = PriceTable.load(job.prices)
-    if job.max_cost is not None:
-        unpriced = sorted(m for m in scan.models if not prices.knows(m))
-        if unpriced:
-            raise ConfigError(
-                f"max_cost cannot be kept for a model without a price ({', '.join(unpriced)}): "
-                "add its price with --prices FILE",
-                path=job.source,
-            )
     from batchrun.sinks import PartWriter
 
     state = checkpoint.resume_state(rows=scan.rows)
@@ -288,6 +312,7 @@ def _run_with_checkpoint(
             async with Client(
                 live.base_url,
                 api_key=api_key,
+                key_variable=live.api_key_env,
                 max_connections=live.limits.concurrency,
                 timeout=live.limits.timeout,
                 read_timeout=live.limits.read_timeout,
@@ -344,7 +369,7 @@ def _run_with_checkpoint(
         state.rows_done - state.rows_ok,
         tally.statistics(),
     )
-    if isinstance(stop, AuthError) and api_key is None:
+    if isinstance(stop, AuthError) and not isinstance(stop, KeyWanted) and api_key is None:
         # no key was sent (a loopback URL may go without): the server wants one
         stop = KeyWanted(job.api_key_env)
     if stop is not None:

@@ -408,6 +408,18 @@ def _scan(
             path=path,
             column=missing[0],
         )
+    named = [] if batch_format else [job.prompt.system_column, *job.prompt.row_params]
+    absent = [name for name in named if name is not None and name not in seen_columns]
+    if absent and len(seen_columns) < 10_000:
+        # a column the job takes request values from that no row has is a typo, not a choice:
+        # the run would go without the system prompt or parameters the user asked for
+        key = "system_column" if absent[0] == job.prompt.system_column else "row_params"
+        raise InputError(
+            f"{key} names column {absent[0]!r}, which no row has "
+            f"(columns: {', '.join(sorted(seen_columns))})",
+            path=path,
+            column=absent[0],
+        )
     assert ids is not None  # there is a row
     if ids.column is not None and id_types == {int}:
         ids = RowIds(ids.column, as_text=False)

@@ -49,6 +49,8 @@ class JobStatus:
     active_pid: int | None
     #: whether the output file is there (a checkpoint may be complete before it is written)
     output_written: bool = True
+    #: ok rows whose answer came without usage (a proxy that strips it): their tokens are unknown
+    rows_without_usage: int = 0
 
     @property
     def rows_error(self) -> int:
@@ -182,6 +184,9 @@ def _summarise(
         rows_ok=frame.height - errors.height,
         errors_by_class={str(k): int(v) for k, v in sorted(by_class.iter_rows())},
         prompt_tokens=int(frame["prompt_tokens"].sum() or 0),
+        rows_without_usage=frame.filter(
+            (pl.col("status") == "ok") & pl.col("prompt_tokens").is_null()
+        ).height,
         completion_tokens=int(frame["completion_tokens"].sum() or 0),
         active_pid=active_pid,
         output_written=output_written,
@@ -217,10 +222,15 @@ def describe(status: JobStatus) -> list[str]:
     if status.limit is not None and status.source == "checkpoint":
         rows += f" (the last run had --limit {status.limit})"
     errors = ", ".join(f"{name} {n}" for name, n in status.errors_by_class.items()) or "none"
+    tokens = f"{status.prompt_tokens} prompt, {status.completion_tokens} completion"
+    if status.rows_without_usage and status.rows_without_usage == status.rows_ok:
+        tokens = "not reported (the server sent no usage)"
+    elif status.rows_without_usage:
+        tokens += f" (not reported for {status.rows_without_usage} ok rows)"
     return [
         f"output:  {where}",
         f"state:   {state}",
         f"rows:    {rows}",
         f"errors:  {errors}",
-        f"tokens:  {status.prompt_tokens} prompt, {status.completion_tokens} completion",
+        f"tokens:  {tokens}",
     ]

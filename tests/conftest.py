@@ -8,8 +8,17 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from batchrun.fake import FakeConfig, FakeServer
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """A CLI `run` configures structlog for its stderr (with -q, warnings only); undo that, so
+    that a later test's capture_logs still sees info events such as progress."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")

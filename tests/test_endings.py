@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -267,6 +268,27 @@ def test_unwritable_output_folder_is_refused_before_any_request(
     assert fake.stats()["requests"] == 0
 
 
+@pytest.mark.parametrize("restart", [[], ["--restart"]], ids=["run", "restart"])
+def test_an_output_that_is_a_folder_is_refused_and_left_alone(
+    tmp_path: Path, fake: FakeServer, restart: list[str]
+) -> None:
+    """`--output results` naming a folder: exit 2 saying it is a folder, with or without
+    --restart (which once called it another job's output, then crashed trying to delete it);
+    the folder, its files and the output's parent are left as they were."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    job_file = write_job(tmp_path, fake.base_url, output=str(folder))
+    result = invoke("run", str(job_file), *restart)
+    assert result.exit_code == 2, result.output
+    assert f"error: {folder}: is a folder: the output is a Parquet file" in result.output
+    assert "Traceback" not in result.output
+    assert (folder / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "results.parts").exists()
+    assert fake.stats()["requests"] == 0
+
+
 def fill(folder: Path, *, leave: int) -> Path:
     """Fill the file system of `folder` but `leave` bytes; returns the filler file."""
     filler = folder / "filler"
@@ -476,3 +498,47 @@ def test_checkpoint_folder_turned_unwritable_mid_run_stops_resumably(
     summary = run_job(job)
     assert summary.complete and summary.rows_ok == rows
     assert fake.stats()["requests"] <= rows + 4  # what was in flight, at most, is asked again
+
+
+# -- status, report and export after a run -----------------------------------------------------
+
+
+def test_status_report_and_export_take_the_job_file(tmp_path: Path, fake: FakeServer) -> None:
+    """The command a user just ran names a job file: status, report and export accept it and
+    read the output it names, rather than calling the TOML "not a Parquet file"."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"q{i}"} for i in range(3)])
+    job_file = write_job(tmp_path, fake.base_url)
+    assert invoke("run", str(job_file), "-q").exit_code == 0
+    state = invoke("status", str(job_file))
+    assert state.exit_code == 0, state.output
+    assert f"output:  {tmp_path / 'out.parquet'}" in state.output
+    assert "state:   complete" in state.output
+    report = invoke("report", str(job_file))
+    assert report.exit_code == 0, report.output
+    exported = invoke("export", "--format", "openai-batch", str(job_file))
+    assert exported.exit_code == 0, exported.output
+    lines = [orjson.loads(line) for line in exported.stdout.splitlines()]
+    assert [line["custom_id"] for line in lines] == ["r0", "r1", "r2"]
+
+
+def test_a_stopped_run_is_described_and_its_missing_output_explained(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Stopped by --max-cost against a server that sends no usage: status says the tokens
+    were not reported (not 0), and report and export say the output is not written yet and
+    where its checkpoint is, rather than "no such file"."""
+    fake.update(usage="omit")
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(20)])
+    job_file = write_job(tmp_path, fake.base_url, params={"max_tokens": 1000})
+    stopped = invoke("run", str(job_file), "-q", "--max-cost", "0.005")
+    assert stopped.exit_code == 3, stopped.output
+    assert fake.stats()["requests"] > 0
+    output = tmp_path / "out.parquet"
+    assert not output.exists()
+    state = invoke("status", str(output)).output
+    assert "tokens:  not reported (the server sent no usage)" in state
+    for args in (["report"], ["export", "--format", "jsonl"]):
+        result = invoke(*args, str(output))
+        assert result.exit_code == 2, result.output
+        assert "not written yet" in result.output
+        assert "checkpoint in out.parquet.parts/" in result.output

@@ -182,6 +182,28 @@ def test_cache_flag_on_the_command_line(tmp_path: Path, fake: FakeServer) -> Non
     assert all(pq.read_table(tmp_path / "b.parquet").column("cached").to_pylist())
 
 
+def test_a_cache_folder_that_cannot_be_made_is_exit_2_before_the_checkpoint(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """`--cache` under a file (so the folder cannot be made): exit 2 naming the folder, not a
+    traceback from inside the run; no request, no checkpoint left behind."""
+    from click.testing import CliRunner
+
+    from batchrun.cli import cli
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p"}])
+    (tmp_path / "a-file").write_text("not a folder")
+    cache = tmp_path / "a-file" / "cache"
+    args = ["run", "--input", str(tmp_path / "in.jsonl"), "--base-url", fake.base_url]
+    args += ["--output", str(tmp_path / "out.parquet"), "--cache", str(cache)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert f"error: {cache}: the cache folder cannot be written" in result.output
+    assert "Traceback" not in result.output
+    assert fake.stats()["requests"] == 0
+    assert not (tmp_path / "out.parquet.parts").exists()
+
+
 def test_sweep_value_wins_over_a_row_column(tmp_path: Path, fake: FakeServer) -> None:
     """A row's own temperature gives way to the swept one, so sweep columns tell the truth."""
     run(tmp_path, fake, [{"prompt": "x", "temperature": 1.9}], sweep={"temperature": [0.0, 0.5]})

@@ -296,6 +296,22 @@ def test_loopback_server_wanting_a_key_names_the_variable(
     assert caught.value.exit_code == 3
 
 
+def test_keyless_refusal_never_says_a_key_was_rejected(
+    tmp_path: Path, fake: FakeServer, monkeypatch: Any
+) -> None:
+    """Through the command: with no key sent, neither the log line of the run stopping nor the
+    last line says the server "rejected the API key"; both say which variable to set."""
+    fake.update(api_key="sk-needed-123456")
+    monkeypatch.delenv("BATCHRUN_TEST_OUTAGE_KEY", raising=False)
+    write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    job_file = write_job(tmp_path, fake.base_url, api_key_env="BATCHRUN_TEST_OUTAGE_KEY")
+    result = CliRunner().invoke(cli, ["run", str(job_file)])
+    assert result.exit_code == 3, result.output
+    assert "rejected the API key" not in result.output
+    wanted = "the server wants a key: set BATCHRUN_TEST_OUTAGE_KEY"
+    assert result.output.count(wanted) >= 2, result.output  # the log line and the last line
+
+
 @pytest.mark.parametrize(
     ("content", "refused"),
     [

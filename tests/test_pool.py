@@ -153,6 +153,20 @@ def test_summary_says_not_reported_for_cache_figures_never_sent(
     assert "(reasoning not reported)" in text
 
 
+def test_summary_of_a_run_where_no_row_finished_says_none_not_unreported(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A wrong path (every answer a 404 page) stops the run before any row finishes: no
+    figure was kept back by the server, so the tokens are "none", not "not reported"."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    args = ["run", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.parquet")]
+    result = CliRunner().invoke(cli, [*args, "--base-url", fake.base_url + "/wrong/path"])
+    assert result.exit_code == 3, result.output
+    assert "this run: 0 rows" in result.output
+    assert "tokens: none (no row finished in this run)" in result.output
+    assert "not reported" not in result.output
+
+
 def test_summary_of_answers_without_usage_is_an_upper_bound(
     tmp_path: Path, fake: FakeServer
 ) -> None:

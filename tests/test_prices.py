@@ -153,3 +153,32 @@ def test_run_with_a_foreign_currency_price_file_sends_nothing(
     assert result.exit_code == 2, result.output
     assert "cny.toml" in result.output and "CNY" in result.output
     assert fake.stats()["requests"] == 0
+
+
+def test_a_refused_price_file_or_cap_leaves_no_checkpoint_and_the_fixed_job_runs(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A CNY price file, or --max-cost with a row's model that has no price, is refused before
+    the checkpoint is made: nothing is left behind, and the corrected command runs rather than
+    being told "the job changed since its checkpoint was made"."""
+    extra = tmp_path / "cny.toml"
+    extra.write_text(CNY_ENTRY)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hello", "model": "fake-own-model"}])
+    job = tmp_path / "job.toml"
+    job.write_text('input = "in.jsonl"\noutput = "out.parquet"\n[prompt]\nrow_params = ["model"]\n')
+    base = ["run", str(job), "--base-url", fake.base_url, "-q"]
+    for refused, words in (
+        (["--prices", str(extra)], "priced in CNY"),
+        (
+            ["--max-cost", "1"],
+            "max_cost cannot be kept for a model without a price (fake-own-model)",
+        ),
+    ):
+        result = CliRunner().invoke(cli, [*base, *refused])
+        assert result.exit_code == 2, result.output
+        assert words in result.output
+        assert not (tmp_path / "out.parquet.parts").exists()
+    assert fake.stats()["requests"] == 0
+    fixed = CliRunner().invoke(cli, base)
+    assert fixed.exit_code == 0, fixed.output
+    assert fake.stats()["requests"] == 1

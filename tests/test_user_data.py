@@ -202,6 +202,34 @@ def test_bad_row_param_is_exit_2_before_any_request(
     assert fake.requests() == []
 
 
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        pytest.param(
+            'system_column = "sytem"', "system_column names column 'sytem'", id="system_column"
+        ),
+        pytest.param(
+            'row_params = ["temperature"]', "row_params names column 'temperature'", id="row_params"
+        ),
+    ],
+)
+def test_a_request_column_no_row_has_is_exit_2_before_any_request(
+    tmp_path: Path, fake: FakeServer, prompt: str, message: str
+) -> None:
+    """A system_column or row_params column that no row has (a typo) would send every row
+    without the system prompt or parameter asked for: exit 2 naming it, nothing sent."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "system": "S"}, {"prompt": "b"}])
+    job = tmp_path / "job.toml"
+    job.write_text(f'input = "in.jsonl"\n[prompt]\n{prompt}\n')
+    result = cli_run(tmp_path, fake, str(job))
+    assert result.exit_code == 2, result.output
+    assert (
+        message in result.output and "which no row has (columns: prompt, system)" in result.output
+    )
+    assert fake.requests() == []
+    assert not (tmp_path / "out.parquet.parts").exists()
+
+
 # --- --limit, then the full run --------------------------------------------------------------
 
 
@@ -235,6 +263,25 @@ def test_limit_run_then_full_run_with_ids_turning_mixed(tmp_path: Path, fake: Fa
 
 
 # --- an input edited between runs ------------------------------------------------------------
+
+
+def test_a_limit_run_says_it_is_complete_up_to_its_limit(tmp_path: Path, fake: FakeServer) -> None:
+    """`--limit 2` of 4 rows ends "complete up to --limit 2", not "complete" as if the whole
+    job were done; the full run after it, and a --limit run after that, say "complete"."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"q{i}"} for i in range(4)])
+    first = cli_run(tmp_path, fake, "--limit", "2")
+    assert first.exit_code == 0, first.output
+    assert "complete up to --limit 2: 2 ok, 0 errors of 2 rows" in first.output
+    rest = cli_run(tmp_path, fake)
+    assert rest.exit_code == 0, rest.output
+    assert "complete: 4 ok, 0 errors of 4 rows" in rest.output
+    assert len(fake.requests()) == 4
+    # --limit on a finished output: the whole output is done, not "4 ok of 2 rows"
+    again = cli_run(tmp_path, fake, "--limit", "2")
+    assert again.exit_code == 0, again.output
+    assert "complete: 4 ok, 0 errors of 4 rows" in again.output
+    assert "nothing to do" in again.output
+    assert len(fake.requests()) == 4
 
 
 def test_same_size_edit_in_the_middle_is_refused(tmp_path: Path, fake: FakeServer) -> None:
