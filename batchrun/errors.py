@@ -122,12 +122,20 @@ class BalanceError(RunStopped):
 class CostCapReached(RunStopped):
     """Raised when the next request could take spend past the job's max_cost."""
 
-    def __init__(self, *, spent: float, cap: float) -> None:
+    def __init__(self, *, spent: float, cap: float, next_worst: float | None = None) -> None:
         self.spent = spent
         self.cap = cap
+        #: the most the request that did not fit could have cost
+        self.next_worst = next_worst
+        why = ""
+        if next_worst is not None:
+            why = (
+                f", and the next request could cost up to ${next_worst:.4f} (its prompt and "
+                "all of max_tokens)"
+            )
         super().__init__(
-            f"spend cap reached: ${spent:.4f} spent of ${cap:.4f}; run again with a higher "
-            "--max-cost to go on"
+            f"spend cap reached: ${spent:.4f} spent of ${cap:.4f}{why}; run again with a "
+            "higher --max-cost to go on"
         )
 
 

@@ -729,7 +729,7 @@ class SpendCap:
             return
         while self.spent + self.in_flight + worst > self.cap + 1e-12:
             if self._requests == 0:
-                raise CostCapReached(spent=self.spent, cap=self.cap)
+                raise CostCapReached(spent=self.spent, cap=self.cap, next_worst=worst)
             if self._settled is None:
                 self._settled = anyio.Event()
             await self._settled.wait()

@@ -499,6 +499,9 @@ def test_max_cost_stops_before_overspending_and_resumes_with_a_higher_cap(
     with pytest.raises(CostCapReached) as caught:
         run(tmp_path, fake, rows, max_cost=cap, params={"max_tokens": 100})
     assert caught.value.spent <= cap
+    assert caught.value.next_worst is not None
+    assert caught.value.spent + caught.value.next_worst > cap  # it really would not fit
+    assert "the next request could cost up to $" in str(caught.value)
     assert "run again with a higher --max-cost" in str(caught.value)
     done = pq.read_table(list_parts(parts_dir(tmp_path / "out.parquet")))
     assert 0 < done.num_rows < 30
