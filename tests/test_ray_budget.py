@@ -16,7 +16,7 @@ from batchrun.fake import FakeServer
 from batchrun.job import Limits, build_job
 from batchrun.limits import Outcome
 from batchrun.ratelimit import Scope
-from batchrun.ray_budget import LeasedRateLimiter, start_budget, stop_budget
+from batchrun.ray_budget import LeasedRateLimiter, scope_key, start_budget, stop_budget
 from tests.conftest import fast_job_data, write_jsonl
 
 ray = pytest.importorskip("ray")
@@ -225,3 +225,45 @@ def test_a_live_worker_keeps_its_slots_while_the_others_wait() -> None:
     finally:
         stop_budget(handle)
     assert blocked and not blocked_after
+
+
+def test_a_remaining_count_of_zero_pauses_the_others_until_its_reset() -> None:
+    """An answer saying no request is left holds every worker until its reset."""
+    limits = Limits(concurrency=4, adaptive=False)
+    handle = budget(limits)
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "500ms"}
+
+    async def main() -> float:
+        first = LeasedRateLimiter(handle, limits)
+        second = LeasedRateLimiter(handle, limits)
+        lease = await first.reserve(SCOPE, prompt_tokens=10, completion_cap=10)
+        await first.settle(lease, outcome=Outcome.OK, prompt_tokens=10, headers=headers)
+        started = time.monotonic()
+        await second.reserve(SCOPE, prompt_tokens=10, completion_cap=10)
+        return time.monotonic() - started
+
+    try:
+        waited = anyio.run(main)
+    finally:
+        stop_budget(handle)
+    assert 0.4 <= waited < 1.5
+
+
+def test_a_429_without_a_delay_shrinks_the_runs_learned_concurrency() -> None:
+    """A header-less 429 lowers the concurrency every worker shares, not one worker's."""
+    limits = Limits(concurrency=16, start_concurrency=10, initial_backoff=0.01)
+    handle = budget(limits)
+
+    async def main() -> None:
+        worker = LeasedRateLimiter(handle, limits)
+        leases = [await worker.reserve(SCOPE, prompt_tokens=1, completion_cap=1) for _ in "abcd"]
+        await worker.settle(leases[0], outcome=Outcome.RATE_LIMITED)
+
+    try:
+        before = ray.get(handle.statistics.remote(scope_key(SCOPE)))["concurrency"]
+        anyio.run(main)
+        after = ray.get(handle.statistics.remote(scope_key(SCOPE)))["concurrency"]
+    finally:
+        stop_budget(handle)
+    assert before == 10
+    assert after < 4
