@@ -131,6 +131,9 @@ class _ScopeBudget:
         )
         self.holders: dict[str, _Holder] = {}
         self.paused_until = -math.inf
+        #: the pause after a 429 without a delay: doubles while requests sent after one are
+        #: refused again, back to `initial_backoff` once they are not
+        self.backoff = limits.initial_backoff
         self.grants = 0
         self.rate_limited = 0
         self.waiting = 0
@@ -288,8 +291,12 @@ class BudgetActor:
         budget.rate_limited += 1
         if retry_after is not None:
             budget.pause(retry_after, now)
-        else:
-            budget.pause(self.limits.initial_backoff, now)
+        elif now >= budget.paused_until:  # not one of the round the current pause answers
+            if now < budget.paused_until + budget.backoff:  # refused again: a longer pause
+                budget.backoff = min(budget.backoff * 2, self.limits.max_backoff)
+            else:
+                budget.backoff = self.limits.initial_backoff
+            budget.pause(budget.backoff, now)
             adaptive = budget.adaptive
             if adaptive is not None and adaptive.on_rate_limited(
                 in_flight_at_send=max(1, budget.slots_out()), send_number=budget.grants + 1
@@ -297,6 +304,15 @@ class BudgetActor:
                 adaptive.mark_shrink(budget.grants)
         budget.wake()
         return max(0.0, budget.paused_until - now)
+
+    def follow_limit(self, scope: str, kind: str, limit: float) -> None:
+        """A server's `x-ratelimit-limit-*` below the budget (`kind`: requests or tokens)
+        lowers it for every worker."""
+        now = time.monotonic()
+        budget = self._scope(scope, now)
+        bucket = budget.requests if kind == "requests" else budget.tokens
+        if bucket is not None and 0 < limit < bucket.limit:
+            bucket.set_limit(limit, now=now)
 
     def pause(self, scope: str, seconds: float) -> float:
         """Hold every request in `scope` for `seconds`; returns the pause's seconds left."""
@@ -340,6 +356,7 @@ class BudgetActor:
         budget = self._scope(scope, now)
         return {
             "concurrency": budget.concurrency,
+            "rpm_limit": budget.requests.limit if budget.requests else None,
             "slots_out": budget.slots_out(),
             "workers": len(budget.holders),
             "grants": budget.grants,
@@ -410,6 +427,8 @@ class LeasedRateLimiter:
         self._held: dict[int, _Held] = {}
         self._numbers = 0
         self._completions: deque[int] = deque(maxlen=1000)
+        #: server limits already reported, per scope key and kind
+        self._followed: dict[tuple[str, str], float] = {}
 
     # -- the RateLimiter protocol -------------------------------------------------------------
 
@@ -584,8 +603,14 @@ class LeasedRateLimiter:
         self.handle.release.remote(self.worker, key, ask)
 
     async def _follow_headers(self, key: str, stock: _Stock, headers: Mapping[str, str]) -> None:
-        """A server saying nothing is remaining pauses every worker until its reset, at once."""
-        for kind in ("requests", "tokens"):
+        """A server saying nothing is remaining pauses every worker until its reset, at once;
+        a server limit below the budget lowers the budget."""
+        for kind, configured in (("requests", self.limits.rpm), ("tokens", self.limits.tpm)):
+            limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
+            followed = self._followed.get((key, kind), configured)
+            if configured and limit and followed and limit < followed:
+                self._followed[key, kind] = limit
+                self.handle.follow_limit.remote(key, kind, limit)
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             if remaining is None or remaining.strip() not in ("0", "0.0"):
                 continue
@@ -601,6 +626,13 @@ class LeasedRateLimiter:
             return min(cap, COMPLETION_PRIOR)
         ordered = sorted(self._completions)
         return min(cap, ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)])
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 class LeasedSpendCap:

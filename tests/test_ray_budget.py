@@ -267,3 +267,22 @@ def test_a_429_without_a_delay_shrinks_the_runs_learned_concurrency() -> None:
         stop_budget(handle)
     assert before == 10
     assert after < 4
+
+
+def test_a_server_limit_below_the_budget_lowers_it_for_every_worker() -> None:
+    """x-ratelimit-limit-requests under the configured rpm becomes the run's rpm."""
+    limits = Limits(concurrency=4, rpm=600, adaptive=False)
+    handle = budget(limits)
+
+    async def main() -> None:
+        worker = LeasedRateLimiter(handle, limits)
+        lease = await worker.reserve(SCOPE, prompt_tokens=1, completion_cap=1)
+        headers = {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "50"}
+        await worker.settle(lease, outcome=Outcome.OK, prompt_tokens=1, headers=headers)
+
+    try:
+        anyio.run(main)
+        stats = ray.get(handle.statistics.remote(scope_key(SCOPE)))
+    finally:
+        stop_budget(handle)
+    assert stats["rpm_limit"] == 120
