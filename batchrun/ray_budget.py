@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from batchrun.errors import CostCapReached
 from batchrun.limits import (
@@ -322,17 +323,19 @@ class BudgetActor:
         return max(0.0, budget.paused_until - now)
 
     async def spend_reserve(self, worker: str, worst: float) -> tuple[int, float]:
-        """Wait until `worst` fits under the cap; returns a reservation number (0: the cap is
-        reached) and the spend so far."""
+        """Wait (up to `LONG_POLL`) until `worst` fits under the cap; returns a reservation
+        number (0: the cap is reached; -1: not yet, ask again) and the spend so far."""
         self._expire_spend(time.monotonic())
-        try:
-            await self.spend.reserve(worst)
-        except CostCapReached:
-            return 0, self.spend.spent
-        self._spend_numbers += 1
-        number = self._spend_numbers
-        self._spend_out.setdefault(worker, {})[number] = (worst, time.monotonic())
-        return number, self.spend.spent
+        with anyio.move_on_after(LONG_POLL):
+            try:
+                await self.spend.reserve(worst)
+            except CostCapReached:
+                return 0, self.spend.spent
+            self._spend_numbers += 1
+            number = self._spend_numbers
+            self._spend_out.setdefault(worker, {})[number] = (worst, time.monotonic())
+            return number, self.spend.spent
+        return -1, self.spend.spent
 
     def spend_settle(self, worker: str, number: int, worst: float, actual: float | None) -> None:
         """Close a spend reservation with what it cost (an unknown one was expired)."""
@@ -655,9 +658,13 @@ class LeasedSpendCap:
     async def reserve(self, worst: float) -> None:
         if self.cap is None:
             return
-        with anyio.CancelScope(shield=True):  # a reservation made is never lost
-            number, spent = await self.handle.spend_reserve.remote(self.worker, worst)
-        self._spent = float(spent)
+        while True:
+            with anyio.CancelScope(shield=True):  # a reservation made is never lost
+                number, spent = await self.handle.spend_reserve.remote(self.worker, worst)
+            self._spent = float(spent)
+            if number >= 0:
+                break
+            await anyio.lowlevel.checkpoint()  # a stop cancels between calls
         if not number:
             raise CostCapReached(spent=self._spent, cap=self.cap)
         self._numbers.setdefault(worst, deque()).append(int(number))

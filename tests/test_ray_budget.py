@@ -128,23 +128,48 @@ def test_two_workers_stay_within_the_servers_tpm_together(tmp_path: Path, fake: 
     assert stats["rate_limited"] == 0, stats
 
 
+SPEND_CAP = 0.0003  # about 60 rows' cost, under 2 x 60 rows; a row's worst case is 7 x its cost
+
+
+def paid(jobs: list[dict[str, Any]]) -> float:
+    """USD the workers' rows cost, from their part files (or output, once compacted)."""
+    total = 0.0
+    for data in jobs:
+        parts = sorted(Path(data["output"] + ".parts").glob("*.parquet"))
+        if Path(data["output"]).exists():
+            parts.append(Path(data["output"]))
+        total += sum(c or 0.0 for p in parts for c in pq.read_table(p)["cost_usd"].to_pylist())
+    return total
+
+
+def spend_jobs(tmp_path: Path, fake: FakeServer) -> list[dict[str, Any]]:
+    extra = {"max_cost": SPEND_CAP, "params": {"max_tokens": 100}, "limits": {"concurrency": 2}}
+    return worker_jobs(tmp_path, fake, 2, 60, **extra)
+
+
 def test_the_spend_cap_holds_across_workers(tmp_path: Path, fake: FakeServer) -> None:
-    """Two workers under one max_cost stop with the run's spend within it, both of them."""
-    cap = 0.0003  # about 60 rows' cost, under 2 x 60 rows; a row's worst case is 7 x its cost
-    jobs = worker_jobs(
-        tmp_path, fake, 2, 60, max_cost=cap, params={"max_tokens": 100}, limits={"concurrency": 2}
-    )
-    handle = budget(build_job(jobs[0]).limits, max_cost=cap)
+    """Two workers under one max_cost both stop, with the run's spend within it."""
+    jobs = spend_jobs(tmp_path, fake)
+    handle = budget(build_job(jobs[0]).limits, max_cost=SPEND_CAP)
     try:
         results = run_workers(jobs, handle, shared_cost=True)
     finally:
         stop_budget(handle)
     assert [r["stopped"] for r in results] == ["cost_cap", "cost_cap"]
-    paid = 0.0
-    for data in jobs:
-        parts = sorted(Path(data["output"] + ".parts").glob("*.parquet"))
-        paid += sum(c or 0.0 for p in parts for c in pq.read_table(p)["cost_usd"].to_pylist())
-    assert cap * 0.5 < paid <= cap
+    assert SPEND_CAP * 0.5 < paid(jobs) <= SPEND_CAP
+
+
+def test_two_workers_with_spend_caps_of_their_own_overspend(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """The same two workers, each with a local cap of max_cost, spend more than it together."""
+    jobs = spend_jobs(tmp_path, fake)
+    handle = budget(build_job(jobs[0]).limits, max_cost=SPEND_CAP)
+    try:
+        run_workers(jobs, handle, shared_cost=False)
+    finally:
+        stop_budget(handle)
+    assert paid(jobs) > SPEND_CAP * 1.5
 
 
 def test_a_429_from_one_worker_pauses_the_others() -> None:
