@@ -311,3 +311,19 @@ def test_a_server_limit_below_the_budget_lowers_it_for_every_worker() -> None:
     finally:
         stop_budget(handle)
     assert stats["rpm_limit"] == 120
+
+
+def test_a_429_without_a_delay_right_after_a_pause_doubles_the_shared_pause() -> None:
+    """Refused again just after the shared pause: the next pause is twice as long."""
+    handle = budget(Limits(concurrency=4, adaptive=False, initial_backoff=0.2))
+    key = scope_key(SCOPE)
+    try:
+        first = ray.get(handle.rate_limited.remote("w", key, retry_after=None, in_flight=1))
+        during = ray.get(handle.rate_limited.remote("w", key, retry_after=None, in_flight=1))
+        time.sleep(0.25)
+        again = ray.get(handle.rate_limited.remote("w", key, retry_after=None, in_flight=1))
+    finally:
+        stop_budget(handle)
+    assert 0.1 < first <= 0.2
+    assert during <= first  # the same round: the pause is not extended
+    assert 0.3 < again <= 0.4
