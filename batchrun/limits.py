@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 import anyio
 import structlog
@@ -704,6 +705,24 @@ class Limiter:
             reserved_tokens=self._reserved_tokens,
             learnt_rpm=learnt * self.window if learnt is not None else None,
         )
+
+
+class SpendBudget(Protocol):
+    """What the meter needs from a spend cap: `SpendCap` here, a cluster-wide one in
+    `ray_budget`. `settle` does not wait, so the meter may call it from a shielded exit."""
+
+    cap: float | None
+
+    @property
+    def spent(self) -> float: ...
+
+    async def reserve(self, worst: float) -> None:
+        """Wait until `worst` fits under the cap; raises `CostCapReached` when it never will."""
+        ...
+
+    def settle(self, worst: float, actual: float | None) -> None:
+        """Close a reservation with what the request really cost (None: nothing)."""
+        ...
 
 
 class SpendCap:

@@ -24,7 +24,7 @@ import anyio
 from batchrun import tokens
 from batchrun.client import Completion
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
-from batchrun.limits import Outcome, SpendCap
+from batchrun.limits import Outcome, SpendBudget
 from batchrun.prices import Charge, PriceTable
 from batchrun.ratelimit import Lease, RateLimiter, Scope
 
@@ -133,7 +133,7 @@ class AttemptMeter:
         self,
         *,
         limiter: RateLimiter,
-        spend: SpendCap,
+        spend: SpendBudget,
         prices: PriceTable,
         endpoint: str,
         key_digest: str = "",

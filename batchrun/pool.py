@@ -33,7 +33,7 @@ from batchrun.errors import (
     cannot_write,
 )
 from batchrun.job import Job
-from batchrun.limits import SpendCap
+from batchrun.limits import SpendBudget
 from batchrun.meter import AttemptMeter
 from batchrun.outage import EndpointGate, GateClosed
 from batchrun.prices import PriceTable
@@ -98,7 +98,8 @@ class Pool:
     #: the rate limiter (`ratelimit.LocalRateLimiter`, or any other `RateLimiter`)
     limiter: RateLimiter
     prices: PriceTable
-    spend: SpendCap
+    #: the spend cap (`limits.SpendCap`, or a cluster-wide `SpendBudget`)
+    spend: SpendBudget
     writer: PartWriter
     tally: Tally
     cache: RequestCache | None = None

@@ -36,6 +36,7 @@ from batchrun.sinks import METADATA_KEY, REPORT_KEY, compact, output_schema
 from batchrun.sources import InputSummary, scan_input
 
 if TYPE_CHECKING:
+    from batchrun.limits import SpendBudget
     from batchrun.ratelimit import RateLimiter
 
 
@@ -157,6 +158,7 @@ def run_job(
     restart: bool = False,
     settings: Any = None,
     rate_limiter: Callable[[Limits], RateLimiter] | None = None,
+    spend_cap: SpendBudget | None = None,
 ) -> RunSummary:
     """Run a job to completion, or until it must stop; resumes from its checkpoint.
 
@@ -165,6 +167,9 @@ def run_job(
         settings: `PoolSettings` overriding flush and stop timings.
         rate_limiter: makes the run's `RateLimiter` from the job's limits, inside the run's
             event loop (default: `LocalRateLimiter.for_limits`).
+        spend_cap: the run's spend cap, when it is shared with other runs (a cluster-wide
+            one from `ray_budget.worker_spend_cap`); by default `job.max_cost` less what the
+            checkpoint says was spent.
 
     Raises:
         ConfigError, InputError: before any request is sent.
@@ -226,6 +231,7 @@ def run_job(
             settings or PoolSettings(),
             Pool,
             rate_limiter=rate_limiter,
+            spend_cap=spend_cap,
         )
     except OSError as exc:
         if is_disk_full(exc):
@@ -289,6 +295,7 @@ def _run_with_checkpoint(
     pool_class: Any,
     *,
     rate_limiter: Callable[[Limits], RateLimiter] | None,
+    spend_cap: SpendBudget | None = None,
 ) -> RunSummary:
     import anyio
 
@@ -325,7 +332,11 @@ def _run_with_checkpoint(
                     limiter=(rate_limiter or LocalRateLimiter.for_limits)(live.limits),
                     key_digest=key_digest(api_key),
                     prices=prices,
-                    spend=SpendCap(job.max_cost, spent=state.spent_usd),
+                    spend=(
+                        SpendCap(job.max_cost, spent=state.spent_usd)
+                        if spend_cap is None
+                        else spend_cap
+                    ),
                     cache=RequestCache(live.cache) if live.cache is not None else None,
                     writer=writer,
                     tally=tally,
