@@ -94,9 +94,12 @@ _OK_ONLY = bytes(1 if b == DONE_OK else 0 for b in range(256))
 class Checkpoint:
     """A run's checkpoint folder."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, *, directory: Path | None = None) -> None:
+        """Args:
+        directory: the folder, when not OUTPUT.parts/ itself (a shard's, `--engine ray`).
+        """
         self.output = output
-        self.directory = parts_dir(output)
+        self.directory = directory or parts_dir(output)
         self._holding_lock = False
         self._lock_fd: int | None = None
 

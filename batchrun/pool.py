@@ -86,6 +86,8 @@ class PoolSettings:
     progress_every: float = 5.0
     #: turn Ctrl-C and SIGTERM into a graceful stop (only possible in the main thread)
     handle_signals: bool = False
+    #: -v: let engines show their own start-up output (Ray's)
+    verbose: bool = False
 
 
 @dataclass

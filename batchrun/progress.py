@@ -131,6 +131,46 @@ class Tally:
         )
 
 
+def combine(
+    parts: list[RunStatistics], *, rows_total: int, rows_skipped: int, elapsed_s: float
+) -> RunStatistics:
+    """The statistics of one run made of several pools (`--engine ray`'s shards): counters
+    summed, token figures left None where no part reported them."""
+    tokens: dict[str, int | None] = {}
+    for name in (
+        "prompt_tokens",
+        "completion_tokens",
+        "cache_hit_tokens",
+        "cache_miss_tokens",
+        "reasoning_tokens",
+    ):
+        total: int | None = None
+        for part in parts:
+            total = _add(total, getattr(part, name))
+        tokens[name] = total
+    errors: Counter[str] = Counter()
+    retries: Counter[str] = Counter()
+    for part in parts:
+        errors.update(part.errors_by_class)
+        retries.update(part.retries_by_class)
+    return RunStatistics(
+        rows_total=rows_total,
+        rows_skipped=rows_skipped,
+        rows_done=sum(p.rows_done for p in parts),
+        rows_ok=sum(p.rows_ok for p in parts),
+        rows_error=sum(p.rows_error for p in parts),
+        errors_by_class=dict(errors),
+        retries_by_class=dict(retries),
+        requests=sum(p.requests for p in parts),
+        in_flight=sum(p.in_flight for p in parts),
+        cost_usd=sum(p.cost_usd for p in parts),
+        rows_worst_case=sum(p.rows_worst_case for p in parts),
+        rows_unpriced=sum(p.rows_unpriced for p in parts),
+        elapsed_s=elapsed_s,
+        **tokens,
+    )
+
+
 def _eta(stats: RunStatistics) -> float | None:
     if stats.rows_done == 0 or stats.elapsed_s <= 0:
         return None
