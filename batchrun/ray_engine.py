@@ -227,8 +227,11 @@ class ShardWorker:
         self.tally: Tally | None = None
         if setup.api_key:
             register_secret(setup.api_key)
-        # a worker logs warnings only: progress is the driver's to show
-        logging.getLogger("batchrun").setLevel(logging.WARNING)
+        # a worker logs warnings only, as JSON lines (Ray forwards them to the driver with -v);
+        # progress is the driver's to show
+        from batchrun import logs
+
+        logs.configure(verbosity=-1, json=True)
 
     def statistics(self) -> RunStatistics | None:
         """The running shard's counters (called while `run` goes on: a threaded actor)."""
@@ -308,6 +311,9 @@ class _Driver:
     setup: WorkerSetup
     queue: deque[Shard]
     workers: int
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    #: actors lost so far (dead, so no longer in `actors`)
+    lost: int = 0
     running: dict[Any, tuple[Any, Shard]] = field(default_factory=dict)
     idle: list[Any] = field(default_factory=list)
     finished: list[RunStatistics] = field(default_factory=list)
@@ -316,7 +322,9 @@ class _Driver:
     actors: list[Any] = field(default_factory=list)
 
     def _new_actor(self) -> Any:
-        actor = self.actor_class.remote(self.setup)
+        # named, so that an operator (or a test) can find a run's workers in `ray list actors`
+        name = f"batchrun-worker-{self.run_id}-{len(self.actors) + self.lost + 1}"
+        actor = self.actor_class.options(name=name).remote(self.setup)
         self.actors.append(actor)
         return actor
 
@@ -360,6 +368,7 @@ class _Driver:
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
             with contextlib.suppress(ValueError):
                 self.actors.remove(actor)
+                self.lost += 1
             tries = self.attempts.get(shard.number, 0)
             log.warning(
                 "shard_resubmitted", shard=shard.number, attempt=tries + 1, error=type(exc).__name__

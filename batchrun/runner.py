@@ -174,6 +174,10 @@ def run_job(
     """
     from batchrun.pool import PoolSettings
 
+    if job.engine == "ray":  # before anything is read: a missing extra is exit 2 at once
+        from batchrun.ray_engine import import_ray
+
+        import_ray()
     # the key first: a missing key is found before anything is read or sent
     api_key = resolve_api_key(job)
     register_secret(api_key)
