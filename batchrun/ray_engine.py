@@ -425,10 +425,11 @@ def run_shards(
         ConfigError: Ray is not installed, or a shard's workers keep dying.
     """
     ray = import_ray()
-    started = time.monotonic()
     with connected(
         ray, job, workers=job.ray.workers or (os.cpu_count() or 2), verbose=settings.verbose
     ):
+        # the run's clock starts once Ray is up: its start-up is not the rows' rate
+        started = time.monotonic()
         workers = job.ray.workers or default_workers(ray)
         directory = checkpoint.directory
         shards = plan_shards(

@@ -175,3 +175,16 @@ def test_without_ray_installed_exit_2_says_how_to_install(tmp_path: Path) -> Non
     )
     assert done.returncode == 2
     assert "pip install 'batchrun[ray]'" in done.stderr
+
+
+def test_local_instance_keeps_ray_quiet(ray_address: str, fake: FakeServer, tmp_path: Path) -> None:
+    """Without an address a local Ray instance runs the job, and none of its noise is shown."""
+    write_jsonl(tmp_path / "in.jsonl", _rows(6))
+    args = _cli(
+        "--input", str(tmp_path / "in.jsonl"), "--base-url", fake.base_url, "--no-progress",
+        "--engine", "ray", "--workers", "1",
+    )  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert "complete: 6 ok" in done.stderr
+    assert "Ray" not in done.stderr and "ShardWorker" not in done.stderr
