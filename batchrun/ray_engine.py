@@ -284,6 +284,8 @@ def connected(ray: ModuleType, job: Job, *, workers: int, verbose: bool) -> Iter
     if job.ray.address:
         ray.init(address=job.ray.address, **quiet)
     else:
+        # a local instance talks to nothing but 127.0.0.1: no usage report to Ray's servers
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
             _node_ip_address="127.0.0.1",
             num_cpus=workers + 1,  # the workers and the budget's actor

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from structlog.testing import capture_logs
 
+from batchrun.errors import AuthError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
 from batchrun.runner import RunSummary, run_job
@@ -97,6 +98,19 @@ def test_limited_run_then_full_run(ray_address: str, fake: FakeServer, tmp_path:
         r["id"] for r in _rows(30)
     )
     assert fake.stats()["requests"] == 30
+
+
+def test_a_workers_stop_stops_the_run(
+    ray_address: str, fake: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop met in a worker (a refused key) ends the run with that stop, resumable."""
+    fake.update(api_key="sk-right")
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-wrong")
+    write_jsonl(tmp_path / "in.jsonl", _rows(8))
+    with pytest.raises(AuthError) as stopped:
+        run_job(_ray_job(tmp_path, fake))
+    assert stopped.value.summary is not None and not stopped.value.summary.complete
+    assert parts_dir(tmp_path / "out.parquet").is_dir()
 
 
 def _shard_rows(output: Path) -> int:
