@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ from batchrun.job import Job, Limits
 from batchrun.logs import register_secret
 from batchrun.progress import RunStatistics, Tally, combine, progress_fields
 from batchrun.sinks import own_parts, part_schema, recover_journals, segment_number, shard_path
-from batchrun.sources import InputSummary
+from batchrun.sources import InputSummary, RowStart, locate_rows, row_group_starts
 
 if TYPE_CHECKING:
     from batchrun.checkpoint import ResumeState
@@ -77,45 +77,77 @@ class Shard:
     number: int
     start: int
     end: int
+    #: where its first input row is in the file, so that a worker reads from there
+    begins: RowStart | None = None
 
 
-def plan_shards(directory: Path, *, positions: int, variants: int, workers: int) -> list[Shard]:
+def _cuts(path: Path, rows: int, per_shard: int, first: int) -> list[int]:
+    """Input rows where shards begin after `first`: every `per_shard` rows, moved to the
+    next Parquet row group boundary where that keeps a shard under twice its size."""
+    groups = row_group_starts(path)
+    cuts: list[int] = []
+    at = first
+    while True:
+        target = at + per_shard
+        if target >= rows:
+            return cuts
+        if groups:
+            fits = [g for g in groups if target <= g < min(at + 2 * per_shard, rows)]
+            target = fits[0] if fits else target
+        cuts.append(target)
+        at = target
+
+
+def plan_shards(
+    directory: Path, *, path: Path, positions: int, variants: int, workers: int
+) -> list[Shard]:
     """The shards covering positions [0, positions), as the checkpoint fixed them.
 
-    The first run of a job writes the plan; later runs read it, so that every position stays
-    in the shard folder that holds its results. A run covering more positions than the plan
-    (after a `--limit` run) adds shards for the rest.
+    The first run of a job writes the plan (`shards.json`); later runs read it, so that every
+    position stays in the shard folder that holds its results. A run covering more positions
+    than the plan (after a `--limit` run) adds shards for the rest. The plan also says where
+    each shard's first row is in the input (byte offset or row group): the fingerprint fixes
+    the input, so those stay true.
 
     Args:
+        path: the input file.
         variants: positions per input row (a sweep's combinations): a row's variants stay in
             one shard.
     """
-    path = directory / SHARDS_FILE
-    bounds: list[list[int]] = []
-    if path.exists():
+    plan = directory / SHARDS_FILE
+    shards: list[Shard] = []
+    if plan.exists():
         try:
-            found = orjson.loads(path.read_bytes())
-            bounds = [[int(a), int(b)] for a, b in found["bounds"]]
+            for number, item in enumerate(orjson.loads(plan.read_bytes())["shards"], start=1):
+                begins = RowStart(**item["begins"]) if item.get("begins") else None
+                shards.append(Shard(number, int(item["start"]), int(item["end"]), begins))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise ConfigError(
                 "the shard plan is damaged: run with --restart to discard the checkpoint",
-                path=path,
+                path=plan,
             ) from None
-    covered = bounds[-1][1] if bounds else 0
+    covered = shards[-1].end if shards else 0
     if covered < positions:
-        rows = (positions - covered) // variants
-        per_shard = min(MAX_SHARD_ROWS, max(1, math.ceil(rows / (workers * SHARDS_PER_WORKER))))
-        step = per_shard * variants
-        bounds += [
-            [start, min(start + step, positions)] for start in range(covered, positions, step)
+        first, rows = covered // variants, positions // variants
+        per_shard = min(
+            MAX_SHARD_ROWS, max(1, math.ceil((rows - first) / (workers * SHARDS_PER_WORKER)))
+        )
+        starts = [first, *_cuts(path, rows, per_shard, first)]
+        ends = [*starts[1:], rows]
+        located = locate_rows(path, starts)
+        for start, end, begins in zip(starts, ends, located, strict=True):
+            shards.append(Shard(len(shards) + 1, start * variants, end * variants, begins))
+        items = [
+            {"start": s.start, "end": s.end, "begins": asdict(s.begins) if s.begins else None}
+            for s in shards
         ]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"bounds": bounds}))
-        os.replace(tmp, path)
+        tmp = plan.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps({"shards": items}))
+        os.replace(tmp, plan)
     return [
-        Shard(number, start, min(end, positions))
-        for number, (start, end) in enumerate(bounds, start=1)
-        if start < positions
+        Shard(s.number, s.start, min(s.end, positions), s.begins)
+        for s in shards
+        if s.start < positions
     ]
 
 
@@ -252,9 +284,12 @@ class ShardWorker:
         skip[shard.start : shard.end] = state.ok_mask()[shard.start : shard.end]
         size = shard.end - shard.start
         self.tally = tally = Tally(rows_total=size, rows_skipped=size - skip.count(0))
+        # the worker reads from the shard's first row to its last, not the whole input
+        end_row = shard.end // scan.variants
         stop = run_pool(
-            job,
+            job.model_copy(update={"limit": end_row}),
             scan,
+            start=shard.begins,
             directory=checkpoint.directory,
             tally=tally,
             skip=skip,
@@ -435,7 +470,11 @@ def run_shards(
         workers = job.ray.workers or default_workers(ray)
         directory = checkpoint.directory
         shards = plan_shards(
-            directory, positions=scan.rows, variants=scan.variants, workers=workers
+            directory,
+            path=job.input,
+            positions=scan.rows,
+            variants=scan.variants,
+            workers=workers,
         )
         pending = deque(
             s for s in shards if state.latest[s.start : s.end].count(1) < s.end - s.start

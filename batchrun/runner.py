@@ -33,7 +33,7 @@ from batchrun.job import Job, Limits, resolve_api_key
 from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
 from batchrun.sinks import METADATA_KEY, REPORT_KEY, compact, output_schema
-from batchrun.sources import InputSummary, scan_input
+from batchrun.sources import InputSummary, RowStart, scan_input
 
 if TYPE_CHECKING:
     from batchrun.limits import SpendCap as SpendCapLike
@@ -347,6 +347,7 @@ def run_pool(
     settings: Any,
     rate_limiter: Callable[[Limits], RateLimiter] | None,
     first_segment: int = 1,
+    start: RowStart | None = None,
 ) -> RunStopped | None:
     """One pass of the pool over the rows not in `skip`, journalled and written as part files
     in `directory`; the caller holds the run lock and compacts. Returns why it stopped early.
@@ -354,6 +355,7 @@ def run_pool(
     Args:
         spend: the spend cap (`limits.SpendCap`, or a run-wide one under `--engine ray`).
         first_segment: the lowest part number to write (`PartWriter`).
+        start: where to begin reading the input (`sources.locate_rows`).
     """
     import anyio
 
@@ -389,6 +391,7 @@ def run_pool(
                 tally=tally,
                 skip=skip,
                 settings=settings,
+                start=start,
             )
             await pool.run()
             return pool.stop_reason
