@@ -91,9 +91,11 @@ def _cuts(path: Path, rows: int, per_shard: int, first: int) -> list[int]:
         target = at + per_shard
         if target >= rows:
             return cuts
-        if groups:
-            fits = [g for g in groups if target <= g < min(at + 2 * per_shard, rows)]
+        if groups:  # the end of the input is a boundary too
+            fits = [g for g in [*groups, rows] if target <= g <= at + 2 * per_shard]
             target = fits[0] if fits else target
+            if target >= rows:
+                return cuts
         cuts.append(target)
         at = target
 
