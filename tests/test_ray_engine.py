@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from structlog.testing import capture_logs
@@ -66,13 +67,22 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "batchrun", "run", *args]
 
 
-def test_output_equals_the_local_engine(ray_address: str, fake: FakeServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "suffix", [pytest.param("jsonl", id="jsonl"), pytest.param("parquet", id="parquet")]
+)
+def test_output_equals_the_local_engine(
+    ray_address: str, fake: FakeServer, tmp_path: Path, suffix: str
+) -> None:
     """The Ray engine's output equals the single-process engine's, row for row."""
-    write_jsonl(tmp_path / "in.jsonl", _rows(40))
-    local = build_job(fast_job_data(tmp_path, fake.base_url, output=str(tmp_path / "local.pq")))
-    run_job(local)
-    summary = run_job(_ray_job(tmp_path, fake, output=str(tmp_path / "ray.pq")))
-    expected, got = pq.read_table(tmp_path / "local.pq"), pq.read_table(tmp_path / "ray.pq")
+    source = tmp_path / f"in.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(source, _rows(40))
+    else:  # row groups of 7, which the shards begin at
+        pq.write_table(pa.Table.from_pylist(_rows(40)), source, row_group_size=7)
+    local = fast_job_data(tmp_path, fake.base_url, input=str(source))
+    run_job(build_job({**local, "output": str(tmp_path / "local.pq")}))
+    summary = run_job(_ray_job(tmp_path, fake, input=str(source), output=str(tmp_path / "r.pq")))
+    expected, got = pq.read_table(tmp_path / "local.pq"), pq.read_table(tmp_path / "r.pq")
     columns = [name for name in expected.column_names if name not in _TIMING]
     assert summary.complete and got.num_rows == 40
     assert got.select(columns).to_pylist() == expected.select(columns).to_pylist()
