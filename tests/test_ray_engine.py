@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 from batchrun.errors import AuthError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
+from batchrun.pool import PoolSettings
 from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import list_parts, parts_dir, shard_dirs
 from batchrun.status import read_status
@@ -96,6 +97,17 @@ def test_summary_adds_up_every_worker(ray_address: str, fake: FakeServer, tmp_pa
     assert stats is not None
     assert (summary.rows_ok, stats.rows_done, stats.requests) == (60, 60, 60)
     assert stats.prompt_tokens is not None and stats.prompt_tokens > 0
+
+
+def test_progress_adds_up_the_workers(ray_address: str, fake: FakeServer, tmp_path: Path) -> None:
+    """Progress lines during a Ray run count the rows of every running worker."""
+    fake.update(latency=0.1)
+    write_jsonl(tmp_path / "in.jsonl", _rows(48))
+    with capture_logs() as logs:
+        run_job(_ray_job(tmp_path, fake), settings=PoolSettings(progress_every=0.3))
+    lines = [e for e in logs if e["event"] == "progress"]
+    assert lines and lines[-1]["total"] == 48
+    assert max(line["done"] for line in lines) > 0
 
 
 def test_limited_run_then_full_run(ray_address: str, fake: FakeServer, tmp_path: Path) -> None:
