@@ -18,6 +18,8 @@ import importlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -318,6 +320,11 @@ def connected(ray: ModuleType, job: Job, *, workers: int, verbose: bool) -> Iter
         "log_to_driver": verbose,
         "logging_level": logging.INFO if verbose else logging.ERROR,
     }
+    # Ray's core worker installs its own SIGTERM handler, which kills the process with a
+    # stack dump: the CLI's (stop, exit 3, resumable) goes back once Ray is up
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     if job.ray.address:
         ray.init(address=job.ray.address, **quiet)
     else:
@@ -329,6 +336,9 @@ def connected(ray: ModuleType, job: Job, *, workers: int, verbose: bool) -> Iter
             include_dashboard=False,
             **quiet,
         )
+    for signum, handler in handlers.items():
+        if handler is not None:
+            signal.signal(signum, handler)
     try:
         yield
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,6 +197,10 @@ def test_driver_killed_then_run_again(ray_address: str, fake: FakeServer, tmp_pa
     assert done.returncode == 0, done.stderr
     assert sorted(_ids(output)) == sorted(r["id"] for r in _rows(80))
     assert fake.stats()["requests"] <= 80 + 2 * 4  # at most both workers' requests in flight
+    # the killed run's journalled rows count as done, not as this run's
+    this_run = int(re.search(r"this run: (\d+) rows", done.stderr).group(1))  # type: ignore[union-attr]
+    resumed = int(re.search(r"resumed: (\d+) rows", done.stderr).group(1))  # type: ignore[union-attr]
+    assert this_run + resumed == 80
 
 
 def test_without_ray_installed_exit_2_says_how_to_install(tmp_path: Path) -> None:
