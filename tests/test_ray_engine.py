@@ -203,6 +203,28 @@ def test_driver_killed_then_run_again(ray_address: str, fake: FakeServer, tmp_pa
     assert this_run + resumed == 80
 
 
+def test_sigterm_stops_the_driver_resumably(
+    ray_address: str, fake: FakeServer, tmp_path: Path
+) -> None:
+    """SIGTERM to a Ray run's driver is a stop (exit 3, resumable), not Ray's crash dump."""
+    fake.update(latency=0.15)
+    write_jsonl(tmp_path / "in.jsonl", _rows(80))
+    output = tmp_path / "out.parquet"
+    args = _cli(
+        "--input", str(tmp_path / "in.jsonl"), "--output", str(output),
+        "--base-url", fake.base_url, "--concurrency", "4", "--no-progress",
+        "--engine", "ray", "--workers", "2", "--ray-address", ray_address,
+    )  # fmt: skip
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _shard_rows(output) >= 8)
+    finally:
+        driver.terminate()
+        _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 3, stderr
+    assert "stopped" in stderr and "SIGTERM received" not in stderr
+
+
 def test_without_ray_installed_exit_2_says_how_to_install(tmp_path: Path) -> None:
     """--engine ray without Ray is exit 2, naming the extra to install."""
     write_jsonl(tmp_path / "in.jsonl", _rows(2))
