@@ -165,7 +165,9 @@ def run_job(
         restart: discard the checkpoint and any earlier output, and start over.
         settings: `PoolSettings` overriding flush and stop timings.
         rate_limiter: makes the run's `RateLimiter` from the job's limits, inside the run's
-            event loop (default: `LocalRateLimiter.for_limits`).
+            event loop (default: `LocalRateLimiter.for_limits`). Not used with
+            `engine = "ray"`, whose workers lease from the run-wide budget
+            (`ray_engine.WorkerBudget`).
 
     Raises:
         ConfigError, InputError: before any request is sent.
