@@ -273,8 +273,13 @@ class ShardWorker:
         """The running shard's counters (called while `run` goes on: a threaded actor)."""
         return self.tally.statistics() if self.tally is not None else None
 
-    def run(self, shard: Shard) -> ShardResult:
-        """Answer the rows of `shard` not yet ok in its checkpoint folder."""
+    def run(self, shard: Shard, done_before: bytes) -> ShardResult:
+        """Answer the rows of `shard` not yet ok, in its checkpoint folder or before.
+
+        Args:
+            done_before: a byte per position of the shard, set where the checkpoint held an
+                ok result when the run began (a local run's parts, say, outside any shard).
+        """
         from batchrun.runner import run_pool
 
         setup = self.setup
@@ -285,7 +290,8 @@ class ShardWorker:
         recover_journals(checkpoint.directory, schema=part_schema(scan.carried_types))
         state = checkpoint.resume_state(rows=scan.rows)
         skip = bytearray(b"\x01") * scan.rows
-        skip[shard.start : shard.end] = state.ok_mask()[shard.start : shard.end]
+        own = state.ok_mask()[shard.start : shard.end]
+        skip[shard.start : shard.end] = bytes(a | b for a, b in zip(own, done_before, strict=True))
         size = shard.end - shard.start
         self.tally = tally = Tally(rows_total=size, rows_skipped=size - skip.count(0))
         # the worker reads from the shard's first row to its last, not the whole input
@@ -360,6 +366,8 @@ class _Driver:
     setup: WorkerSetup
     queue: deque[Shard]
     workers: int
+    #: a byte per position, set where the checkpoint held an ok result when the run began
+    done: bytearray
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     #: actors lost so far (dead, so no longer in `actors`)
     lost: int = 0
@@ -386,7 +394,8 @@ class _Driver:
             actor = self.idle.pop()
             shard = self.queue.popleft()
             self.attempts[shard.number] = self.attempts.get(shard.number, 0) + 1
-            self.running[actor.run.remote(shard)] = (actor, shard)
+            done = bytes(self.done[shard.start : shard.end])
+            self.running[actor.run.remote(shard, done)] = (actor, shard)
 
     def run(self, *, progress_every: float, rows_total: int, rows_skipped: int) -> None:
         ray = self.ray
@@ -511,7 +520,9 @@ def run_shards(
             first_segment=max((segment_number(p) for p in own), default=0) + 1,
         )
         actor_class = ray.remote(num_cpus=1, max_concurrency=2, max_restarts=0)(ShardWorker)
-        driver = _Driver(ray, actor_class, setup, pending, min(workers, len(pending)) or 1)
+        driver = _Driver(
+            ray, actor_class, setup, pending, min(workers, len(pending)) or 1, state.ok_mask()
+        )
         log.info(
             "ray_run_started", workers=driver.workers, shards=len(shards), pending=len(pending)
         )

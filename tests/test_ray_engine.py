@@ -136,6 +136,17 @@ def test_a_workers_stop_stops_the_run(
     assert parts_dir(tmp_path / "out.parquet").is_dir()
 
 
+def test_a_local_run_resumes_on_ray(ray_address: str, fake: FakeServer, tmp_path: Path) -> None:
+    """A job begun by the local engine (--limit) is finished by the Ray engine, each row once."""
+    write_jsonl(tmp_path / "in.jsonl", _rows(30))
+    run_job(build_job(fast_job_data(tmp_path, fake.base_url, limit=10)))
+    summary = run_job(_ray_job(tmp_path, fake))
+    assert summary.complete and summary.statistics is not None
+    assert summary.statistics.rows_skipped == 10
+    assert sorted(_ids(tmp_path / "out.parquet")) == sorted(r["id"] for r in _rows(30))
+    assert fake.stats()["requests"] == 30
+
+
 def _shard_rows(output: Path) -> int:
     """Rows answered so far in the shard folders (journals and parts)."""
     directory = parts_dir(output)
