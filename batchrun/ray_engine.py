@@ -337,6 +337,7 @@ def connected(ray: ModuleType, job: Job, *, workers: int, verbose: bool) -> Iter
         # a local instance talks to nothing but 127.0.0.1: no usage report to Ray's servers
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(
+            address="local",  # a new instance, even where `ray start` left one running
             _node_ip_address="127.0.0.1",
             num_cpus=workers + 1,  # the workers and the budget's actor
             include_dashboard=False,
