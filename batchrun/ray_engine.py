@@ -33,7 +33,7 @@ import orjson
 import structlog
 
 from batchrun.checkpoint import Checkpoint
-from batchrun.errors import ConfigError, RunStopped
+from batchrun.errors import ConfigError, Interrupted, RunStopped
 from batchrun.job import Job, Limits
 from batchrun.logs import register_secret
 from batchrun.progress import RunStatistics, Tally, combine, progress_fields
@@ -352,6 +352,31 @@ def connected(ray: ModuleType, job: Job, *, workers: int, verbose: bool) -> Iter
         ray.shutdown()
 
 
+class _StopSignals:
+    """While the driver waits on its workers, Ctrl-C and SIGTERM stop the run: each is
+    noted by name and raised as KeyboardInterrupt (which Ray's waits let through, whatever
+    the handler raised), and the previous handlers come back at the end."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def _note(self, signum: int, _frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
 def default_workers(ray: ModuleType) -> int:
     """One worker per CPU Ray has (less one for the budget's actor), at least one."""
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 0
@@ -527,12 +552,19 @@ def run_shards(
         log.info(
             "ray_run_started", workers=driver.workers, shards=len(shards), pending=len(pending)
         )
+        signals = _StopSignals()
         try:
-            driver.run(
-                progress_every=settings.progress_every,
-                rows_total=scan.rows,
-                rows_skipped=state.rows_ok,
-            )
+            with signals:
+                driver.run(
+                    progress_every=settings.progress_every,
+                    rows_total=scan.rows,
+                    rows_skipped=state.rows_ok,
+                )
+        except KeyboardInterrupt:
+            if signals.received is None:
+                raise
+            # the workers are killed below: what they journalled is kept, and resumed
+            driver.stop = Interrupted(signals.received)
         finally:
             driver.kill_all()
             if budget_module is not None and handle is not None:
