@@ -5,8 +5,10 @@ The pool updates one `Tally`; the progress reporter and the final summary read s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +253,24 @@ def _render(stats: RunStatistics, limiter: Any, gate: Any = None) -> Any:
     if retries:
         grid.add_row("retries", "  ".join(f"{k} {v}" for k, v in retries.items()))
     return grid
+
+
+@contextlib.contextmanager
+def live_snapshots(first: RunStatistics) -> Iterator[Callable[[RunStatistics], None]]:
+    """The live display for a caller that polls its counters (the Ray driver, adding up
+    its workers): yields the function that shows each new snapshot."""
+    from rich.console import Console
+    from rich.live import Live
+
+    with Live(
+        _render(first, None),
+        console=Console(stderr=True),
+        refresh_per_second=4,
+        transient=False,
+        redirect_stderr=True,
+        redirect_stdout=False,
+    ) as live:
+        yield lambda stats: live.update(_render(stats, None))
 
 
 async def live_display(

@@ -36,7 +36,7 @@ from batchrun.checkpoint import Checkpoint
 from batchrun.errors import ConfigError, Interrupted, RunStopped
 from batchrun.job import Job, Limits
 from batchrun.logs import register_secret
-from batchrun.progress import RunStatistics, Tally, combine, progress_fields
+from batchrun.progress import RunStatistics, Tally, combine, live_snapshots, progress_fields
 from batchrun.sinks import own_parts, part_schema, recover_journals, segment_number, shard_path
 from batchrun.sources import InputSummary, RowStart, locate_rows, row_group_starts
 
@@ -423,22 +423,37 @@ class _Driver:
             done = bytes(self.done[shard.start : shard.end])
             self.running[actor.run.remote(shard, done)] = (actor, shard)
 
-    def run(self, *, progress_every: float, rows_total: int, rows_skipped: int) -> None:
-        ray = self.ray
+    def run(self, *, progress_every: float, rows_total: int, rows_skipped: int, live: bool) -> None:
+        """Run every queued shard; show progress as a live display or a log line now and then.
+
+        Args:
+            live: a rich display on the terminal, redrawn four times a second.
+        """
         started = time.monotonic()
-        last_report = started
-        self._assign()
-        while self.running:
-            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                actor, shard = self.running.pop(ref)
-                self._collect(ref, actor, shard)
+        every = 0.25 if live else progress_every
+        with contextlib.ExitStack() as stack:
+            show: Callable[[RunStatistics], None] | None = None
+            if live:
+                first = self.statistics(rows_total, rows_skipped, 0.0)
+                show = stack.enter_context(live_snapshots(first))
+            last = started
             self._assign()
-            now = time.monotonic()
-            if now - last_report >= progress_every and self.running:
-                last_report = now
-                stats = self.statistics(rows_total, rows_skipped, now - started, live=True)
-                log.info("progress", workers=len(self.running), **progress_fields(stats))
+            while self.running:
+                ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=min(every, 1.0))
+                for ref in ready:
+                    actor, shard = self.running.pop(ref)
+                    self._collect(ref, actor, shard)
+                self._assign()
+                now = time.monotonic()
+                if now - last >= every and self.running:
+                    last = now
+                    stats = self.statistics(rows_total, rows_skipped, now - started, live=True)
+                    if show is not None:
+                        show(stats)
+                    else:
+                        log.info("progress", workers=len(self.running), **progress_fields(stats))
+            if show is not None:  # the display ends on the run's last figures
+                show(self.statistics(rows_total, rows_skipped, time.monotonic() - started))
 
     def _collect(self, ref: Any, actor: Any, shard: Shard) -> None:
         ray = self.ray
@@ -559,6 +574,7 @@ def run_shards(
                     progress_every=settings.progress_every,
                     rows_total=scan.rows,
                     rows_skipped=state.rows_ok,
+                    live=settings.display == "live",
                 )
         except KeyboardInterrupt:
             if signals.received is None:

@@ -111,6 +111,16 @@ def test_progress_adds_up_the_workers(ray_address: str, fake: FakeServer, tmp_pa
     assert max(line["done"] for line in lines) > 0
 
 
+def test_live_display_adds_up_the_workers(
+    ray_address: str, fake: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The live display of a Ray run ends showing every worker's rows done."""
+    fake.update(latency=0.05)
+    write_jsonl(tmp_path / "in.jsonl", _rows(24))
+    run_job(_ray_job(tmp_path, fake), settings=PoolSettings(display="live"))
+    assert "24/24 (100%)" in capsys.readouterr().err
+
+
 def test_limited_run_then_full_run(ray_address: str, fake: FakeServer, tmp_path: Path) -> None:
     """A --limit run keeps its shards; the full run adds shards for the rest, each id once."""
     write_jsonl(tmp_path / "in.jsonl", _rows(30))
