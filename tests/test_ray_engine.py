@@ -40,6 +40,7 @@ _TIMING = {"latency_s", "queued_s", "started_at", "finished_at", "response_id"}
 def ray_address() -> Iterator[str]:
     """One local Ray instance for the module, bound to 127.0.0.1."""
     ray.init(
+        address="local",  # our own, even where another session left a `ray start` running
         _node_ip_address="127.0.0.1",
         num_cpus=4,
         include_dashboard=False,
