@@ -33,6 +33,7 @@ from batchrun.sinks import (
     part_schema,
     parts_dir,
     recover_journals,
+    shard_dirs,
 )
 from batchrun.sources import input_identity
 
@@ -94,9 +95,12 @@ _OK_ONLY = bytes(1 if b == DONE_OK else 0 for b in range(256))
 class Checkpoint:
     """A run's checkpoint folder."""
 
-    def __init__(self, output: Path) -> None:
+    def __init__(self, output: Path, *, directory: Path | None = None) -> None:
+        """Args:
+        directory: the folder, when not OUTPUT.parts/ itself (a shard's, `--engine ray`).
+        """
         self.output = output
-        self.directory = parts_dir(output)
+        self.directory = directory or parts_dir(output)
         self._holding_lock = False
         self._lock_fd: int | None = None
 
@@ -220,7 +224,10 @@ class Checkpoint:
         """
         for leftover in self.output.parent.glob(f".{self.output.name}.tmp-*"):
             leftover.unlink(missing_ok=True)  # a compaction cut short
-        return recover_journals(self.directory, schema=part_schema(carried))
+        schema = part_schema(carried)
+        # `--engine ray`'s shard folders too: what a killed run did counts before it resumes
+        folders = [self.directory, *shard_dirs(self.directory)]
+        return sum(recover_journals(folder, schema=schema) for folder in folders)
 
     def discard(self) -> None:
         """Throw the checkpoint folder away (at the end of a run, or when it held nothing).

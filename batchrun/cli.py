@@ -152,6 +152,13 @@ def cli() -> None:
 @click.option("--stream/--no-stream", default=None, help="Stream answers as SSE.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N rows.")
 @click.option("--transport", type=click.Choice(["aiohttp", "httpx"]), help="HTTP transport.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    help="Run here (local), or in shards on Ray actors (needs batchrun[ray]).",
+)
+@click.option("--ray-address", help="Ray cluster to join (default: a local Ray instance).")
+@click.option("--workers", type=click.IntRange(1, 4096), help="Ray worker actors (--engine ray).")
 @click.option("--prices", type=click.Path(path_type=Path, dir_okay=False), help="Price file.")
 @click.option(
     "--cache", type=click.Path(path_type=Path, file_okay=False), help="Request cache folder."
@@ -211,7 +218,8 @@ def run(
         live = progress is not False and sys.stderr.isatty()
         display = "live" if live else "lines"
         with _sigterm_as_interrupt():
-            summary = run_job(job, restart=restart, settings=PoolSettings(display=display))
+            settings = PoolSettings(display=display, verbose=verbose > 0)
+            summary = run_job(job, restart=restart, settings=settings)
     except KeyboardInterrupt as exc:  # outside the pool (scan, compaction): all done is on disk
         _exit_stopped(Interrupted("SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"))
     except RunStopped as stop:

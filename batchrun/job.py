@@ -191,6 +191,16 @@ class FakeEndpoint(_Strict):
     usage: Literal["full", "no_cache", "omit"] = "full"
 
 
+class RaySettings(_Strict):
+    """Where and how wide `engine = "ray"` runs (the `[ray]` table)."""
+
+    #: a Ray cluster to join as a driver ("auto", "ray://host:10001", "host:6379"); none
+    #: starts a local Ray instance on 127.0.0.1 for the run
+    address: str | None = None
+    #: worker actors, each running the pool on one shard at a time (default: the CPUs)
+    workers: int | None = Field(default=None, ge=1, le=4096)
+
+
 FieldType = Literal["str", "float", "int", "bool", "list", "dict"]
 
 
@@ -234,6 +244,9 @@ class Job(_Strict):
     #: a folder of answers keyed by the exact request body: a request answered before is
     #: not sent again
     cache: Path | None = None
+    #: "local" runs in this process; "ray" cuts the input into shards run by Ray actors
+    engine: Literal["local", "ray"] = "local"
+    ray: RaySettings = Field(default_factory=RaySettings)
     #: the file the job came from, if any (for messages)
     source: Path | None = Field(default=None, exclude=True)
 
@@ -385,6 +398,9 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
     "cache": ("cache",),
     "max_cost": ("max_cost",),
     "transport": ("transport",),
+    "engine": ("engine",),
+    "ray_address": ("ray", "address"),
+    "workers": ("ray", "workers"),
     "concurrency": ("limits", "concurrency"),
     "max_attempts": ("limits", "max_attempts"),
     "timeout": ("limits", "timeout"),

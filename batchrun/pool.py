@@ -43,7 +43,7 @@ from batchrun.ratelimit import RateLimiter
 from batchrun.retry import RetryPolicy
 from batchrun.rows import Abandoned, RowMaker, Work
 from batchrun.sinks import PartWriter
-from batchrun.sources import InputRow, InputSummary, iter_batches
+from batchrun.sources import InputRow, InputSummary, RowStart, iter_batches
 
 log = structlog.get_logger("batchrun")
 
@@ -86,6 +86,8 @@ class PoolSettings:
     progress_every: float = 5.0
     #: turn Ctrl-C and SIGTERM into a graceful stop (only possible in the main thread)
     handle_signals: bool = False
+    #: -v: let engines show their own start-up output (Ray's)
+    verbose: bool = False
 
 
 @dataclass
@@ -108,6 +110,8 @@ class Pool:
     #: a byte per position, set where a row is already done ok (from the checkpoint)
     skip: bytearray | None = None
     settings: PoolSettings = field(default_factory=PoolSettings)
+    #: where to begin reading the input (a shard's first row), if not at its start
+    start: RowStart | None = None
     stop_reason: RunStopped | None = None
     _stop_event: anyio.Event = field(default_factory=anyio.Event)
     _flush_wanted: anyio.Event = field(default_factory=anyio.Event)
@@ -229,7 +233,9 @@ class Pool:
 
     async def _produce(self, send: MemoryObjectSendStream[Work]) -> None:
         async with send:
-            batches = iter_batches(self.job.input, limit=self.job.limit, skip=self._all_done)
+            batches = iter_batches(
+                self.job.input, limit=self.job.limit, skip=self._all_done, start=self.start
+            )
             while not self.stopping:
                 batch = await anyio.to_thread.run_sync(next, batches, None)
                 if batch is None:

@@ -5,8 +5,10 @@ The pool updates one `Tally`; the progress reporter and the final summary read s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +133,46 @@ class Tally:
         )
 
 
+def combine(
+    parts: list[RunStatistics], *, rows_total: int, rows_skipped: int, elapsed_s: float
+) -> RunStatistics:
+    """The statistics of one run made of several pools (`--engine ray`'s shards): counters
+    summed, token figures left None where no part reported them."""
+    tokens: dict[str, int | None] = {}
+    for name in (
+        "prompt_tokens",
+        "completion_tokens",
+        "cache_hit_tokens",
+        "cache_miss_tokens",
+        "reasoning_tokens",
+    ):
+        total: int | None = None
+        for part in parts:
+            total = _add(total, getattr(part, name))
+        tokens[name] = total
+    errors: Counter[str] = Counter()
+    retries: Counter[str] = Counter()
+    for part in parts:
+        errors.update(part.errors_by_class)
+        retries.update(part.retries_by_class)
+    return RunStatistics(
+        rows_total=rows_total,
+        rows_skipped=rows_skipped,
+        rows_done=sum(p.rows_done for p in parts),
+        rows_ok=sum(p.rows_ok for p in parts),
+        rows_error=sum(p.rows_error for p in parts),
+        errors_by_class=dict(errors),
+        retries_by_class=dict(retries),
+        requests=sum(p.requests for p in parts),
+        in_flight=sum(p.in_flight for p in parts),
+        cost_usd=sum(p.cost_usd for p in parts),
+        rows_worst_case=sum(p.rows_worst_case for p in parts),
+        rows_unpriced=sum(p.rows_unpriced for p in parts),
+        elapsed_s=elapsed_s,
+        **tokens,
+    )
+
+
 def _eta(stats: RunStatistics) -> float | None:
     if stats.rows_done == 0 or stats.elapsed_s <= 0:
         return None
@@ -211,6 +253,24 @@ def _render(stats: RunStatistics, limiter: Any, gate: Any = None) -> Any:
     if retries:
         grid.add_row("retries", "  ".join(f"{k} {v}" for k, v in retries.items()))
     return grid
+
+
+@contextlib.contextmanager
+def live_snapshots(first: RunStatistics) -> Iterator[Callable[[RunStatistics], None]]:
+    """The live display for a caller that polls its counters (the Ray driver, adding up
+    its workers): yields the function that shows each new snapshot."""
+    from rich.console import Console
+    from rich.live import Live
+
+    with Live(
+        _render(first, None),
+        console=Console(stderr=True),
+        refresh_per_second=4,
+        transient=False,
+        redirect_stderr=True,
+        redirect_stdout=False,
+    ) as live:
+        yield lambda stats: live.update(_render(stats, None))
 
 
 async def live_display(

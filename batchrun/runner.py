@@ -33,7 +33,7 @@ from batchrun.job import Job, Limits, resolve_api_key
 from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
 from batchrun.sinks import METADATA_KEY, REPORT_KEY, compact, output_schema
-from batchrun.sources import InputSummary, scan_input
+from batchrun.sources import InputSummary, RowStart, scan_input
 
 if TYPE_CHECKING:
     from batchrun.limits import SpendBudget
@@ -166,7 +166,9 @@ def run_job(
         restart: discard the checkpoint and any earlier output, and start over.
         settings: `PoolSettings` overriding flush and stop timings.
         rate_limiter: makes the run's `RateLimiter` from the job's limits, inside the run's
-            event loop (default: `LocalRateLimiter.for_limits`).
+            event loop (default: `LocalRateLimiter.for_limits`). Not used with
+            `engine = "ray"`, whose workers lease from the run-wide budget
+            (`ray_engine.WorkerBudget`).
         spend_cap: the run's spend cap, when it is shared with other runs (a cluster-wide
             one from `ray_budget.worker_spend_cap`); by default `job.max_cost` less what the
             checkpoint says was spent.
@@ -176,8 +178,12 @@ def run_job(
         RunStopped: the run stopped early (bad key, no balance, interrupted); its
             `summary` attribute says what is done. Running again resumes.
     """
-    from batchrun.pool import Pool, PoolSettings
+    from batchrun.pool import PoolSettings
 
+    if job.engine == "ray":  # before anything is read: a missing extra is exit 2 at once
+        from batchrun.ray_engine import import_ray
+
+        import_ray()
     # the key first: a missing key is found before anything is read or sent
     api_key = resolve_api_key(job)
     register_secret(api_key)
@@ -229,7 +235,6 @@ def run_job(
             schema,
             api_key,
             settings or PoolSettings(),
-            Pool,
             rate_limiter=rate_limiter,
             spend_cap=spend_cap,
         )
@@ -292,72 +297,47 @@ def _run_with_checkpoint(
     schema: Any,
     api_key: str | None,
     settings: Any,
-    pool_class: Any,
     *,
     rate_limiter: Callable[[Limits], RateLimiter] | None,
     spend_cap: SpendBudget | None = None,
 ) -> RunSummary:
-    import anyio
-
-    from batchrun.cache import RequestCache
-    from batchrun.client import Client
     from batchrun.limits import SpendCap
-    from batchrun.prices import PriceTable
-    from batchrun.ratelimit import LocalRateLimiter, key_digest
-
-    prices = PriceTable.load(job.prices)
-    from batchrun.sinks import PartWriter
 
     state = checkpoint.resume_state(rows=scan.rows)
     tally = Tally(rows_total=scan.rows, rows_skipped=state.rows_ok)
+    statistics = tally.statistics()
     stop: RunStopped | None = None
     if state.rows_ok < scan.rows:
-        writer = PartWriter(checkpoint.directory, carried=scan.carried_types)
-        settings.handle_signals = threading.current_thread() is threading.main_thread()
+        with _endpoint(job) as live:
+            if job.engine == "ray":
+                from batchrun.ray_engine import run_shards
 
-        async def main(live: Job) -> Any:
-            async with Client(
-                live.base_url,
-                api_key=api_key,
-                key_variable=live.api_key_env,
-                max_connections=live.limits.concurrency,
-                timeout=live.limits.timeout,
-                read_timeout=live.limits.read_timeout,
-                transport=live.transport,
-            ) as client:
-                pool = pool_class(
-                    job=live,
-                    scan=scan,
-                    client=client,
-                    limiter=(rate_limiter or LocalRateLimiter.for_limits)(live.limits),
-                    key_digest=key_digest(api_key),
-                    prices=prices,
+                stop, statistics = run_shards(
+                    live.model_copy(update={"fake": None}),  # the driver serves the fake
+                    scan,
+                    checkpoint,
+                    state=state,
+                    api_key=api_key,
+                    settings=settings,
+                )
+            else:
+                settings.handle_signals = threading.current_thread() is threading.main_thread()
+                stop = run_pool(
+                    live,
+                    scan,
+                    directory=checkpoint.directory,
+                    tally=tally,
+                    skip=state.ok_mask() if state.rows_ok else None,
                     spend=(
                         SpendCap(job.max_cost, spent=state.spent_usd)
                         if spend_cap is None
                         else spend_cap
                     ),
-                    cache=RequestCache(live.cache) if live.cache is not None else None,
-                    writer=writer,
-                    tally=tally,
-                    skip=state.ok_mask() if state.rows_ok else None,
+                    api_key=api_key,
                     settings=settings,
+                    rate_limiter=rate_limiter,
                 )
-                await pool.run()
-                return pool.stop_reason
-
-        # asyncio resets SIGTERM to the default (kill) when the pool lets go of it; what the
-        # caller had set keeps counting for compaction
-        sigterm = signal.getsignal(signal.SIGTERM) if settings.handle_signals else None
-        with _endpoint(job) as live:
-            try:
-                stop = anyio.run(main, live)
-            except BaseExceptionGroup as group:
-                raise _unwrapped(group) from None
-            finally:
-                writer.close()
-                if sigterm is not None:
-                    signal.signal(signal.SIGTERM, sigterm)
+                statistics = tally.statistics()
         state = checkpoint.resume_state(rows=scan.rows)
 
     complete = state.rows_done >= scan.rows
@@ -378,7 +358,7 @@ def _run_with_checkpoint(
         scan.rows,
         state.rows_ok,
         state.rows_done - state.rows_ok,
-        tally.statistics(),
+        statistics,
     )
     if isinstance(stop, AuthError) and not isinstance(stop, KeyWanted) and api_key is None:
         # no key was sent (a loopback URL may go without): the server wants one
@@ -387,3 +367,78 @@ def _run_with_checkpoint(
         stop.summary = summary
         raise stop
     return summary
+
+
+def run_pool(
+    job: Job,
+    scan: InputSummary,
+    *,
+    directory: Path,
+    tally: Tally,
+    skip: bytearray | None,
+    spend: SpendBudget,
+    api_key: str | None,
+    settings: Any,
+    rate_limiter: Callable[[Limits], RateLimiter] | None,
+    first_segment: int = 1,
+    start: RowStart | None = None,
+) -> RunStopped | None:
+    """One pass of the pool over the rows not in `skip`, journalled and written as part files
+    in `directory`; the caller holds the run lock and compacts. Returns why it stopped early.
+
+    Args:
+        spend: the spend cap (`limits.SpendCap`, or a run-wide one under `--engine ray`).
+        first_segment: the lowest part number to write (`PartWriter`).
+        start: where to begin reading the input (`sources.locate_rows`).
+    """
+    import anyio
+
+    from batchrun.cache import RequestCache
+    from batchrun.client import Client
+    from batchrun.pool import Pool
+    from batchrun.prices import PriceTable
+    from batchrun.ratelimit import LocalRateLimiter, key_digest
+    from batchrun.sinks import PartWriter
+
+    prices = PriceTable.load(job.prices)
+    writer = PartWriter(directory, carried=scan.carried_types, first_segment=first_segment)
+
+    async def main() -> RunStopped | None:
+        async with Client(
+            job.base_url,
+            api_key=api_key,
+            key_variable=job.api_key_env,
+            max_connections=job.limits.concurrency,
+            timeout=job.limits.timeout,
+            read_timeout=job.limits.read_timeout,
+            transport=job.transport,
+        ) as client:
+            pool = Pool(
+                job=job,
+                scan=scan,
+                client=client,
+                limiter=(rate_limiter or LocalRateLimiter.for_limits)(job.limits),
+                key_digest=key_digest(api_key),
+                prices=prices,
+                spend=spend,
+                cache=RequestCache(job.cache) if job.cache is not None else None,
+                writer=writer,
+                tally=tally,
+                skip=skip,
+                settings=settings,
+                start=start,
+            )
+            await pool.run()
+            return pool.stop_reason
+
+    # asyncio resets SIGTERM to the default (kill) when the pool lets go of it; what the
+    # caller had set keeps counting for compaction
+    sigterm = signal.getsignal(signal.SIGTERM) if settings.handle_signals else None
+    try:
+        return anyio.run(main)
+    except BaseExceptionGroup as group:
+        raise _unwrapped(group) from None
+    finally:
+        writer.close()
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)

@@ -53,6 +53,8 @@ USAGE_COLUMNS = (
 
 PART_PREFIX = "part-"
 JOURNAL_PREFIX = "journal-"
+#: `--engine ray` checkpoints each shard of the input in a folder of its own in OUTPUT.parts/
+SHARD_PREFIX = "shard-"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _JOURNAL_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_APPEND_NEWLINE
@@ -216,7 +218,13 @@ class PartWriter:
     with `write_part`, which then deletes the segment.
     """
 
-    def __init__(self, directory: Path, *, carried: dict[str, pa.DataType]) -> None:
+    def __init__(
+        self, directory: Path, *, carried: dict[str, pa.DataType], first_segment: int = 1
+    ) -> None:
+        """Args:
+        first_segment: the lowest segment number to use (a shard's parts are numbered above
+            the parts of the folder holding it, so that the later result still wins).
+        """
         self.directory = directory
         self.schema = part_schema(carried)
         self._carried = carried
@@ -224,7 +232,7 @@ class PartWriter:
             name: kind for name, kind in carried.items() if str(kind) == "large_string"
         }
         self._rows: list[dict[str, Any]] = []
-        self._next = _next_segment(directory)
+        self._next = max(_next_segment(directory), first_segment)
         self._journal: int | None = None  # descriptor of journal segment `_next`, once opened
 
     def __len__(self) -> int:
@@ -292,8 +300,35 @@ def _numbered(directory: Path, prefix: str, suffix: str) -> list[Path]:
     return sorted((p for p in found if p.stem[len(prefix) :].isdigit()), key=segment_number)
 
 
+def shard_path(directory: Path, number: int) -> Path:
+    """The folder of shard `number` in a checkpoint."""
+    return directory / f"{SHARD_PREFIX}{number:04d}"
+
+
+def shard_dirs(directory: Path) -> list[Path]:
+    """The shard folders in a checkpoint (`--engine ray`), in shard order."""
+    if not directory.is_dir():
+        return []
+    found = directory.glob(f"{SHARD_PREFIX}*")
+    return sorted(p for p in found if p.is_dir() and p.name[len(SHARD_PREFIX) :].isdigit())
+
+
 def list_parts(directory: Path) -> list[Path]:
-    """The whole part files in a checkpoint, oldest first; temporary leftovers are ignored."""
+    """The whole part files in a checkpoint and its shard folders, oldest first; temporary
+    leftovers are ignored.
+
+    Shards hold disjoint input positions, so only the order within a folder matters; a
+    shard's parts are numbered above the folder's own (`PartWriter(first_segment=)`), so
+    sorting by number keeps the later result last wherever it was written.
+    """
+    parts = _numbered(directory, PART_PREFIX, ".parquet")
+    for shard in shard_dirs(directory):
+        parts += _numbered(shard, PART_PREFIX, ".parquet")
+    return sorted(parts, key=segment_number)
+
+
+def own_parts(directory: Path) -> list[Path]:
+    """The part files of one folder, leaving its shard folders out."""
     return _numbered(directory, PART_PREFIX, ".parquet")
 
 

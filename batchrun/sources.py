@@ -86,17 +86,71 @@ def _parse_lines(path: Path, start: int, lines: list[tuple[int, bytes]]) -> list
     return rows
 
 
+@dataclass(frozen=True)
+class RowStart:
+    """Where input row `row` begins in its file, to read from there (`--engine ray`'s
+    shards): at byte `offset` on line `line` of a JSONL file, or in Parquet row group
+    `row_group` (which may begin a few rows earlier: those are counted as skipped)."""
+
+    row: int
+    offset: int = 0
+    line: int = 1
+    row_group: int = 0
+    #: the row reading begins with: `row`, or the first row of `row_group`
+    read_from: int = 0
+
+
+def row_group_starts(path: Path) -> list[int] | None:
+    """The first input row of each Parquet row group, or None for a JSONL file."""
+    if detect_format(path) != "parquet":
+        return None
+    metadata = _open_parquet(path).metadata
+    starts, first = [], 0
+    for group in range(metadata.num_row_groups):
+        starts.append(first)
+        first += metadata.row_group(group).num_rows
+    return starts
+
+
+def locate_rows(path: Path, rows: list[int]) -> list[RowStart]:
+    """Where each of `rows` (ascending) begins, in one pass over a JSONL file or from a
+    Parquet file's footer. Rows past the end are left out."""
+    starts = row_group_starts(path)
+    if starts is not None:
+        first = _open_parquet(path).metadata.num_rows
+        found = []
+        for row in rows:
+            if row < first:
+                group = max(g for g, begins in enumerate(starts) if begins <= row)
+                found.append(RowStart(row, row_group=group, read_from=starts[group]))
+        return found
+    wanted = iter(rows)
+    found, target = [], next(wanted, None)
+    index = offset = 0
+    with path.open("rb") as file:
+        for line_no, line in enumerate(file, start=1):
+            if line.strip() and not (line_no == 1 and line.strip() == _BOM):
+                while target is not None and target <= index:
+                    found.append(RowStart(target, offset=offset, line=line_no, read_from=target))
+                    target = next(wanted, None)
+                index += 1
+            offset += len(line)
+    return found
+
+
 def _iter_jsonl(
-    path: Path, batch_size: int, skip: SkipRows | None
+    path: Path, batch_size: int, skip: SkipRows | None, start: RowStart | None = None
 ) -> Iterator[list[InputRow] | int]:
     try:
         file = path.open("rb")
     except OSError as exc:
         raise InputError(f"cannot read the file ({exc.strerror})", path=path) from None
-    index = 0
+    index = start.read_from if start else 0
     lines: list[tuple[int, bytes]] = []
     with file:
-        for line_no, line in enumerate(file, start=1):
+        if start is not None:
+            file.seek(start.offset)
+        for line_no, line in enumerate(file, start=start.line if start else 1):
             if line_no == 1 and line.startswith(_BOM):
                 line = line[len(_BOM) :]
             if not line.strip():
@@ -128,12 +182,13 @@ def _open_parquet(path: Path) -> Any:
 
 
 def _iter_parquet(
-    path: Path, batch_size: int, skip: SkipRows | None
+    path: Path, batch_size: int, skip: SkipRows | None, start: RowStart | None = None
 ) -> Iterator[list[InputRow] | int]:
     file = _open_parquet(path)
-    index = 0
+    index = start.read_from if start else 0
+    groups = range(start.row_group if start else 0, file.metadata.num_row_groups)
     try:
-        for record_batch in file.iter_batches(batch_size=batch_size):
+        for record_batch in file.iter_batches(batch_size=batch_size, row_groups=groups):
             count = record_batch.num_rows
             if skip is not None and skip(index, index + count):
                 yield count
@@ -160,17 +215,20 @@ def iter_batches(
     batch_size: int = BATCH_SIZE,
     limit: int | None = None,
     skip: SkipRows | None = None,
+    start: RowStart | None = None,
 ) -> Iterator[list[InputRow]]:
     """Stream a prompt set as batches of rows, stopping after `limit` rows if given.
 
     Args:
         skip: says which batches are all done already (on resume); those are counted but
             not parsed, and not yielded.
+        start: read from there (`locate_rows`) rather than from the first row; `limit`
+            still counts from the first row.
     """
     _check_file(path)
     reader = _iter_parquet if detect_format(path) == "parquet" else _iter_jsonl
-    seen = 0
-    for item in reader(path, batch_size, skip):
+    seen = start.read_from if start else 0
+    for item in reader(path, batch_size, skip, start):
         count = item if isinstance(item, int) else len(item)
         if limit is not None and seen + count >= limit:
             if not isinstance(item, int):

@@ -24,6 +24,7 @@ from batchrun.sinks import (
     parts_dir,
     read_journal,
     segment_number,
+    shard_dirs,
 )
 
 _COUNTED = ("status", "error_class", "prompt_tokens", "completion_tokens")
@@ -106,7 +107,8 @@ def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
     }
     frames = []
     # journals first: a segment that vanishes meanwhile has become a part, listed after
-    for journal in list_journals(checkpoint.directory):
+    folders = [checkpoint.directory, *shard_dirs(checkpoint.directory)]
+    for journal in [j for folder in folders for j in list_journals(folder)]:
         try:
             journalled = read_journal(journal)
         except FileNotFoundError:

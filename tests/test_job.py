@@ -36,6 +36,20 @@ def test_minimal_job_loads_with_defaults(tmp_path: Path) -> None:
     assert job.limits.concurrency == 32
 
 
+def test_ray_engine_keys_load(tmp_path: Path) -> None:
+    """`engine` and the `[ray]` table set the engine, the cluster and the workers."""
+    text = MINIMAL + 'engine = "ray"\n[ray]\naddress = "auto"\nworkers = 3\n'
+    job = load_job(write_job(tmp_path, text))
+    assert (job.engine, job.ray.address, job.ray.workers) == ("ray", "auto", 3)
+
+
+def test_engine_flags_win_over_the_file() -> None:
+    """--engine, --ray-address and --workers lay over the job file's values."""
+    data = {"engine": "local", "ray": {"address": "auto", "workers": 2}}
+    merged = apply_flags(data, {"engine": "ray", "ray_address": "h:6379", "workers": 5})
+    assert merged["engine"] == "ray" and merged["ray"] == {"address": "h:6379", "workers": 5}
+
+
 def test_load_job_accepts_a_string_path(tmp_path: Path) -> None:
     """load_job takes a str as well as a Path."""
     job = load_job(str(write_job(tmp_path, MINIMAL)))
@@ -55,6 +69,7 @@ def test_job_records_its_source(tmp_path: Path) -> None:
         pytest.param(MINIMAL + "[limits]\nconcurency = 3\n", "limits.concurency", id="limits"),
         pytest.param(MINIMAL + "[params]\ntemprature = 1\n", "params.temprature", id="params"),
         pytest.param(MINIMAL + "[prompt]\nsytem = 'S'\n", "prompt.sytem", id="prompt"),
+        pytest.param(MINIMAL + "[ray]\nadress = 'auto'\n", "ray.adress", id="ray"),
     ],
 )
 def test_unknown_key_names_key_and_file(tmp_path: Path, text: str, key: str) -> None:
