@@ -268,6 +268,20 @@ class BudgetActor:
             budget.waiting -= 1
         return budget.grant(ask, holder, now)
 
+    def forget(self, prefix: str) -> int:
+        """Take back at once the slots of every worker whose name starts with `prefix` (the
+        driver saw its actor die), rather than after `lease_seconds` of silence. Returns how
+        many holders were forgotten."""
+        forgotten = 0
+        for budget in self._scopes.values():
+            dead = [w for w in budget.holders if w.startswith(prefix)]
+            for worker in dead:
+                del budget.holders[worker]
+            if dead:
+                forgotten += len(dead)
+                budget.wake()
+        return forgotten
+
     def release(self, worker: str, scope: str, ask: Ask) -> None:
         """Settle `ask` and give back a worker's slots beyond `ask.slots` (never below what it
         has in flight); a worker left with none is forgotten."""
@@ -417,13 +431,21 @@ class LeasedRateLimiter:
     """
 
     def __init__(
-        self, handle: Any, limits: Limits, *, chunk: int = CHUNK, refresh: float = REFRESH
+        self,
+        handle: Any,
+        limits: Limits,
+        *,
+        chunk: int = CHUNK,
+        refresh: float = REFRESH,
+        worker: str = "",
     ) -> None:
         self.handle = handle
         self.limits = limits
         self.chunk = chunk
         self.refresh = refresh
-        self.worker = uuid.uuid4().hex
+        #: how the actor knows this limiter's slots; `worker` is a prefix (the Ray actor's
+        #: name) by which the driver can hand them back at once when that actor dies
+        self.worker = f"{worker}/{uuid.uuid4().hex}"
         self.hold = limits.timeout + limits.outage_timeout + LEASE_MARGIN
         self._token_capacity = max(1.0, limits.tpm * BURST_SHARE) if limits.tpm else 0.0
         self._stocks: dict[str, _Stock] = {}

@@ -165,10 +165,21 @@ class WorkerBudget:
     handle: Any
 
     def rate_limiter(self) -> Callable[[Limits], RateLimiter]:
+        """Called in a worker actor: its slots are known by the actor's name, so that the
+        driver can hand them back the moment the actor dies (`forget`)."""
+        import ray
+
         from batchrun import ray_budget
 
-        factory: Callable[[Limits], RateLimiter] = ray_budget.worker_limiter(self.handle)
+        name = ray.get_runtime_context().get_actor_name() or ""
+        factory: Callable[[Limits], RateLimiter] = ray_budget.worker_limiter(
+            self.handle, worker=name
+        )
         return factory
+
+    def forget(self, actor_name: str) -> None:
+        """Give a dead worker actor's concurrency slots back to the run at once."""
+        self.handle.forget.remote(f"{actor_name}/")
 
     def spend_cap(self) -> Any:
         from batchrun import ray_budget
@@ -372,12 +383,15 @@ class _Driver:
     attempts: dict[int, int] = field(default_factory=dict)
     stop: RunStopped | None = None
     actors: list[Any] = field(default_factory=list)
+    #: each actor's name, by `id()` of its handle
+    names: dict[int, str] = field(default_factory=dict)
 
     def _new_actor(self) -> Any:
         # named, so that an operator (or a test) can find a run's workers in `ray list actors`
         name = f"batchrun-worker-{self.run_id}-{len(self.actors) + self.lost + 1}"
         actor = self.actor_class.options(name=name).remote(self.setup)
         self.actors.append(actor)
+        self.names[id(actor)] = name
         return actor
 
     def _assign(self) -> None:
@@ -437,6 +451,9 @@ class _Driver:
             with contextlib.suppress(ValueError):
                 self.actors.remove(actor)
                 self.lost += 1
+            name = self.names.pop(id(actor), None)
+            if name is not None:  # its slots go back now, not after the lease runs out
+                self.setup.budget.forget(name)
             tries = self.attempts.get(shard.number, 0)
             log.warning(
                 "shard_resubmitted", shard=shard.number, attempt=tries + 1, error=type(exc).__name__
