@@ -136,7 +136,7 @@ def segment_number(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -158,7 +158,7 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def write_atomically(table: pa.Table, path: Path) -> None:
@@ -407,7 +407,7 @@ def recover_journals(directory: Path, *, schema: pa.Schema) -> int:
                 recovered += len(rows)
         journal.unlink()
     if journals:
-        _fsync_dir(directory)
+        _fsync(directory)
     return recovered
 
 
@@ -580,16 +580,8 @@ def compact(
                     out.write_table(table)
                     written += table.num_rows
             _fsync(path)
-        _fsync_dir(tmp)
+        _fsync(tmp)
     return written
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -618,4 +610,4 @@ def _atomic_output(output: Path) -> Iterator[Path]:
     except BaseException:
         remove_output(tmp)
         raise
-    _fsync_dir(output.parent)
+    _fsync(output.parent)
