@@ -33,6 +33,7 @@ from batchrun.sinks import (
     part_schema,
     parts_dir,
     recover_journals,
+    remove_output,
     shard_dirs,
 )
 from batchrun.sources import input_identity
@@ -223,7 +224,7 @@ class Checkpoint:
             The number of rows recovered from the journal.
         """
         for leftover in self.output.parent.glob(f".{self.output.name}.tmp-*"):
-            leftover.unlink(missing_ok=True)  # a compaction cut short
+            remove_output(leftover)  # a compaction cut short (a file, or an output directory)
         schema = part_schema(carried)
         # `--engine ray`'s shard folders too: what a killed run did counts before it resumes
         folders = [self.directory, *shard_dirs(self.directory)]

@@ -44,11 +44,11 @@ def _output_of(path: Path) -> Path:
 def _finished_output(path: Path) -> Path:
     """`_output_of(path)`, which must be written: a stopped run's output is not there yet."""
     from batchrun.errors import ConfigError
-    from batchrun.sinks import parts_dir
+    from batchrun.sinks import output_exists, parts_dir
 
     output = _output_of(path)
     checkpoint = parts_dir(output)
-    if not output.exists() and checkpoint.is_dir():
+    if not output_exists(output) and checkpoint.is_dir():
         raise ConfigError(
             f"not written yet: its run is going on or stopped, with a checkpoint in "
             f"{checkpoint.name}/ (batchrun status {path} says which, and how far it got; a "
@@ -164,6 +164,11 @@ def cli() -> None:
     "--cache", type=click.Path(path_type=Path, file_okay=False), help="Request cache folder."
 )
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), help="Spend cap, USD.")
+@click.option(
+    "--output-file-rows",
+    type=click.IntRange(min=1),
+    help="Past N rows, write OUTPUT as a directory of Parquet files of at most N rows each.",
+)
 @click.option(
     "--dry-run", is_flag=True, help="Estimate requests, tokens, cost and time; send nothing."
 )

@@ -19,6 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import orjson
 
 from batchrun.errors import ConfigError
+from batchrun.sinks import output_files
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -43,7 +44,7 @@ def export_output(output: Path, sink: IO[bytes], *, fmt: str, batch_rows: int = 
     """Write every row of `output` to `sink` in `fmt`; return how many rows were written.
 
     Args:
-        output: a batchrun output Parquet file.
+        output: a batchrun output: a Parquet file, or a directory of them.
         sink: a binary stream, written batch by batch.
         fmt: one of FORMATS.
 
@@ -52,14 +53,16 @@ def export_output(output: Path, sink: IO[bytes], *, fmt: str, batch_rows: int = 
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
-    file = _open(output)
-    names = file.schema_arrow.names
+    files = _open(output)
+    schema = files[0].schema_arrow
+    names = schema.names
     if fmt == "openai-batch":
         missing = [name for name in _BATCH_REQUIRED if name not in names]
         if missing:
             raise ConfigError(f"not a batchrun output (no {missing[0]!r} column)", path=output)
     rows = 0
-    for batch in _iter_batches(file, output, batch_rows):
+    batches = (batch for file in files for batch in _iter_batches(file, output, batch_rows))
+    for batch in batches:
         if fmt == "csv":
             sink.write(_csv_bytes(batch, header=rows == 0))
         else:
@@ -70,9 +73,7 @@ def export_output(output: Path, sink: IO[bytes], *, fmt: str, batch_rows: int = 
     if fmt == "csv" and rows == 0:  # an empty output still gets its header
         import pyarrow as pa
 
-        sink.write(
-            _csv_bytes(pa.RecordBatch.from_pylist([], schema=file.schema_arrow), header=True)
-        )
+        sink.write(_csv_bytes(pa.RecordBatch.from_pylist([], schema=schema), header=True))
     return rows
 
 
@@ -95,13 +96,14 @@ def export_to_file(output: Path, destination: Path, *, fmt: str) -> int:
     return rows
 
 
-def _open(output: Path) -> pq.ParquetFile:
+def _open(output: Path) -> list[pq.ParquetFile]:
     import pyarrow.parquet as pq
 
-    if not output.is_file():
+    paths = output_files(output)
+    if not paths:
         raise ConfigError("no such file", path=output)
     try:
-        return pq.ParquetFile(output)
+        return [pq.ParquetFile(path) for path in paths]
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
         raise ConfigError(f"not a Parquet file ({exc})", path=output) from None
 

@@ -238,6 +238,9 @@ class Job(_Strict):
     prices: Path | None = None
     #: a hard cap on spend in USD: no request is sent that could take the run past it
     max_cost: float | None = Field(default=None, gt=0)
+    #: past this many rows the output is a directory of Parquet files of at most this many
+    #: rows each (`part-00000.parquet`, ...), read as one table; None: always one file
+    output_file_rows: int | None = Field(default=None, ge=1)
     parse: ParseSpec | None = None
     #: lists of values per key (and `repeat`): every row is sent once per combination
     sweep: dict[str, Any] | None = None
@@ -397,6 +400,7 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
     "prices": ("prices",),
     "cache": ("cache",),
     "max_cost": ("max_cost",),
+    "output_file_rows": ("output_file_rows",),
     "transport": ("transport",),
     "engine": ("engine",),
     "ray_address": ("ray", "address"),

@@ -15,7 +15,7 @@ from typing import IO, Any, Final
 import orjson
 
 from batchrun.errors import ConfigError
-from batchrun.sinks import REPORT_KEY
+from batchrun.sinks import REPORT_KEY, output_files, read_output_schema
 
 SWEEP_PREFIX: Final = "sweep_"
 #: the `variant` of the one line of an output that was not a sweep
@@ -86,12 +86,12 @@ def read_report(output: Path) -> list[VariantFigures]:
         ConfigError: `output` is missing, is not Parquet, or has no `status` column.
     """
     import polars as pl
-    import pyarrow.parquet as pq
 
-    if not output.is_file():
+    files = output_files(output)
+    if not files:
         raise ConfigError("no such file", path=output)
     try:
-        schema = pq.read_schema(output)
+        schema = read_output_schema(output)
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
         raise ConfigError(f"not a Parquet file ({exc})", path=output) from None
     names = set(schema.names)
@@ -100,7 +100,7 @@ def read_report(output: Path) -> list[VariantFigures]:
     spec = read_spec(schema.metadata)
     sweep_keys = _sweep_keys(spec, schema.names)
 
-    frame = pl.scan_parquet(output)
+    frame = pl.scan_parquet(files)
     types = frame.collect_schema()
     absent = [name for name in _FIGURE_COLUMNS if name not in names]  # an older output
     if absent:

@@ -32,7 +32,17 @@ from batchrun.errors import (
 from batchrun.job import Job, Limits, resolve_api_key
 from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
-from batchrun.sinks import METADATA_KEY, REPORT_KEY, compact, output_schema
+from batchrun.sinks import (
+    METADATA_KEY,
+    REPORT_KEY,
+    compact,
+    output_exists,
+    output_files,
+    output_schema,
+    read_output_schema,
+    read_output_table,
+    remove_output,
+)
 from batchrun.sources import InputSummary, RowStart, scan_input
 
 if TYPE_CHECKING:
@@ -109,15 +119,14 @@ def _report_metadata(job: Job) -> bytes:
 
 
 def _finished_output(job: Job, manifest: dict[str, Any], rows: int) -> dict[str, Any] | None:
-    """The metadata of an existing output file written by this same job, if it covers `rows`.
+    """The metadata of an existing output (a file or a directory of files) written by this
+    same job, if it covers `rows`.
 
     Raises:
         ConfigError: the file exists but another job (or no batchrun run) wrote it.
     """
-    import pyarrow.parquet as pq
-
     try:
-        metadata = pq.read_schema(job.output).metadata or {}
+        metadata = read_output_schema(job.output).metadata or {}
         found = orjson.loads(metadata[METADATA_KEY])
     except Exception:
         found = None
@@ -145,9 +154,8 @@ def _finished_output(job: Job, manifest: dict[str, Any], rows: int) -> dict[str,
 
 def _counts(output: Path) -> tuple[int, int]:
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    status = pq.read_table(output, columns=["status"])["status"]
+    status = read_output_table(output, columns=["status"])["status"]
     ok = int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
     return ok, len(status) - ok
 
@@ -187,13 +195,15 @@ def run_job(
     # the key first: a missing key is found before anything is read or sent
     api_key = resolve_api_key(job)
     register_secret(api_key)
-    if job.output.is_dir():  # never "the output file exists": --restart would then fail on it
+    # a folder that is not an output batchrun wrote as a directory (`output_file_rows`):
+    # never "the output file exists", as --restart would then remove the user's folder
+    if job.output.is_dir() and not output_files(job.output):
         raise ConfigError(
             f"is a folder: the output is a Parquet file, such as {job.output / 'results.parquet'}",
             path=job.output,
         )
     checkpoint = Checkpoint(job.output)
-    if restart or checkpoint.exists() or not job.output.exists():
+    if restart or checkpoint.exists() or not output_exists(job.output):
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
     _check_prices(job, scan)
@@ -216,8 +226,8 @@ def run_job(
     try:
         if restart:
             checkpoint.clear()
-            job.output.unlink(missing_ok=True)
-        if not checkpoint.exists() and job.output.exists():
+            remove_output(job.output)
+        if not checkpoint.exists() and output_exists(job.output):
             try:
                 _finished_output(job, manifest, scan.rows)
                 ok, errors = _counts(job.output)
@@ -343,7 +353,13 @@ def _run_with_checkpoint(
     complete = state.rows_done >= scan.rows
     if complete:
         try:
-            compact(checkpoint.directory, job.output, schema=schema, rows=scan.rows)
+            compact(
+                checkpoint.directory,
+                job.output,
+                schema=schema,
+                rows=scan.rows,
+                file_rows=job.output_file_rows,
+            )
         except OSError as exc:
             if is_disk_full(exc):
                 raise DiskFull(job.output) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -135,7 +136,7 @@ def segment_number(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -157,7 +158,7 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
 
 
 def write_atomically(table: pa.Table, path: Path) -> None:
@@ -406,7 +407,7 @@ def recover_journals(directory: Path, *, schema: pa.Schema) -> int:
                 recovered += len(rows)
         journal.unlink()
     if journals:
-        _fsync_dir(directory)
+        _fsync(directory)
     return recovered
 
 
@@ -439,9 +440,86 @@ def keep_latest(frame: Any) -> Any:
 COMPACT_CHUNK_ROWS = 20_000
 
 
-def compact(directory: Path, output: Path, *, schema: pa.Schema, rows: int) -> int:
-    """Fold the results for the first `rows` input rows into the output file, in input
-    order, written atomically. Returns the number of rows written.
+def output_files(output: Path) -> list[Path]:
+    """The Parquet files that make up `output`, in row order: the file itself, or the
+    `part-NNNNN.parquet` files of an output written as a directory (`output_file_rows`).
+
+    This is the one place that knows both shapes; everything that reads an output reads it
+    through here. An empty list: there is no output.
+    """
+    if output.is_dir():
+        files = sorted(output.iterdir())
+        # only a folder of nothing but our file names is an output: never a user's folder,
+        # which --restart would otherwise remove
+        if files and all(_OUTPUT_FILE.fullmatch(path.name) for path in files):
+            return files
+        return []
+    return [output] if output.is_file() else []
+
+
+def output_exists(output: Path) -> bool:
+    """Whether `output` is written, as one file or as a directory of files."""
+    return bool(output_files(output))
+
+
+def read_output_schema(output: Path) -> pa.Schema:
+    """The schema (and batchrun metadata) of an output; every file of a directory has it.
+
+    Raises:
+        FileNotFoundError: there is no output.
+    """
+    import pyarrow.parquet as pq
+
+    files = output_files(output)
+    if not files:
+        raise FileNotFoundError(output)
+    return pq.read_schema(files[0])
+
+
+def read_output_table(output: Path, *, columns: list[str] | None = None) -> pa.Table:
+    """An output's rows (or some columns of them), in order, as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(path, columns=columns) for path in output_files(output)]
+    if not tables:
+        raise FileNotFoundError(output)
+    return pa.concat_tables(tables)
+
+
+def remove_output(output: Path) -> None:
+    """Delete an output, a file or a directory of files; nothing if there is none."""
+    import shutil
+
+    if output.is_dir():
+        shutil.rmtree(output)
+    else:
+        output.unlink(missing_ok=True)
+
+
+#: the files of an output written as a directory: `part-00000.parquet`, ...
+_OUTPUT_FILE = re.compile(rf"{PART_PREFIX}\d{{5}}\.parquet")
+
+
+def _output_file_path(directory: Path, number: int) -> Path:
+    return directory / f"{PART_PREFIX}{number:05d}.parquet"
+
+
+def compact(
+    directory: Path,
+    output: Path,
+    *,
+    schema: pa.Schema,
+    rows: int,
+    file_rows: int | None = None,
+) -> int:
+    """Fold the results for the first `rows` input rows into the output, in input order,
+    written atomically. Returns the number of rows written.
+
+    Args:
+        file_rows: past this many rows the output is a directory of `part-NNNNN.parquet`
+            files of at most `file_rows` rows each (same schema and metadata), built as
+            `.OUTPUT.tmp-PID/` and renamed into place whole; None: always one file.
 
     Memory stays flat whatever the size: the output is written one range of input
     positions at a time, reading only the parts that hold results in that range.
@@ -466,11 +544,12 @@ def compact(directory: Path, output: Path, *, schema: pa.Schema, rows: int) -> i
     # (a carried column null in the first rows, ints before floats, ids that later turn
     # mixed): each part is cast to the output's types before they meet
     target = dict(pl.from_arrow(schema.empty_table()).schema)  # type: ignore[union-attr]
-    written = 0
-    with _atomic_file(output) as file, pq.ParquetWriter(file, schema, compression="zstd") as out:
-        for start in range(0, rows, COMPACT_CHUNK_ROWS):
-            end = min(start + COMPACT_CHUNK_ROWS, rows)
-            holding = spans.filter((pl.col("low") < end) & (pl.col("high") >= start))
+
+    def chunks(start: int, stop: int) -> Iterator[pa.Table]:
+        """The output's rows for input positions [start, stop), a range at a time."""
+        for low in range(start, stop, COMPACT_CHUNK_ROWS):
+            high = min(low + COMPACT_CHUNK_ROWS, stop)
+            holding = spans.filter((pl.col("low") < high) & (pl.col("high") >= low))
             if holding.is_empty():
                 continue
             frames = [
@@ -479,8 +558,56 @@ def compact(directory: Path, output: Path, *, schema: pa.Schema, rows: int) -> i
                 .with_columns(pl.lit(number, pl.Int64).alias("_segment"))
                 for path, number in holding.select("_part", "_segment").iter_rows()
             ]
-            in_range = pl.concat(frames).filter((index >= start) & (index < end))
+            in_range = pl.concat(frames).filter((index >= low) & (index < high))
             chunk = keep_latest(in_range).select(schema.names).collect()
-            out.write_table(chunk.to_arrow().cast(schema))
-            written += chunk.height
+            yield chunk.to_arrow().cast(schema)
+
+    written = 0
+    with _atomic_output(output) as tmp:
+        if file_rows is None or rows <= file_rows:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as out:
+                for table in chunks(0, rows):
+                    out.write_table(table)
+                    written += table.num_rows
+            return written
+        tmp.mkdir()
+        # file k holds input positions [k * file_rows, (k + 1) * file_rows): every file is
+        # full but the last, and the files' name order is the input order
+        for number, start in enumerate(range(0, rows, file_rows)):
+            path = _output_file_path(tmp, number)
+            with pq.ParquetWriter(path, schema, compression="zstd") as out:
+                for table in chunks(start, min(start + file_rows, rows)):
+                    out.write_table(table)
+                    written += table.num_rows
+            _fsync(path)
+        _fsync(tmp)
     return written
+
+
+@contextlib.contextmanager
+def _atomic_output(output: Path) -> Iterator[Path]:
+    """A temporary path, `.OUTPUT.tmp-PID`, for the block to write a file or a directory at;
+    when the block ends without an error it replaces `output`, whichever shape either has.
+
+    A file over a file is one rename. Otherwise the old output is first renamed aside (to
+    `.OUTPUT.tmp-PID.old`) and removed after: a kill in between leaves no output but the
+    checkpoint, which is only discarded after compaction, so the next run compacts again.
+    `Checkpoint.recover` clears whatever `.OUTPUT.tmp-*` a kill left.
+    """
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_file():
+            _fsync(tmp)
+        if tmp.is_file() and not output.is_dir():
+            os.replace(tmp, output)
+        else:
+            old = tmp.with_name(tmp.name + ".old")
+            if output.exists():
+                os.replace(output, old)
+            os.replace(tmp, output)
+            remove_output(old)
+    except BaseException:
+        remove_output(tmp)
+        raise
+    _fsync(output.parent)

@@ -20,9 +20,12 @@ from batchrun.sinks import (
     keep_latest,
     list_journals,
     list_parts,
+    output_exists,
     part_number,
     parts_dir,
     read_journal,
+    read_output_schema,
+    read_output_table,
     segment_number,
     shard_dirs,
 )
@@ -79,7 +82,7 @@ def read_status(output: Path) -> JobStatus:
             if directory.exists():
                 raise
             # the run finished and removed its checkpoint while we read it
-    if output.is_file():
+    if output_exists(output):
         return _from_output(output)
     raise ConfigError("nothing here: no checkpoint and no output file", path=output)
 
@@ -137,22 +140,21 @@ def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
         rows=rows,
         limit=limit if isinstance(limit, int) else None,
         active_pid=active_pid,
-        output_written=checkpoint.output.is_file(),
+        output_written=output_exists(checkpoint.output),
     )
 
 
 def _from_output(output: Path) -> JobStatus:
     import polars as pl
-    import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(output)
+        schema = read_output_schema(output)
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
         raise ConfigError(f"not a Parquet file ({exc})", path=output) from None
     missing = [name for name in _COUNTED if name not in schema.names]
     if missing:
         raise ConfigError(f"not a batchrun output (no {missing[0]!r} column)", path=output)
-    frame = pl.from_arrow(pq.read_table(output, columns=list(_COUNTED)))
+    frame = pl.from_arrow(read_output_table(output, columns=list(_COUNTED)))
     assert isinstance(frame, pl.DataFrame)  # a table gives a frame, not a series
     rows: int | None = frame.height
     try:

@@ -91,6 +91,22 @@ def test_output_equals_the_local_engine(
     assert got.select(columns).to_pylist() == expected.select(columns).to_pylist()
 
 
+def test_output_file_rows_on_ray_writes_the_same_rows_as_a_directory(
+    ray_address: str, fake: FakeServer, tmp_path: Path
+) -> None:
+    """With `output_file_rows`, the driver compacts the shards into a directory of files that
+    read back as one table, in input order."""
+    import polars as pl
+
+    write_jsonl(tmp_path / "in.jsonl", _rows(25))
+    summary = run_job(_ray_job(tmp_path, fake, output_file_rows=10))
+    output = tmp_path / "out.parquet"
+    assert summary.complete and summary.rows_ok == 25
+    assert [pq.read_metadata(f).num_rows for f in sorted(output.iterdir())] == [10, 10, 5]
+    ids = pl.scan_parquet(output / "*.parquet").select("id").collect()["id"].to_list()
+    assert ids == [f"r{i}" for i in range(25)]
+
+
 def test_summary_adds_up_every_worker(ray_address: str, fake: FakeServer, tmp_path: Path) -> None:
     """The summary counts the rows and requests of all workers, each sweep variant once."""
     write_jsonl(tmp_path / "in.jsonl", _rows(30))

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from batchrun.cli import cli
-from batchrun.errors import AuthError, BalanceError
+from batchrun.errors import AuthError, BalanceError, ConfigError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
@@ -554,3 +555,102 @@ def test_max_cost_checks_models_named_by_rows_too(tmp_path: Path, fake: FakeServ
     with pytest.raises(ConfigError, match="without a price \\(fake-row-model\\)"):
         run(tmp_path, fake, rows, max_cost=1.0, prompt={"row_params": ["model"]})
     assert fake.stats()["requests"] == 0
+
+
+def test_output_file_rows_writes_a_directory_polars_reads_as_the_one_file_run(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Past `output_file_rows`, OUTPUT is a directory of files of at most N rows that polars
+    reads back as the same rows, in order, as a one-file run."""
+    import polars as pl
+
+    one = tmp_path / "one"
+    one.mkdir()
+    run(one, fake, prompts(7), prompt={"id_column": "id"})
+    run(tmp_path, fake, prompts(7), prompt={"id_column": "id"}, output_file_rows=3)
+    output = tmp_path / "out.parquet"
+    files = sorted(output.iterdir())
+    assert [f.name for f in files] == [f"part-0000{i}.parquet" for i in range(3)]
+    assert [pq.read_metadata(f).num_rows for f in files] == [3, 3, 1]
+    assert len({pq.read_schema(f) for f in files}) == 1
+    assert pq.read_schema(files[0]).metadata == pq.read_schema(one / "out.parquet").metadata
+    together = pl.scan_parquet(output / "*.parquet").collect()
+    alone = pl.read_parquet(one / "out.parquet")
+    kept = ["id", "status", "content"]
+    assert together.select(kept).equals(alone.select(kept))
+    assert [r["id"] for r in together.iter_rows(named=True)] == [f"r{i}" for i in range(7)]
+    assert pq.read_table(output)["id"].to_pylist() == [f"r{i}" for i in range(7)]  # pyarrow too
+    assert not parts_dir(output).exists()
+    assert not list(tmp_path.glob(".out.parquet.tmp-*"))
+
+
+def test_a_directory_output_run_again_sends_nothing(tmp_path: Path, fake: FakeServer) -> None:
+    """A finished job whose output is a directory is found done: nothing is sent again."""
+    run(tmp_path, fake, prompts(5), output_file_rows=2)
+    sent = fake.stats()["requests"]
+    summary = run(tmp_path, fake, prompts(5), output_file_rows=2)
+    assert summary.complete and summary.statistics is None and summary.rows_ok == 5
+    assert fake.stats()["requests"] == sent
+
+
+def test_status_report_and_export_read_a_directory_output(tmp_path: Path, fake: FakeServer) -> None:
+    """`run --output-file-rows` writes a directory; `status`, `report` and `export` take it
+    as the whole table."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    output = str(tmp_path / "out.parquet")
+    ran = CliRunner().invoke(
+        cli,
+        ["run", "--input", str(tmp_path / "in.jsonl"), "--output", output]
+        + ["--base-url", fake.base_url, "--id-column", "id", "--output-file-rows", "2"],
+    )
+    assert ran.exit_code == 0, ran.output
+    assert len(list((tmp_path / "out.parquet").iterdir())) == 3
+    status = CliRunner().invoke(cli, ["status", output])
+    assert status.exit_code == 0, status.output
+    assert "complete" in status.output and "5 done of 5: 5 ok" in status.output
+    report = CliRunner().invoke(cli, ["report", output, "--json"])
+    assert report.exit_code == 0, report.output
+    assert [(v["rows"], v["ok"]) for v in orjson.loads(report.output)] == [(5, 5)]
+    exported = tmp_path / "out.jsonl"
+    export = CliRunner().invoke(cli, ["export", output, "--format", "jsonl", "-o", str(exported)])
+    assert export.exit_code == 0, export.output
+    lines = [orjson.loads(line) for line in exported.read_bytes().splitlines()]
+    assert [line["id"] for line in lines] == [f"r{i}" for i in range(5)]
+
+
+def test_restart_replaces_a_directory_output(tmp_path: Path, fake: FakeServer) -> None:
+    """--restart removes a directory output and answers again; fewer rows than N is one file."""
+    run(tmp_path, fake, prompts(5), output_file_rows=2)
+    sent = fake.stats()["requests"]
+    write_jsonl(tmp_path / "in.jsonl", prompts(5))
+    job = build_job(fast_job_data(tmp_path, fake.base_url, output_file_rows=10))
+    summary = run_job(job, restart=True, settings=SETTINGS)
+    assert summary.complete and fake.stats()["requests"] == sent + 5
+    assert (tmp_path / "out.parquet").is_file()
+    assert [r["id"] for r in read_output(tmp_path)] == [f"r{i}" for i in range(5)]
+
+
+def test_a_folder_that_is_not_an_output_is_still_refused(tmp_path: Path, fake: FakeServer) -> None:
+    """A user's folder named as the output is an error, never removed by --restart."""
+    (tmp_path / "out.parquet").mkdir()
+    (tmp_path / "out.parquet" / "notes.txt").write_text("mine")
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    job = build_job(fast_job_data(tmp_path, fake.base_url, output_file_rows=1))
+    with pytest.raises(ConfigError, match="is a folder"):
+        run_job(job, restart=True, settings=SETTINGS)
+    assert (tmp_path / "out.parquet" / "notes.txt").exists()
+
+
+def test_a_directory_left_by_a_killed_compaction_is_cleared_and_redone(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A `.OUTPUT.tmp-PID` directory (and the old output set aside) left by a kill during
+    compaction is removed, and the next run writes the whole output."""
+    run(tmp_path, fake, prompts(5), limit=2, output_file_rows=2)  # keeps its checkpoint
+    for name in (".out.parquet.tmp-99999", ".out.parquet.tmp-99999.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part-00000.parquet").write_bytes(b"cut short")
+    summary = run(tmp_path, fake, prompts(5), output_file_rows=2)
+    assert summary.complete and summary.rows_ok == 5
+    assert not list(tmp_path.glob(".out.parquet.tmp-*"))
+    assert len(list((tmp_path / "out.parquet").iterdir())) == 3
