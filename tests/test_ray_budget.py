@@ -197,8 +197,8 @@ def test_a_429_from_one_worker_pauses_the_others() -> None:
 class SlotHog:
     """A worker that takes every concurrency slot and never gives one back."""
 
-    def __init__(self, handle: Any, limits: Limits) -> None:
-        self.limiter = LeasedRateLimiter(handle, limits)
+    def __init__(self, handle: Any, limits: Limits, worker: str = "") -> None:
+        self.limiter = LeasedRateLimiter(handle, limits, worker=worker)
 
     async def take(self, slots: int) -> int:
         for _ in range(slots):
@@ -227,6 +227,30 @@ def test_a_dead_workers_slots_return_to_the_pool() -> None:
     finally:
         stop_budget(handle)
     assert 0.3 <= waited < 3.0
+
+
+def test_a_forgotten_workers_slots_return_at_once() -> None:
+    """The driver saw a worker's actor die: its slots come back now, not at its lease's end."""
+    limits = Limits(concurrency=2, adaptive=False)
+    handle = budget(limits, lease_seconds=30.0)
+    hog = SlotHog.remote(handle, limits, "batchrun-worker-x-1")
+    assert ray.get(hog.take.remote(2)) == 2
+    ray.kill(hog)
+    assert ray.get(handle.forget.remote("batchrun-worker-x-1/")) == 1
+
+    async def main() -> float:
+        other = LeasedRateLimiter(handle, limits)
+        started = time.monotonic()
+        with anyio.fail_after(10):
+            for _ in range(2):
+                await other.reserve(SCOPE, prompt_tokens=1, completion_cap=1)
+        return time.monotonic() - started
+
+    try:
+        waited = anyio.run(main)
+    finally:
+        stop_budget(handle)
+    assert waited < 1.0  # the 30 s lease was not waited out
 
 
 def test_a_live_worker_keeps_its_slots_while_the_others_wait() -> None:
