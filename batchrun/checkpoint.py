@@ -158,20 +158,31 @@ class Checkpoint:
                 path=where,
             ) from None
 
-    def manifest_for(self, job: Job) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "fingerprint": {"input": input_identity(job.input), "job": job.fingerprint()},
-        }
+    def manifest_for(self, job: Job, *, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The manifest a run of `job` makes, redacted: no job value reaches it unredacted (it
+        may quote a prompt or extra_body).
 
-    def open(self, job: Job, *, restart: bool) -> None:
+        Args:
+            identity: the input's identity as the scan pass computed it (`InputSummary`);
+                hashed here when not given.
+        """
+        if not identity:
+            identity = input_identity(job.input)
+        manifest: dict[str, Any] = scrub(
+            {"version": 1, "fingerprint": {"input": identity, "job": job.fingerprint()}}
+        )
+        return manifest
+
+    def open(self, job: Job, *, restart: bool, manifest: dict[str, Any] | None = None) -> None:
         """Create the checkpoint, or check that an existing one belongs to this job.
+
+        Args:
+            manifest: `manifest_for(job)`, when the caller has made it already.
 
         Raises:
             ConfigError: the job changed since the checkpoint was made, and not `restart`.
         """
-        # no job value reaches the manifest unredacted (it may quote a prompt or extra_body)
-        wanted = scrub(self.manifest_for(job))
+        wanted = manifest if manifest is not None else self.manifest_for(job)
         if self.exists() and restart:
             self.discard()
         if self.exists():

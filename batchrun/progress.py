@@ -60,7 +60,7 @@ class RunStatistics:
         return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def _add(total: int | None, value: int | None) -> int | None:
+def add_reported(total: int | None, value: int | None) -> int | None:
     """A sum that stays None until some row reports the figure."""
     if value is None:
         return total
@@ -97,11 +97,13 @@ class Tally:
         else:
             self.rows_error += 1
             self.errors_by_class[row.get("error_class") or "unknown"] += 1
-        self.prompt_tokens = _add(self.prompt_tokens, row["prompt_tokens"])
-        self.completion_tokens = _add(self.completion_tokens, row["completion_tokens"])
-        self.cache_hit_tokens = _add(self.cache_hit_tokens, row["prompt_cache_hit_tokens"])
-        self.cache_miss_tokens = _add(self.cache_miss_tokens, row["prompt_cache_miss_tokens"])
-        self.reasoning_tokens = _add(self.reasoning_tokens, row["reasoning_tokens"])
+        self.prompt_tokens = add_reported(self.prompt_tokens, row["prompt_tokens"])
+        self.completion_tokens = add_reported(self.completion_tokens, row["completion_tokens"])
+        self.cache_hit_tokens = add_reported(self.cache_hit_tokens, row["prompt_cache_hit_tokens"])
+        self.cache_miss_tokens = add_reported(
+            self.cache_miss_tokens, row["prompt_cache_miss_tokens"]
+        )
+        self.reasoning_tokens = add_reported(self.reasoning_tokens, row["reasoning_tokens"])
         cost = row.get("cost_usd")
         if cost is not None:
             self.cost_usd += cost
@@ -148,7 +150,7 @@ def combine(
     ):
         total: int | None = None
         for part in parts:
-            total = _add(total, getattr(part, name))
+            total = add_reported(total, getattr(part, name))
         tokens[name] = total
     errors: Counter[str] = Counter()
     retries: Counter[str] = Counter()

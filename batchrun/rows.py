@@ -25,7 +25,7 @@ from batchrun.client import Completion
 from batchrun.errors import PermanentError, RateLimited, RequestError, RunStopped
 from batchrun.job import Job
 from batchrun.meter import Attempt, AttemptMeter, MeteredRequest
-from batchrun.progress import Tally
+from batchrun.progress import Tally, add_reported
 from batchrun.prompts import RequestShape, Variant, build_request
 from batchrun.retry import RetryPolicy
 from batchrun.sinks import INDEX_COLUMN, PAID_BEFORE_COLUMN, USAGE_COLUMNS
@@ -39,17 +39,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _add(a: int | None, b: int | None) -> int | None:
-    return b if a is None else (a if b is None else a + b)
-
-
 def summed(answers: list[Completion]) -> Completion:
     """The last answer, with the usage of every answer the row paid for."""
     total = dataclasses.replace(answers[-1])
     for name in USAGE_COLUMNS:
         value: int | None = None
         for answer in answers:
-            value = _add(value, getattr(answer, name))
+            value = add_reported(value, getattr(answer, name))
         setattr(total, name, value)
     return total
 

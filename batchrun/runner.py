@@ -211,8 +211,7 @@ def run_job(
         from batchrun.cache import RequestCache
 
         RequestCache(job.cache)  # a cache folder that cannot be written, before the checkpoint
-    # redacted as the checkpoint's copy is, so that the two compare equal
-    manifest = scrub(checkpoint.manifest_for(job))
+    manifest = checkpoint.manifest_for(job, identity=scan.identity)
     schema = output_schema(scan.carried_types)
     schema = schema.with_metadata(
         {
@@ -235,7 +234,7 @@ def run_job(
                 checkpoint.discard_if_empty()  # the folder made for the lock just taken
             # the whole output, which a --limit run finds done: its rows, not the limit's
             return RunSummary(job.output, True, ok + errors, ok, errors, None)
-        checkpoint.open(job, restart=False)
+        checkpoint.open(job, restart=False, manifest=manifest)
         checkpoint.record_rows(scan.rows, limit=job.limit)
         checkpoint.recover(carried=scan.carried_types)
         return _run_with_checkpoint(

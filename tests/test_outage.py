@@ -11,14 +11,12 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import structlog
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
@@ -42,13 +40,6 @@ from tests.test_resume import start_run, wait_for_requests
 from tests.test_runner import prompts, read_output
 
 SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
-
-
-@pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    """CLI runs point structlog at their stderr; undo that for later tests."""
-    yield
-    structlog.reset_defaults()
 
 
 def free_port() -> int:

@@ -24,8 +24,6 @@ from batchrun.pool import PoolSettings
 from batchrun.runner import RunSummary, run_job
 from tests.conftest import fast_job_data, write_jsonl
 
-SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05)
-
 
 def run(tmp_path: Path, fake: FakeServer, rows: list[dict[str, Any]], **extra: Any) -> RunSummary:
     write_jsonl(tmp_path / "in.jsonl", rows)
