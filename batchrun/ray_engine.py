@@ -443,8 +443,8 @@ class _Driver:
         try:
             result: ShardResult = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
-            with contextlib.suppress(ValueError):
-                self.actors.remove(actor)
+            # the actor lives on after its shard's code raised: left in `actors`, so that
+            # `kill_all` ends it rather than leaving it holding a CPU
             cause = getattr(exc, "cause", None)
             raise (cause if isinstance(cause, BaseException) else exc) from None
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
