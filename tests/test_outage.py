@@ -175,7 +175,9 @@ def test_endpoint_down_mid_run_pauses_then_every_row_ends_ok_without_spent_attem
 def test_while_down_one_probe_at_a_time(tmp_path: Path) -> None:
     """While the endpoint is down, the waiting workers send one probe at a time, so probes
     over the outage number about its length over the probe delay, not that times the workers."""
-    with FakeServer(FakeConfig()) as server:
+    # answers take a moment, so the run is still going when the fake stops after 5 (with
+    # instant answers a loaded machine could finish all 40 rows first)
+    with FakeServer(FakeConfig(latency=0.1)) as server:
         job = job_for(
             tmp_path,
             server.base_url,
