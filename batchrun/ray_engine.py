@@ -314,15 +314,7 @@ def connected(ray: ModuleType, job: Job, *, workers: int, verbose: bool) -> Iter
     if job.ray.address:
         ray.init(address=job.ray.address, **quiet)
     else:
-        # a local instance talks to nothing but 127.0.0.1: no usage report to Ray's servers
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(
-            address="local",  # a new instance, even where `ray start` left one running
-            _node_ip_address="127.0.0.1",
-            num_cpus=workers + 1,  # the workers and the budget's actor
-            include_dashboard=False,
-            **quiet,
-        )
+        start_local(ray, num_cpus=workers + 1, **quiet)  # the workers and the budget's actor
     for signum, handler in handlers.items():
         if handler is not None:
             signal.signal(signum, handler)
@@ -330,6 +322,27 @@ def connected(ray: ModuleType, job: Job, *, workers: int, verbose: bool) -> Iter
         yield
     finally:
         ray.shutdown()
+
+
+def start_local(ray: ModuleType, *, num_cpus: int, **options: Any) -> None:
+    """A new Ray instance on this machine that listens on 127.0.0.1 only.
+
+    Ray turns `_node_ip_address="127.0.0.1"` into the machine's reachable address unless told
+    it is no cluster (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, its switch for laptops); the
+    variable is set for this process and so for every Ray process it starts. No usage report
+    to Ray's servers either."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray read the variable when it was imported: the same answer for this process
+    constants = importlib.import_module("ray._private.ray_constants")
+    setattr(constants, "ENABLE_RAY_CLUSTER", False)  # noqa: B010 (Ray's module has no stubs)
+    ray.init(
+        address="local",  # a new instance, even where `ray start` left one running
+        _node_ip_address="127.0.0.1",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        **options,
+    )
 
 
 class _StopSignals:

@@ -17,6 +17,7 @@ from batchrun.job import Limits, build_job
 from batchrun.limits import Outcome
 from batchrun.ratelimit import Scope
 from batchrun.ray_budget import LeasedRateLimiter, scope_key, start_budget, stop_budget
+from batchrun.ray_engine import start_local
 from tests.conftest import fast_job_data, write_jsonl
 
 ray = pytest.importorskip("ray")
@@ -28,14 +29,7 @@ _names = iter(range(1_000_000))
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance() -> Iterator[None]:
     """One local Ray instance for the module, bound to 127.0.0.1, quiet."""
-    ray.init(
-        _node_ip_address="127.0.0.1",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        configure_logging=True,
-    )
+    start_local(ray, num_cpus=4, log_to_driver=False, logging_level="ERROR", configure_logging=True)
     yield
     ray.shutdown()
 

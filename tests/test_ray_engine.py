@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from batchrun.errors import AuthError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
+from batchrun.ray_engine import start_local
 from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import list_parts, parts_dir, shard_dirs
 from batchrun.status import read_status
@@ -39,14 +41,7 @@ _TIMING = {"latency_s", "queued_s", "started_at", "finished_at", "response_id"}
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """One local Ray instance for the module, bound to 127.0.0.1."""
-    ray.init(
-        address="local",  # our own, even where another session left a `ray start` running
-        _node_ip_address="127.0.0.1",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
+    start_local(ray, num_cpus=4, log_to_driver=False, logging_level=logging.ERROR)
     try:
         yield str(ray.get_runtime_context().gcs_address)
     finally:
@@ -290,3 +285,20 @@ def test_local_instance_keeps_ray_quiet(ray_address: str, fake: FakeServer, tmp_
     assert done.returncode == 0, done.stderr
     assert "complete: 6 ok" in done.stderr
     assert "Ray" not in done.stderr and "ShardWorker" not in done.stderr
+
+
+def test_local_instance_listens_on_loopback_only(ray_address: str) -> None:
+    """Every socket the local Ray instance listens on is bound to 127.0.0.1."""
+    if not shutil.which("ss"):
+        pytest.skip("needs ss (iproute2) to list listening sockets")
+    assert ray_address.startswith("127.0.0.1:")
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ray_sockets = [
+        line.split()[3]
+        for line in listing.splitlines()
+        if re.search(r'"(gcs_server|raylet|ray::[^"]*)"', line)
+    ]
+    assert ray_sockets, listing
+    outside = [a for a in ray_sockets if not re.match(r"(\[::ffff:)?127\.0\.0\.1\]?:", a)]
+    assert not outside, outside
