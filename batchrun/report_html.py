@@ -36,6 +36,8 @@ _CONFIG: Final = {
     "modeBarButtonsToRemove": ["sendChartToCloud", "select2d", "lasso2d"],
 }
 _HEIGHT: Final = 380
+#: d3 format of amounts in USD: "$0.00037", "$12.5"
+_DOLLARS: Final = "$.3~g"
 _OK_COLOUR: Final = "#4c9a5b"
 _ERROR_COLOUR: Final = "#d1495b"
 _RETRY_COLOUR: Final = "#edae49"
@@ -338,7 +340,7 @@ def _throughput_chart(data: Throughput) -> Any:
     figure.add_trace(
         go.Scatter(
             x=middles,
-            y=data.rate_limited,
+            y=[n or None for n in data.rate_limited],  # a mark where there were some
             name="rows ended on a 429",
             mode="markers",
             marker={"color": _LIMIT_COLOUR, "symbol": "x", "size": 9},
@@ -376,39 +378,38 @@ def _tokens_chart(
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    # bars across, the variants' labels down the left of both panels, so that long labels fit
     labels = [names[f.variant] for f in figures]
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("mean tokens per row", "cost (USD)"))
+    figure = make_subplots(
+        rows=1,
+        cols=2,
+        shared_yaxes=True,
+        horizontal_spacing=0.03,
+        subplot_titles=("mean tokens per row", "cost (USD)"),
+    )
     figure.update_layout(
         template="plotly_white",
-        height=_HEIGHT,
+        height=max(_HEIGHT, 140 + 30 * len(figures)),
         barmode="stack",
-        margin={"l": 60, "r": 20, "t": 40, "b": 60},
-        legend={"orientation": "h", "y": -0.2},
+        margin={"l": 60, "r": 20, "t": 40, "b": 40},
+        legend={"orientation": "h", "y": -0.12, "traceorder": "normal"},
+        yaxis={"autorange": "reversed"},
+        xaxis2={"tickformat": _DOLLARS},
     )
+    for name, colour, values in (
+        ("prompt", "#8fa8c8", [f.mean_prompt_tokens for f in figures]),
+        ("completion", "#30638e", [f.mean_completion_tokens for f in figures]),
+    ):
+        figure.add_trace(
+            go.Bar(y=labels, x=values, orientation="h", name=name, marker_color=colour),
+            row=1,
+            col=1,
+        )
     figure.add_trace(
         go.Bar(
-            x=labels,
-            y=[f.mean_prompt_tokens for f in figures],
-            name="prompt",
-            marker_color="#8fa8c8",
-        ),
-        row=1,
-        col=1,
-    )
-    figure.add_trace(
-        go.Bar(
-            x=labels,
-            y=[f.mean_completion_tokens for f in figures],
-            name="completion",
-            marker_color="#30638e",
-        ),
-        row=1,
-        col=1,
-    )
-    figure.add_trace(
-        go.Bar(
-            x=labels,
-            y=[f.cost_usd for f in figures],
+            y=labels,
+            x=[f.cost_usd for f in figures],
+            orientation="h",
             name="cost",
             marker_color=[colours[f.variant] for f in figures],
             showlegend=False,
@@ -426,7 +427,12 @@ def _accuracy_chart(
 
     symbols = ("circle", "diamond", "square", "triangle-up", "cross")
     fields = list(figures[0].accuracy) if figures else []
-    figure = _figure(xaxis_title="cost (USD)", yaxis_title="accuracy", yaxis_tickformat=".0%")
+    figure = _figure(
+        xaxis_title="cost (USD)",
+        xaxis_tickformat=_DOLLARS,
+        yaxis_title="accuracy",
+        yaxis_tickformat=".0%",
+    )
     for i, name in enumerate(fields):
         shown = [f for f in figures if f.accuracy.get(name) is not None]
         figure.add_trace(
@@ -453,13 +459,15 @@ def _errors_chart(
     import plotly.graph_objects as go
 
     classes = list(data)
-    variants = list(dict.fromkeys(v for counts in data.values() for v in counts))
+    present = {variant for counts in data.values() for variant in counts}
+    variants = [v for v in names if v in present] + sorted(present - names.keys())
     figure = _figure(
         barmode="stack",
         xaxis_title="rows",
         height=160 + 36 * len(classes),
         yaxis={"autorange": "reversed"},
-        legend={"orientation": "h", "traceorder": "normal"},
+        legend={"orientation": "h", "traceorder": "normal", "y": 1.02, "yanchor": "bottom"},
+        margin={"l": 60, "r": 20, "t": 40, "b": 50},
     )
     for variant in variants:
         figure.add_trace(
