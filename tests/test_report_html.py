@@ -271,3 +271,15 @@ def test_html_to_a_missing_folder_is_a_clear_error(sweep: SweepPage, tmp_path: P
     result = CliRunner().invoke(cli, ["report", str(sweep.output), "--html", str(page)])
     assert result.exit_code == 2
     assert str(page) in result.output and "cannot write" in result.output
+
+
+def test_markup_in_a_swept_value_stays_text(tmp_path: Path) -> None:
+    """A swept value holding markup is shown as text: escaped in the table, and unable to end
+    the page's scripts early."""
+    value = "<b>m</b></script><script>x"  # short enough for the table to show whole
+    path = write_output(tmp_path / "odd.parquet", [{**r, "sweep_model": value} for r in SWEEP_ROWS])
+    page = render_html(read_report(path), scan_rows(path), title="<i>t</i>")
+    assert "<td>&lt;b&gt;m&lt;/b&gt;&lt;/script&gt;&lt;script&gt;x</td>" in page
+    assert "<title>&lt;i&gt;t&lt;/i&gt;</title>" in page
+    assert value not in page and "<b>m" not in page
+    assert page.count("<script") == page.count("</script>")
