@@ -49,6 +49,8 @@ CHROMIUM_FLAGS = (
 
 @dataclass(frozen=True)
 class SweepPage:
+    """A sweep's output, its report page, and its variants' names."""
+
     output: Path
     page: Path
     variants: list[str]
@@ -79,6 +81,7 @@ def sweep(fake_session: FakeServer, tmp_path_factory: pytest.TempPathFactory) ->
     result = CliRunner().invoke(cli, ["report", data["output"], "--html", str(page)])
     assert result.exit_code == 0, result.output
     variants = [f.variant for f in read_report(Path(data["output"]))]
+    assert len(variants) == 8  # 2 models x 2 temperatures x 2 repeats
     return SweepPage(Path(data["output"]), page, variants)
 
 
