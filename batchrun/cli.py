@@ -345,16 +345,36 @@ def export_command(output: Path, fmt: str, out: Path | None) -> None:
 @cli.command(name="report")
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def report_command(output: Path, as_json: bool) -> None:
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the report with charts as one self-contained HTML page (batchrun[report]).",
+)
+def report_command(output: Path, as_json: bool, html_file: Path | None) -> None:
     """Per-variant figures of OUTPUT (or of the job file's output): rows, ok, errors, tokens, cost,
     latency, accuracy."""
     from batchrun.report import read_report, write_report
 
     try:
-        figures = read_report(_finished_output(output))
+        if html_file is not None:
+            from batchrun.report_html import require_plotly
+
+            require_plotly()  # before the file is read: say what to install at once
+        output = _finished_output(output)
+        figures = read_report(output)
+        if html_file is not None:
+            from batchrun.report import scan_rows
+            from batchrun.report_html import write_html
+
+            write_html(
+                figures, scan_rows(output), html_file, title=f"batchrun report: {output.name}"
+            )
     except BatchrunError as exc:
         _exit_error(exc)
     write_report(figures, as_json=as_json, file=sys.stdout)
+    if html_file is not None:
+        click.echo(f"wrote {html_file}", err=True)
 
 
 @cli.command(params=[p for p in run.params if p.name != "dry_run"])

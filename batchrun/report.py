@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
 
 from batchrun.errors import ConfigError
 from batchrun.sinks import REPORT_KEY, output_files, read_output_schema
+
+if TYPE_CHECKING:
+    import polars as pl
 
 SWEEP_PREFIX: Final = "sweep_"
 #: the `variant` of the one line of an output that was not a sweep
@@ -156,6 +159,15 @@ def read_report(output: Path) -> list[VariantFigures]:
             )
         )
     return figures
+
+
+def scan_rows(output: Path) -> pl.LazyFrame:
+    """The rows of `output` as a polars LazyFrame, for what needs more than per-variant sums
+    (the charts of `report --html`). Call `read_report` first: it says what is wrong with a
+    file that is not a batchrun output."""
+    import polars as pl
+
+    return pl.scan_parquet(output_files(output))
 
 
 def _sweep_keys(spec: ReportSpec, names: Sequence[str]) -> list[str]:

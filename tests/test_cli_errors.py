@@ -237,7 +237,7 @@ def test_python_m_batchrun_help() -> None:
     assert "run" in done.stdout
 
 
-HEAVY = ("polars", "pyarrow", "httpx", "structlog", "aiohttp", "pydantic", "ray")
+HEAVY = ("polars", "pyarrow", "httpx", "structlog", "aiohttp", "pydantic", "ray", "plotly")
 
 
 def test_cli_import_leaves_heavy_modules_out() -> None:
