@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -23,14 +23,12 @@ import anyio
 
 from batchrun import tokens
 from batchrun.client import Completion
+from batchrun.clock import SYSTEM_CLOCK, Clock
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
 from batchrun.limits import Outcome, SpendBudget
 from batchrun.prices import Charge, PriceTable
 from batchrun.ratelimit import Lease, RateLimiter, Scope
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+from batchrun.schedule import OffPeakSchedule
 
 
 def outcome_of(error: BaseException | None, answer: Completion | None) -> Outcome:
@@ -83,13 +81,15 @@ class Attempt:
 
     def sending(self) -> None:
         """Note that the request is leaving now: from here on, the lease is settled."""
-        self.sent_at, self.started = _now(), time.perf_counter()
+        self.sent_at, self.started = self._meter.clock.now(), time.perf_counter()
 
     def received(self, answer: Completion) -> None:
         self.answer = answer
 
     async def __aenter__(self) -> Attempt:
         meter, request = self._meter, self.request
+        if meter.schedule is not None:  # off-peak runs: no budget is held while waiting
+            await meter.schedule.wait_off_peak(request.model)
         await meter.spend.reserve(request.worst_usd)
         try:
             self.lease = await meter.limiter.reserve(
@@ -127,6 +127,9 @@ class AttemptMeter:
 
     Args:
         endpoint, key_digest: the scope's endpoint and account (`ratelimit.key_digest`).
+        clock: the wall clock that says when a request was sent, so what it costs.
+        schedule: with `schedule = "off-peak"`, holds each attempt back while its model is
+            at peak price.
     """
 
     def __init__(
@@ -137,8 +140,12 @@ class AttemptMeter:
         prices: PriceTable,
         endpoint: str,
         key_digest: str = "",
+        clock: Clock = SYSTEM_CLOCK,
+        schedule: OffPeakSchedule | None = None,
     ) -> None:
         self.limiter = limiter
+        self.clock = clock
+        self.schedule = schedule
         self.spend = spend
         self.prices = prices
         self.endpoint = endpoint
@@ -153,7 +160,7 @@ class AttemptMeter:
         worst = 0.0
         if self.spend.cap is not None:
             worst = self.prices.worst_case(
-                model, _now(), prompt_tokens=prompt_at_most, completion_cap=cap
+                model, self.clock.now(), prompt_tokens=prompt_at_most, completion_cap=cap
             )
         return MeteredRequest(
             body=body,
@@ -180,7 +187,7 @@ class AttemptMeter:
             attempt.seconds = time.perf_counter() - attempt.started
         usd: float | None = None
         if answer is not None:
-            attempt.charge = self._charge(request, answer, attempt.sent_at or _now())
+            attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
             usd = attempt.charge.usd
         self.spend.settle(request.worst_usd, usd)
         if lease is None:

@@ -58,6 +58,11 @@ _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HORIZON_DAYS = 400
 
 
+def _hhmm(offset: timedelta) -> str:
+    minutes = int(offset.total_seconds()) // 60
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
 @dataclass(frozen=True, slots=True)
 class PeakHours:
     """A weekly calendar of peak windows in UTC: on its `days`, except `holidays`, the
@@ -93,6 +98,29 @@ class PeakHours:
         at = at.astimezone(UTC)
         start = at.date() - timedelta(days=1)  # a merged window may begin the day before
         return (iv for iv in self._intervals(start) if iv[1] > at)
+
+    def __str__(self) -> str:
+        """'01:00-04:00, 06:00-10:00 UTC Mon-Fri'"""
+        windows = ", ".join(f"{_hhmm(start)}-{_hhmm(end)}" for start, end in self.windows)
+        days = [_WEEKDAYS[d].title() for d in sorted(self.days)]
+        span = (
+            f"{days[0]}-{days[-1]}"
+            if len(days) > 2 and len(days) == self._span()
+            else ", ".join(days)
+        )
+        return f"{windows} UTC {span}"
+
+    def _span(self) -> int:
+        return max(self.days) - min(self.days) + 1
+
+    def peak_seconds(self, start: datetime, end: datetime) -> float:
+        """How many seconds of [start, end) fall in peak windows."""
+        total = 0.0
+        for begin, finish in self._around(start):
+            if begin >= end:
+                break
+            total += (min(finish, end) - max(begin, start)).total_seconds()
+        return total
 
     def is_peak(self, at: datetime) -> bool:
         """Whether `at` falls in a peak window."""
@@ -147,11 +175,20 @@ class Price:
         """Whether `at` is in this price's peak hours (False when it has none)."""
         return self.peak_hours is not None and self.peak_hours.is_peak(at)
 
+    @property
+    def peak_rates(self) -> Rates:
+        """The rates in peak hours (a price without peak hours: its only rates)."""
+        return Rates(self.cache_hit, self.cache_miss, self.output)
+
+    @property
+    def off_peak_rates(self) -> Rates:
+        """The rates outside peak hours (a price without peak hours: its only rates)."""
+        return self.off_peak_prices or self.peak_rates
+
     def rates(self, at: datetime) -> Rates:
         """The rates in force at `at`, before any old-style daily discount."""
-        peak = Rates(self.cache_hit, self.cache_miss, self.output)
         if self.peak_hours is None or self.off_peak_prices is None or self.is_peak(at):
-            return peak
+            return self.peak_rates
         return self.off_peak_prices
 
     def off_peak_saving(self) -> float:
