@@ -68,6 +68,8 @@ class Attempt:
         self._deadline: anyio.CancelScope | None = None
         #: wall-clock time and `perf_counter()` when the request left (None: never sent)
         self.sent_at: datetime | None = None
+        #: the wall-clock time the attempt got its budgets (and the schedule let it go)
+        self._cleared_at: datetime | None = None
         self.started: float | None = None
         #: seconds the request took, once the block is left
         self.seconds = 0.0
@@ -81,25 +83,44 @@ class Attempt:
 
     def sending(self) -> None:
         """Note that the request is leaving now: from here on, the lease is settled."""
-        self.sent_at, self.started = self._meter.clock.now(), time.perf_counter()
+        self.sent_at, self.started = (
+            self._cleared_at or self._meter.clock.now(),
+            time.perf_counter(),
+        )
 
     def received(self, answer: Completion) -> None:
         self.answer = answer
 
     async def __aenter__(self) -> Attempt:
         meter, request = self._meter, self.request
-        if meter.schedule is not None:  # off-peak runs: no budget is held while waiting
-            await meter.schedule.wait_off_peak(request.model)
-        await meter.spend.reserve(request.worst_usd)
-        try:
-            self.lease = await meter.limiter.reserve(
-                request.scope,
-                prompt_tokens=request.prompt_tokens,
-                completion_cap=request.completion_cap,
-            )
-        except BaseException:
+        schedule = meter.schedule
+        while True:
+            if schedule is not None:  # off-peak runs: no budget is held while waiting
+                await schedule.wait_off_peak(request.model)
+            await meter.spend.reserve(request.worst_usd)
+            try:
+                self.lease = await meter.limiter.reserve(
+                    request.scope,
+                    prompt_tokens=request.prompt_tokens,
+                    completion_cap=request.completion_cap,
+                )
+            except BaseException:
+                meter.spend.settle(request.worst_usd, None)
+                raise
+            # the caller sends with no wait between here and `sending()`: this is the moment
+            # the request leaves, read once, so the schedule's check and the price agree
+            self._cleared_at = meter.clock.now()
+            if (
+                schedule is None
+                or schedule.stopping
+                or not schedule.at_peak(request.model, self._cleared_at)
+            ):
+                break
+            # peak began while the attempt waited for its budgets: give them back, wait again
             meter.spend.settle(request.worst_usd, None)
-            raise
+            with anyio.CancelScope(shield=True):
+                await meter.limiter.cancel(self.lease)
+            self.lease = None
         self._deadline = anyio.CancelScope(deadline=self.lease.expires_at)
         self._deadline.__enter__()
         return self

@@ -76,6 +76,15 @@ class OffPeakSchedule:
         #: the end of the window last announced in the log (once a window, not per request)
         self._announced: datetime | None = None
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def at_peak(self, model: str, at: datetime) -> bool:
+        """Whether `model` is at its peak price at `at`."""
+        price = self.prices.price_for(model, at)
+        return price is not None and price.is_peak(at)
+
     async def wait_off_peak(self, model: str) -> None:
         """Return once `model` is off-peak (at once if it is), or when the run stops."""
         while not self._stop.is_set():
