@@ -21,7 +21,7 @@ from batchrun.prices import PriceTable
 from batchrun.progress import Tally
 from batchrun.runner import RunSummary, run_job
 from batchrun.schedule import OffPeakSchedule, peak_wait
-from tests.conftest import fast_job_data, write_jsonl
+from tests.conftest import ManualClock, fast_job_data, write_jsonl
 
 # Tuesday 1 December 2026; peak 01:00-04:00 and 06:00-10:00 UTC
 TUESDAY = datetime(2026, 12, 1, tzinfo=UTC)
@@ -37,34 +37,6 @@ peak_hours = "deepseek"
 off_peak_prices = { cache_hit = 0.003, cache_miss = 0.15, output = 0.60 }
 """
 PEAK, OFF_PEAK = (0.006, 0.30, 1.20), (0.003, 0.15, 0.60)
-
-
-class ManualClock:
-    """A wall clock the test sets from its own thread; sleepers wake when it passes their time."""
-
-    def __init__(self, at: datetime) -> None:
-        self._at = at
-        self._lock = threading.Lock()
-        self.sleepers = 0
-
-    def now(self) -> datetime:
-        with self._lock:
-            return self._at
-
-    def set(self, at: datetime) -> None:
-        with self._lock:
-            self._at = at
-
-    async def sleep_until(self, when: datetime, *, wake: anyio.Event | None = None) -> None:
-        with self._lock:
-            self.sleepers += 1
-        try:
-            # polled: the test moves the clock from another thread, which cannot set an Event
-            while self.now() < when and not (wake is not None and wake.is_set()):  # noqa: ASYNC110
-                await anyio.sleep(0.002)
-        finally:
-            with self._lock:
-                self.sleepers -= 1
 
 
 def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
