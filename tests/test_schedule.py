@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from structlog.testing import capture_logs
 
+from batchrun.errors import Interrupted
 from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
@@ -183,3 +186,39 @@ def test_a_run_without_the_schedule_is_priced_at_the_hour_it_sends(
         run_job(job, restart=True, settings=PoolSettings(clock=ManualClock(minute)))
         for row in _rows(tmp_path):
             assert row["cost_usd"] == pytest.approx(_by_hand(row, rates))
+
+
+def test_ctrl_c_while_waiting_for_off_peak_stops_at_once(tmp_path: Path, fake: FakeServer) -> None:
+    """Ctrl-C while every request waits for off-peak: the run stops in well under its grace
+    period, nothing sent, and the same job then runs to completion off-peak."""
+    job = _job(tmp_path, fake, rows=6, schedule="off-peak")
+    clock = ManualClock(TUESDAY.replace(hour=7))
+
+    def interrupt() -> None:
+        _until(lambda: clock.sleepers == job.limits.concurrency, "every worker to wait")
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    began = time.monotonic()
+    with pytest.raises(Interrupted):
+        run_job(job, settings=PoolSettings(clock=clock, stop_grace=30))
+    thread.join()
+    assert time.monotonic() - began < 10
+    assert fake.stats()["requests"] == 0
+    clock.set(TUESDAY.replace(hour=10))
+    assert run_job(job, settings=PoolSettings(clock=clock)).rows_ok == 6
+
+
+def test_display_pool_line_says_it_waits_for_off_peak() -> None:
+    """The live display's pool line and the progress line carry the schedule's note."""
+    from rich.console import Console
+
+    from batchrun.progress import _render, progress_fields
+
+    note = "waiting for off-peak until 10:00 UTC (saves 50%)"
+    stats = Tally(rows_total=10, waiting=note).statistics()
+    assert progress_fields(stats)["schedule"] == note
+    console = Console(record=True, width=120)
+    console.print(_render(stats, None))
+    assert f"0 in flight, limit -, {note}" in console.export_text()
