@@ -87,10 +87,13 @@ class OffPeakSchedule:
 
     async def wait_off_peak(self, model: str) -> None:
         """Return once `model` is off-peak (at once if it is), or when the run stops."""
+        waited = False
         while not self._stop.is_set():
             now = self.clock.now()
             wait = peak_wait(self.prices, model, now)
             if wait is None:
+                if waited and self._waiting == 0:  # the last request held back goes
+                    log.info("off_peak_resumed", model=model, at=now.isoformat())
                 return
             note = wait.note(now)
             if self._announced != wait.until:
@@ -98,6 +101,7 @@ class OffPeakSchedule:
                 log.info("off_peak_wait", note=note, model=model, until=wait.until.isoformat())
             self._waiting += 1
             self._tally.waiting = note
+            waited = True
             try:
                 await self.clock.sleep_until(wait.until, wake=self._stop)
             finally:

@@ -139,6 +139,7 @@ def test_off_peak_run_started_at_peak_sends_nothing_until_the_window_ends(
     assert fake.stats()["requests"] == 6
     note = "waiting for off-peak until 04:00 UTC (saves 50%)"
     assert [e["note"] for e in logs if e["event"] == "off_peak_wait"] == [note]
+    assert any(e["event"] == "off_peak_resumed" for e in logs)
     assert next(e for e in logs if "schedule" in e)["schedule"] == note
     for row in _rows(tmp_path):
         assert row["started_at"] == TUESDAY.replace(hour=4)
