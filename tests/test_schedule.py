@@ -42,6 +42,22 @@ off_peak_prices = { cache_hit = 0.003, cache_miss = 0.15, output = 0.60 }
 PEAK, OFF_PEAK = (0.006, 0.30, 1.20), (0.003, 0.15, 0.60)
 
 
+class JumpingClock(ManualClock):
+    """A ManualClock that moves itself to `to` at the first reading after `after()` holds:
+    the run crosses into a peak window at a point the test chose, however loaded the machine."""
+
+    def __init__(self, at: datetime, *, after: Callable[[], bool], to: datetime) -> None:
+        super().__init__(at)
+        self._after: Callable[[], bool] | None = after
+        self._to = to
+
+    def now(self) -> datetime:
+        if self._after is not None and self._after():
+            self._after = None
+            self.set(self._to)
+        return super().now()
+
+
 def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -152,12 +168,14 @@ def test_off_peak_run_crossing_into_a_peak_window_pauses_and_resumes(
     """Started at 00:59, the run pauses when 01:00 comes (requests in flight finish), sends
     nothing at peak, and at 04:00 goes on: every row answered once, none lost or sent twice."""
     rows = 20
-    fake.reset(FakeConfig(latency=0.03))  # 0.3 s of sending at least: room to move the clock
+    fake.reset(FakeConfig(latency=0.01))
     job = _job(tmp_path, fake, rows=rows, schedule="off-peak", limits={"concurrency": 2})
-    clock = ManualClock(TUESDAY.replace(hour=0, minute=59))
+    clock = JumpingClock(
+        TUESDAY.replace(hour=0, minute=59),
+        after=lambda: fake.stats()["requests"] >= 3,
+        to=TUESDAY.replace(hour=1),
+    )
     thread, outcome = _in_thread(job, PoolSettings(clock=clock))
-    _until(lambda: fake.stats()["requests"] >= 3, "some requests")
-    clock.set(TUESDAY.replace(hour=1))
     _until(lambda: clock.sleepers == 2, "both workers to wait")
     paused_at = fake.stats()["requests"]
     assert paused_at < rows
