@@ -157,6 +157,13 @@ def cli() -> None:
     type=click.Choice(["local", "ray"]),
     help="Run here (local), or in shards on Ray actors (needs batchrun[ray]).",
 )
+@click.option(
+    "--off-peak",
+    "schedule",
+    flag_value="off-peak",
+    default=None,
+    help="Send only while the model is at its off-peak price; wait out peak hours.",
+)
 @click.option("--ray-address", help="Ray cluster to join (default: a local Ray instance).")
 @click.option("--workers", type=click.IntRange(1, 4096), help="Ray worker actors (--engine ray).")
 @click.option("--prices", type=click.Path(path_type=Path, dir_okay=False), help="Price file.")

@@ -249,6 +249,8 @@ class Job(_Strict):
     cache: Path | None = None
     #: "local" runs in this process; "ray" cuts the input into shards run by Ray actors
     engine: Literal["local", "ray"] = "local"
+    #: "off-peak": a request is sent only while its model is off-peak (`schedule.py`)
+    schedule: Literal["anytime", "off-peak"] = "anytime"
     ray: RaySettings = Field(default_factory=RaySettings)
     #: the file the job came from, if any (for messages)
     source: Path | None = Field(default=None, exclude=True)
@@ -403,6 +405,7 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
     "output_file_rows": ("output_file_rows",),
     "transport": ("transport",),
     "engine": ("engine",),
+    "schedule": ("schedule",),
     "ray_address": ("ray", "address"),
     "workers": ("ray", "workers"),
     "concurrency": ("limits", "concurrency"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -23,14 +23,12 @@ import anyio
 
 from batchrun import tokens
 from batchrun.client import Completion
+from batchrun.clock import SYSTEM_CLOCK, Clock
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
 from batchrun.limits import Outcome, SpendBudget
 from batchrun.prices import Charge, PriceTable
 from batchrun.ratelimit import Lease, RateLimiter, Scope
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+from batchrun.schedule import OffPeakSchedule
 
 
 def outcome_of(error: BaseException | None, answer: Completion | None) -> Outcome:
@@ -70,6 +68,8 @@ class Attempt:
         self._deadline: anyio.CancelScope | None = None
         #: wall-clock time and `perf_counter()` when the request left (None: never sent)
         self.sent_at: datetime | None = None
+        #: the wall-clock time the attempt got its budgets (and the schedule let it go)
+        self._cleared_at: datetime | None = None
         self.started: float | None = None
         #: seconds the request took, once the block is left
         self.seconds = 0.0
@@ -83,23 +83,44 @@ class Attempt:
 
     def sending(self) -> None:
         """Note that the request is leaving now: from here on, the lease is settled."""
-        self.sent_at, self.started = _now(), time.perf_counter()
+        self.sent_at, self.started = (
+            self._cleared_at or self._meter.clock.now(),
+            time.perf_counter(),
+        )
 
     def received(self, answer: Completion) -> None:
         self.answer = answer
 
     async def __aenter__(self) -> Attempt:
         meter, request = self._meter, self.request
-        await meter.spend.reserve(request.worst_usd)
-        try:
-            self.lease = await meter.limiter.reserve(
-                request.scope,
-                prompt_tokens=request.prompt_tokens,
-                completion_cap=request.completion_cap,
-            )
-        except BaseException:
+        schedule = meter.schedule
+        while True:
+            if schedule is not None:  # off-peak runs: no budget is held while waiting
+                await schedule.wait_off_peak(request.model)
+            await meter.spend.reserve(request.worst_usd)
+            try:
+                self.lease = await meter.limiter.reserve(
+                    request.scope,
+                    prompt_tokens=request.prompt_tokens,
+                    completion_cap=request.completion_cap,
+                )
+            except BaseException:
+                meter.spend.settle(request.worst_usd, None)
+                raise
+            # the caller sends with no wait between here and `sending()`: this is the moment
+            # the request leaves, read once, so the schedule's check and the price agree
+            self._cleared_at = meter.clock.now()
+            if (
+                schedule is None
+                or schedule.stopping
+                or not schedule.at_peak(request.model, self._cleared_at)
+            ):
+                break
+            # peak began while the attempt waited for its budgets: give them back, wait again
             meter.spend.settle(request.worst_usd, None)
-            raise
+            with anyio.CancelScope(shield=True):
+                await meter.limiter.cancel(self.lease)
+            self.lease = None
         self._deadline = anyio.CancelScope(deadline=self.lease.expires_at)
         self._deadline.__enter__()
         return self
@@ -127,6 +148,9 @@ class AttemptMeter:
 
     Args:
         endpoint, key_digest: the scope's endpoint and account (`ratelimit.key_digest`).
+        clock: the wall clock that says when a request was sent, so what it costs.
+        schedule: with `schedule = "off-peak"`, holds each attempt back while its model is
+            at peak price.
     """
 
     def __init__(
@@ -137,8 +161,12 @@ class AttemptMeter:
         prices: PriceTable,
         endpoint: str,
         key_digest: str = "",
+        clock: Clock = SYSTEM_CLOCK,
+        schedule: OffPeakSchedule | None = None,
     ) -> None:
         self.limiter = limiter
+        self.clock = clock
+        self.schedule = schedule
         self.spend = spend
         self.prices = prices
         self.endpoint = endpoint
@@ -153,7 +181,7 @@ class AttemptMeter:
         worst = 0.0
         if self.spend.cap is not None:
             worst = self.prices.worst_case(
-                model, _now(), prompt_tokens=prompt_at_most, completion_cap=cap
+                model, self.clock.now(), prompt_tokens=prompt_at_most, completion_cap=cap
             )
         return MeteredRequest(
             body=body,
@@ -180,7 +208,7 @@ class AttemptMeter:
             attempt.seconds = time.perf_counter() - attempt.started
         usd: float | None = None
         if answer is not None:
-            attempt.charge = self._charge(request, answer, attempt.sent_at or _now())
+            attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
             usd = attempt.charge.usd
         self.spend.settle(request.worst_usd, usd)
         if lease is None:

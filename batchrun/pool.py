@@ -23,6 +23,7 @@ from tenacity import RetryCallState
 
 from batchrun.cache import RequestCache
 from batchrun.client import Client, Completion
+from batchrun.clock import SYSTEM_CLOCK, Clock
 from batchrun.errors import (
     ConnectFailed,
     Interrupted,
@@ -42,6 +43,7 @@ from batchrun.prompts import expand_sweep
 from batchrun.ratelimit import RateLimiter
 from batchrun.retry import RetryPolicy
 from batchrun.rows import Abandoned, RowMaker, Work
+from batchrun.schedule import OFF_PEAK, OffPeakSchedule
 from batchrun.sinks import PartWriter
 from batchrun.sources import InputRow, InputSummary, RowStart, iter_batches
 
@@ -88,6 +90,8 @@ class PoolSettings:
     handle_signals: bool = False
     #: -v: let engines show their own start-up output (Ray's)
     verbose: bool = False
+    #: the wall clock: when requests are sent (their price) and when off-peak begins
+    clock: Clock = SYSTEM_CLOCK
 
 
 @dataclass
@@ -135,6 +139,14 @@ class Pool:
             prices=self.prices,
             endpoint=self.client.url,
             key_digest=self.key_digest,
+            clock=self.settings.clock,
+            schedule=(
+                OffPeakSchedule(
+                    self.prices, clock=self.settings.clock, stop=self._stop_event, tally=self.tally
+                )
+                if self.job.schedule == OFF_PEAK
+                else None
+            ),
         )
         self.rows = RowMaker(
             job=self.job,

@@ -43,6 +43,8 @@ class RunStatistics:
     #: rows answered whose cost is not known (their model has no price)
     rows_unpriced: int
     elapsed_s: float
+    #: why sending is held back, if it is ("waiting for off-peak until 10:00 UTC ...")
+    waiting: str | None = None
 
     @property
     def rows_remaining(self) -> int:
@@ -89,6 +91,8 @@ class Tally:
     errors_by_class: Counter[str] = field(default_factory=Counter)
     retries_by_class: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    #: set by the off-peak schedule while requests wait for off-peak (`schedule`)
+    waiting: str | None = None
 
     def record_row(self, row: dict[str, Any]) -> None:
         self.rows_done += 1
@@ -132,6 +136,7 @@ class Tally:
             rows_worst_case=self.rows_worst_case,
             rows_unpriced=self.rows_unpriced,
             elapsed_s=time.monotonic() - self.started,
+            waiting=self.waiting,
         )
 
 
@@ -171,6 +176,7 @@ def combine(
         rows_worst_case=sum(p.rows_worst_case for p in parts),
         rows_unpriced=sum(p.rows_unpriced for p in parts),
         elapsed_s=elapsed_s,
+        waiting=next((p.waiting for p in parts if p.waiting), None),
         **tokens,
     )
 
@@ -206,6 +212,8 @@ def progress_fields(stats: RunStatistics, limiter: Any = None, gate: Any = None)
     note = gate.statistics().note if gate is not None else None
     if note is not None:
         fields["endpoint"] = note
+    if stats.waiting is not None:
+        fields["schedule"] = stats.waiting
     return fields
 
 
@@ -248,6 +256,8 @@ def _render(stats: RunStatistics, limiter: Any, gate: Any = None) -> Any:
     concurrency = fields.get("concurrency", "-")
     cooling = fields.get("cooling_down_s") or 0
     state = f"cooling down {cooling:.1f} s" if cooling > 0 else "sending"
+    if "schedule" in fields:
+        state = fields["schedule"]
     if "endpoint" in fields:
         state = fields["endpoint"]
     grid.add_row("pool", f"{fields['in_flight']} in flight, limit {concurrency}, {state}")

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -33,10 +33,6 @@ from batchrun.sources import InputRow, InputSummary
 from batchrun.structured import ParseFailed, parse_fields
 
 log = structlog.get_logger("batchrun")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def summed(answers: list[Completion]) -> Completion:
@@ -317,7 +313,7 @@ class RowMaker:
             error=failure.message if failure else None,
             error_class=failure.error_class if failure else None,
             response_id=c.response_id if c else None,
-            started_at=state.started_at or _now(),
-            finished_at=_now(),
+            started_at=state.started_at or self.meter.clock.now(),
+            finished_at=self.meter.clock.now(),
         )
         return result

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 import pytest
 import structlog
@@ -59,3 +62,31 @@ def fast_job_data(tmp_path: Path, base_url: str, **extra: Any) -> dict[str, Any]
         else:
             data[key] = value
     return data
+
+
+class ManualClock:
+    """A wall clock the test sets from its own thread; sleepers wake when it passes their time."""
+
+    def __init__(self, at: datetime) -> None:
+        self._at = at
+        self._lock = threading.Lock()
+        self.sleepers = 0
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._at
+
+    def set(self, at: datetime) -> None:
+        with self._lock:
+            self._at = at
+
+    async def sleep_until(self, when: datetime, *, wake: anyio.Event | None = None) -> None:
+        with self._lock:
+            self.sleepers += 1
+        try:
+            # polled: the test moves the clock from another thread, which cannot set an Event
+            while self.now() < when and not (wake is not None and wake.is_set()):  # noqa: ASYNC110
+                await anyio.sleep(0.002)
+        finally:
+            with self._lock:
+                self.sleepers -= 1

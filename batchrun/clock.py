@@ -1,0 +1,45 @@
+"""The wall clock a run reads: what time a request is sent (its price) and how long to wait
+for off-peak. One `Clock` is injected per run (`PoolSettings.clock`), so tests can set the
+time of day; elapsed time and timeouts keep using `anyio.current_time()`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Protocol
+
+import anyio
+
+#: how long the system clock sleeps at a time before reading the wall clock again (a
+#: suspended laptop or a clock step must not make a wait of hours overshoot)
+_SLEEP_CHUNK_S = 60.0
+
+
+class Clock(Protocol):
+    """Tells the time in UTC, and sleeps until a time."""
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware, in UTC."""
+        ...
+
+    async def sleep_until(self, when: datetime, *, wake: anyio.Event | None = None) -> None:
+        """Return at `when`, or as soon as `wake` is set."""
+        ...
+
+
+class SystemClock:
+    """The machine's clock."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep_until(self, when: datetime, *, wake: anyio.Event | None = None) -> None:
+        while not (wake is not None and wake.is_set()):
+            left = (when - self.now()).total_seconds()
+            if left <= 0:
+                return
+            with anyio.move_on_after(min(left, _SLEEP_CHUNK_S)):
+                await (anyio.sleep_forever() if wake is None else wake.wait())
+
+
+SYSTEM_CLOCK = SystemClock()
