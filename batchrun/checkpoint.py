@@ -218,14 +218,22 @@ class Checkpoint:
         tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
         os.replace(tmp, self.manifest_path)
 
-    def record_rows(self, rows: int, *, limit: int | None) -> None:
+    def record_rows(
+        self, rows: int, *, limit: int | None, report: dict[str, Any] | None = None
+    ) -> None:
         """Note in the manifest how many input rows this run covers (for `batchrun status`).
 
         Call it holding the lock: the manifest is rewritten.
+
+        Args:
+            report: what `batchrun report` needs to know about the job (the output's
+                `batchrun.report` metadata), for a report of the checkpoint before the
+                output is written.
         """
         manifest = self.read_manifest()
-        if manifest.get("rows") != rows or manifest.get("limit") != limit:
-            self._write_manifest({**manifest, "rows": rows, "limit": limit})
+        wanted = {"rows": rows, "limit": limit} | ({"report": report} if report else {})
+        if any(manifest.get(key) != value for key, value in wanted.items()):
+            self._write_manifest({**manifest, **wanted})
 
     def recover(self, *, carried: dict[str, pa.DataType]) -> int:
         """Fold what a stopped or killed run left in its journal into part files, and clear
