@@ -87,10 +87,26 @@ class ResumeState:
 
     def ok_mask(self) -> bytearray:
         """A byte per position, set where the latest result is ok (the rows to skip)."""
-        return self.latest.translate(_OK_ONLY)
+        return ok_mask(self.latest)
+
+    def error_mask(self) -> bytearray:
+        """A byte per position, set where the latest result is an error (rows asked again)."""
+        return error_mask(self.latest)
+
+
+def ok_mask(latest: bytes | bytearray) -> bytearray:
+    """`ResumeState.latest` (or a slice of it) as a byte per position, set where it is ok."""
+    return bytearray(latest).translate(_OK_ONLY)
+
+
+def error_mask(latest: bytes | bytearray) -> bytearray:
+    """`ResumeState.latest` (or a slice of it) as a byte per position, set where it is an
+    error."""
+    return bytearray(latest).translate(_ERROR_ONLY)
 
 
 _OK_ONLY = bytes(1 if b == DONE_OK else 0 for b in range(256))
+_ERROR_ONLY = bytes(1 if b == DONE_ERROR else 0 for b in range(256))
 
 
 class Checkpoint:

@@ -314,7 +314,13 @@ def _run_with_checkpoint(
     from batchrun.limits import SpendCap
 
     state = checkpoint.resume_state(rows=scan.rows)
-    tally = Tally(rows_total=scan.rows, rows_skipped=state.rows_ok)
+    prior_errors = state.rows_done - state.rows_ok
+    tally = Tally(
+        rows_total=scan.rows,
+        rows_skipped=state.rows_ok,
+        # so that the display counts the whole job's rows, as status and the summary do
+        prior_errors=state.error_mask() if prior_errors else None,
+    )
     statistics = tally.statistics()
     stop: RunStopped | None = None
     if state.rows_ok < scan.rows:
