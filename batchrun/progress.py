@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import structlog
 
+from batchrun.logs import display_up
 from batchrun.sinks import INDEX_COLUMN
 
 
@@ -323,14 +324,17 @@ def live_snapshots(first: RunStatistics) -> Iterator[Callable[[RunStatistics], N
     from rich.console import Console
     from rich.live import Live
 
-    with Live(
-        render(first, None),
-        console=Console(stderr=True),
-        refresh_per_second=4,
-        transient=False,
-        redirect_stderr=True,
-        redirect_stdout=False,
-    ) as live:
+    with (
+        display_up(),
+        Live(
+            render(first, None),
+            console=Console(stderr=True),
+            refresh_per_second=4,
+            transient=False,
+            redirect_stderr=True,
+            redirect_stdout=False,
+        ) as live,
+    ):
         yield lambda stats: live.update(render(stats, None))
 
 
@@ -342,14 +346,17 @@ async def live_display(
     from rich.live import Live
 
     console = Console(stderr=True)
-    with Live(
-        render(tally.statistics(), limiter, gate),
-        console=console,
-        refresh_per_second=4,
-        transient=False,
-        redirect_stderr=True,
-        redirect_stdout=False,
-    ) as live:
+    with (
+        display_up(),
+        Live(
+            render(tally.statistics(), limiter, gate),
+            console=console,
+            refresh_per_second=4,
+            transient=False,
+            redirect_stderr=True,
+            redirect_stdout=False,
+        ) as live,
+    ):
         try:
             while True:
                 await anyio.sleep(every)

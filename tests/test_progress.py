@@ -25,6 +25,7 @@ from batchrun.progress import RunStatistics, Tally, render
 from batchrun.runner import run_job
 from batchrun.status import read_status
 from tests.conftest import fast_job_data, write_jsonl
+from tests.test_cli_errors import to_toml
 
 
 def test_progress_lines_without_a_terminal(tmp_path: Path, fake: FakeServer) -> None:
@@ -43,17 +44,12 @@ def test_progress_lines_without_a_terminal(tmp_path: Path, fake: FakeServer) -> 
     )
 
 
-def test_live_display_in_a_terminal_shows_counts_that_move(
-    tmp_path: Path, fake: FakeServer
-) -> None:
-    """In a pseudo-terminal, the live display redraws with a growing count of rows done."""
-    fake.update(latency=0.03)
-    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
+def run_in_terminal(*args: str) -> tuple[int, bytes]:
+    """`batchrun ARGS` in a pseudo-terminal: its exit code and what it showed, without the
+    terminal's control sequences."""
     primary, secondary = pty.openpty()
-    command = [sys.executable, "-m", "batchrun", "run", "--input", str(tmp_path / "in.jsonl")]
-    command += ["--base-url", fake.base_url, "--concurrency", "2", "--no-adaptive"]
     process = subprocess.Popen(
-        command,
+        [sys.executable, "-m", "batchrun", *args],
         stdin=secondary,
         stdout=secondary,
         stderr=secondary,
@@ -76,11 +72,42 @@ def test_live_display_in_a_terminal_shows_counts_that_move(
         elif process.poll() is not None:
             break
     os.close(primary)
-    assert process.wait(timeout=10) == 0, output[-2000:]
-    plain = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", output)
+    return process.wait(timeout=10), re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", output)
+
+
+def test_live_display_in_a_terminal_shows_counts_that_move(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """In a pseudo-terminal, the live display redraws with a growing count of rows done."""
+    fake.update(latency=0.03)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
+    code, plain = run_in_terminal(
+        "run", "--input", str(tmp_path / "in.jsonl"), "--base-url", fake.base_url,
+        "--concurrency", "2", "--no-adaptive",
+    )  # fmt: skip
+    assert code == 0, plain[-2000:]
     counts = [int(n) for n in re.findall(rb"rows\s+(\d+)/40", plain)]
-    assert counts and counts[-1] == 40, output[-3000:]
+    assert counts and counts[-1] == 40, plain[-3000:]
     assert len(set(counts)) >= 3 and counts == sorted(counts)
+
+
+def test_retry_lines_stay_off_the_display_unless_verbose(tmp_path: Path, fake: FakeServer) -> None:
+    """Under the live display, retry log lines are not printed at default verbosity (the
+    display's retries line counts them) and are printed with -v."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p{i} [[fault:500]]"} for i in range(6)])
+    job_file = tmp_path / "job.toml"  # backoffs of milliseconds
+    job_file.write_text(to_toml(fast_job_data(tmp_path, fake.base_url)), encoding="utf-8")
+    args = ["run", str(job_file), "--concurrency", "2", "--no-adaptive"]
+    code, plain = run_in_terminal(*args)
+    assert code == 0, plain[-2000:]
+    assert b"request_retried" not in plain
+    assert re.search(rb"retries\s+server 6", plain), plain[-2000:]
+    # new prompts: the fake's scripted faults fire once per prompt
+    write_jsonl(tmp_path / "v.jsonl", [{"prompt": f"v{i} [[fault:500]]"} for i in range(6)])
+    more = ["--input", str(tmp_path / "v.jsonl"), "--output", str(tmp_path / "v.parquet")]
+    code, verbose = run_in_terminal(*args, "-v", *more)
+    assert code == 0, verbose[-2000:]
+    assert verbose.count(b"request_retried") == 6, verbose[-2000:]
 
 
 def test_summary_figures_match_the_output_file(tmp_path: Path, fake: FakeServer) -> None:
