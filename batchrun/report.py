@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
 
 from batchrun.errors import ConfigError
 from batchrun.results import Results, open_results
 from batchrun.sinks import REPORT_KEY
+
+if TYPE_CHECKING:
+    import polars as pl
 
 SWEEP_PREFIX: Final = "sweep_"
 #: the `variant` of the one line of an output that was not a sweep
@@ -156,6 +159,14 @@ def read_report(output: Path | Results) -> list[VariantFigures]:
             )
         )
     return figures
+
+
+def scan_rows(output: Path | Results) -> pl.LazyFrame:
+    """The rows of `output` as a polars LazyFrame, for what needs more than per-variant sums
+    (the charts of `report --html`): the output file's, or the checkpoint's latest row per
+    position when the job is not finished (`results.open_results`)."""
+    results = output if isinstance(output, Results) else open_results(output)
+    return results.scan()
 
 
 def _sweep_keys(spec: ReportSpec, names: Sequence[str]) -> list[str]:

@@ -18,6 +18,7 @@ from click.testing import CliRunner, Result
 
 from batchrun.cli import cli
 from batchrun.fake import FakeServer
+from batchrun.report import scan_rows
 from batchrun.sinks import INDEX_COLUMN, list_journals, list_parts, parts_dir, read_journal
 from tests.conftest import fast_job_data, write_jsonl
 from tests.test_cli_errors import to_toml
@@ -89,6 +90,8 @@ def test_report_export_and_status_of_a_job_stopped_by_402(tmp_path: Path, fake: 
     assert exported.stderr.splitlines() == [line]
     table = list(csv.DictReader(io.StringIO(exported.stdout)))
     assert [(row["id"], row["variant"]) for row in table] == order
+    charted = scan_rows(tmp_path / "out.parquet").select("id", "variant").collect().rows()
+    assert charted == order  # what `report --html` charts: the same rows
     assert snapshot(checkpoint) == before
 
 
