@@ -28,6 +28,7 @@ from batchrun.sinks import (
     list_parts,
     output_files,
     part_schema,
+    parts_dir,
     read_journal,
     result_column_names,
     segment_number,
@@ -288,16 +289,23 @@ def open_results(output: Path) -> Results:
     Raises:
         ConfigError: there is neither an output nor a checkpoint, or they do not read.
     """
+    files = output_files(output)
     if has_checkpoint(output):
         try:
             rows = read_checkpoint(output)
-        except FileNotFoundError:  # the run finished and removed its checkpoint meanwhile
-            rows = None
-        if rows is not None:
             partial = rows.partial()
-            if not output_files(output) or partial.unfinished:
+        except ConfigError:
+            if not files:
+                raise
+            # a damaged checkpoint beside a written output: the output is the job's
+        except Exception:  # polars and pyarrow raise several types for a file gone
+            if parts_dir(output).exists():
+                raise
+            # the run finished and removed its checkpoint while we read it
+        else:
+            if not files or partial.unfinished:
                 return Results(output, _output_schema(rows), partial, _checkpoint=rows)
-    files = output_files(output)
+        files = output_files(output)  # a run may have written it meanwhile
     if not files:
         raise ConfigError("no such file", path=output)
     import pyarrow.parquet as pq
