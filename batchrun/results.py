@@ -63,7 +63,8 @@ class Partial:
         return self.rows_total is None or self.rows_done < self.rows_total
 
     def describe(self) -> str:
-        """ "partial: 1,240 of 10,000 rows; the job is not finished", and what to do."""
+        """The one line saying so, e.g. `partial: 1,240 of 10,000 rows; the job is not
+        finished`, and what to do."""
         total = "?" if self.rows_total is None else f"{self.rows_total:,}"
         text = f"partial: {self.rows_done:,} of {total} rows; "
         if self.active_pid is not None:
@@ -136,14 +137,14 @@ def read_checkpoint(output: Path, *, columns: Sequence[str] | None = None) -> Ch
         manifest = {}
     # journals first: a segment that vanishes meanwhile has become a part, listed after
     folders = [checkpoint.directory, *shard_dirs(checkpoint.directory)]
-    journalled: list[tuple[int, list[dict[str, Any]]]] = []
+    journalled: list[tuple[Path, list[dict[str, Any]]]] = []
     for journal in [j for folder in folders for j in list_journals(folder)]:
         try:
             rows = read_journal(journal)
         except FileNotFoundError:
             continue
         if rows:
-            journalled.append((segment_number(journal), rows))
+            journalled.append((journal, rows))
     parts = list_parts(checkpoint.directory)
     schema = _rows_schema(parts, journalled)
     if columns is not None:
@@ -151,15 +152,14 @@ def read_checkpoint(output: Path, *, columns: Sequence[str] | None = None) -> Ch
         schema = _select(schema, wanted)
     target = _polars_types(schema)
     frames: list[pl.LazyFrame] = []
-    for number, rows in journalled:
+    for journal, rows in journalled:
         try:
             table = journal_table(rows, schema)
         except Exception as exc:  # pyarrow raises several types for a value of another type
-            path = checkpoint.directory / f"journal-{number:06d}.jsonl"
-            raise damaged(path, f"a row does not read: {exc}") from None
+            raise damaged(journal, f"a row does not read: {exc}") from None
         journal_frame = pl.from_arrow(table)
         assert isinstance(journal_frame, pl.DataFrame)  # a table gives a frame, not a series
-        segment = pl.lit(number, pl.Int64).alias("_segment")
+        segment = pl.lit(segment_number(journal), pl.Int64).alias("_segment")
         frames.append(journal_frame.lazy().with_columns(segment))
     for path in parts:
         segment = pl.lit(segment_number(path), pl.Int64).alias("_segment")
@@ -183,7 +183,7 @@ def read_checkpoint(output: Path, *, columns: Sequence[str] | None = None) -> Ch
     return found
 
 
-def _rows_schema(parts: list[Path], journalled: list[tuple[int, list[dict[str, Any]]]]) -> Any:
+def _rows_schema(parts: list[Path], journalled: list[tuple[Path, list[dict[str, Any]]]]) -> Any:
     """The part schema every row is read as: the parts' own, widened to hold all of them (a
     `--limit` run may have written narrower types), else what the journal's values are."""
     import pyarrow as pa
