@@ -87,10 +87,26 @@ class ResumeState:
 
     def ok_mask(self) -> bytearray:
         """A byte per position, set where the latest result is ok (the rows to skip)."""
-        return self.latest.translate(_OK_ONLY)
+        return ok_mask(self.latest)
+
+    def error_mask(self) -> bytearray:
+        """A byte per position, set where the latest result is an error (rows asked again)."""
+        return error_mask(self.latest)
+
+
+def ok_mask(latest: bytes | bytearray) -> bytearray:
+    """`ResumeState.latest` (or a slice of it) as a byte per position, set where it is ok."""
+    return bytearray(latest).translate(_OK_ONLY)
+
+
+def error_mask(latest: bytes | bytearray) -> bytearray:
+    """`ResumeState.latest` (or a slice of it) as a byte per position, set where it is an
+    error."""
+    return bytearray(latest).translate(_ERROR_ONLY)
 
 
 _OK_ONLY = bytes(1 if b == DONE_OK else 0 for b in range(256))
+_ERROR_ONLY = bytes(1 if b == DONE_ERROR else 0 for b in range(256))
 
 
 class Checkpoint:
@@ -218,14 +234,22 @@ class Checkpoint:
         tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
         os.replace(tmp, self.manifest_path)
 
-    def record_rows(self, rows: int, *, limit: int | None) -> None:
+    def record_rows(
+        self, rows: int, *, limit: int | None, report: dict[str, Any] | None = None
+    ) -> None:
         """Note in the manifest how many input rows this run covers (for `batchrun status`).
 
         Call it holding the lock: the manifest is rewritten.
+
+        Args:
+            report: what `batchrun report` needs to know about the job (the output's
+                `batchrun.report` metadata), for a report of the checkpoint before the
+                output is written.
         """
         manifest = self.read_manifest()
-        if manifest.get("rows") != rows or manifest.get("limit") != limit:
-            self._write_manifest({**manifest, "rows": rows, "limit": limit})
+        wanted = {"rows": rows, "limit": limit} | ({"report": report} if report else {})
+        if any(manifest.get(key) != value for key, value in wanted.items()):
+            self._write_manifest({**manifest, **wanted})
 
     def recover(self, *, carried: dict[str, pa.DataType]) -> int:
         """Fold what a stopped or killed run left in its journal into part files, and clear

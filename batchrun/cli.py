@@ -41,21 +41,15 @@ def _output_of(path: Path) -> Path:
     return path
 
 
-def _finished_output(path: Path) -> Path:
-    """`_output_of(path)`, which must be written: a stopped run's output is not there yet."""
-    from batchrun.errors import ConfigError
-    from batchrun.sinks import output_exists, parts_dir
+def _results_of(path: Path) -> Any:
+    """The rows of `_output_of(path)`, finished or partial; a partial one says so on stderr
+    (stdout is the data), as `status` says it."""
+    from batchrun.results import open_results
 
-    output = _output_of(path)
-    checkpoint = parts_dir(output)
-    if not output_exists(output) and checkpoint.is_dir():
-        raise ConfigError(
-            f"not written yet: its run is going on or stopped, with a checkpoint in "
-            f"{checkpoint.name}/ (batchrun status {path} says which, and how far it got; a "
-            f"stopped run finishes when the same command runs again)",
-            path=output,
-        )
-    return output
+    results = open_results(_output_of(path))
+    if results.partial is not None:
+        click.echo(results.partial.describe(), file=sys.stderr)
+    return results
 
 
 def _cost_line(stats: Any) -> str:
@@ -336,15 +330,17 @@ def status(output: Path) -> None:
     "-o", "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write here, not stdout."
 )
 def export_command(output: Path, fmt: str, out: Path | None) -> None:
-    """Write the rows of OUTPUT (or the job file's output) as OpenAI batch lines, JSONL or CSV."""
+    """Write the rows of OUTPUT (or the job file's output) as OpenAI batch lines, JSONL or CSV.
+
+    A job not finished gives the rows done so far, from its checkpoint."""
     from batchrun.export import export_output, export_to_file
 
     try:
-        output = _finished_output(output)
+        results = _results_of(output)
         if out is None:
-            export_output(output, sys.stdout.buffer, fmt=fmt)
+            export_output(results, sys.stdout.buffer, fmt=fmt)
         else:
-            export_to_file(output, out, fmt=fmt)
+            export_to_file(results, out, fmt=fmt)
     except BatchrunError as exc:
         _exit_error(exc)
 
@@ -360,7 +356,7 @@ def export_command(output: Path, fmt: str, out: Path | None) -> None:
 )
 def report_command(output: Path, as_json: bool, html_file: Path | None) -> None:
     """Per-variant figures of OUTPUT (or of the job file's output): rows, ok, errors, tokens, cost,
-    latency, accuracy."""
+    latency, accuracy. A job not finished is reported from its checkpoint, as partial."""
     from batchrun.report import read_report, write_report
 
     try:
@@ -368,15 +364,14 @@ def report_command(output: Path, as_json: bool, html_file: Path | None) -> None:
             from batchrun.report_html import require_plotly
 
             require_plotly()  # before the file is read: say what to install at once
-        output = _finished_output(output)
-        figures = read_report(output)
+        results = _results_of(output)
+        figures = read_report(results)
         if html_file is not None:
             from batchrun.report import scan_rows
             from batchrun.report_html import write_html
 
-            write_html(
-                figures, scan_rows(output), html_file, title=f"batchrun report: {output.name}"
-            )
+            title = f"batchrun report: {results.output.name}"
+            write_html(figures, scan_rows(results), html_file, title=title)
     except BatchrunError as exc:
         _exit_error(exc)
     write_report(figures, as_json=as_json, file=sys.stdout)

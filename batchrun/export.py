@@ -10,7 +10,6 @@ import base64
 import contextlib
 import io
 import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,11 +18,10 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import orjson
 
 from batchrun.errors import ConfigError
-from batchrun.sinks import output_files
+from batchrun.results import Results, open_results
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
 FORMATS: Final = ("openai-batch", "jsonl", "csv")
 #: rows per record batch read from the output: bounds memory, amortises the per-batch work
@@ -38,13 +36,18 @@ _USAGE_FIELDS: Final = (
     "prompt_cache_miss_tokens",
 )
 _JSON_OPTIONS: Final = orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE
+#: time zone names that are UTC, written as `Z`
+_UTC_NAMES: Final = frozenset({"UTC", "Etc/UTC", "+00:00", "Z"})
 
 
-def export_output(output: Path, sink: IO[bytes], *, fmt: str, batch_rows: int = BATCH_ROWS) -> int:
+def export_output(
+    output: Path | Results, sink: IO[bytes], *, fmt: str, batch_rows: int = BATCH_ROWS
+) -> int:
     """Write every row of `output` to `sink` in `fmt`; return how many rows were written.
 
     Args:
-        output: a batchrun output: a Parquet file, or a directory of them.
+        output: a batchrun output (a Parquet file, or a directory of them; its checkpoint
+            when the job is not finished), or what `results.open_results` gave for it.
         sink: a binary stream, written batch by batch.
         fmt: one of FORMATS.
 
@@ -53,22 +56,23 @@ def export_output(output: Path, sink: IO[bytes], *, fmt: str, batch_rows: int = 
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
-    files = _open(output)
-    schema = files[0].schema_arrow
+    results = output if isinstance(output, Results) else open_results(output)
+    output, schema = results.output, results.schema
     names = schema.names
     if fmt == "openai-batch":
         missing = [name for name in _BATCH_REQUIRED if name not in names]
         if missing:
             raise ConfigError(f"not a batchrun output (no {missing[0]!r} column)", path=output)
     rows = 0
-    batches = (batch for file in files for batch in _iter_batches(file, output, batch_rows))
-    for batch in batches:
+    for batch in results.iter_batches(batch_rows):
         if fmt == "csv":
-            sink.write(_csv_bytes(batch, header=rows == 0))
+            sink.write(_csv_bytes(_iso_timestamps(batch), header=rows == 0))
+        elif fmt == "jsonl":
+            records = _iso_timestamps(batch).to_pylist()
+            sink.write(b"".join(_flat_line(record) for record in records))
         else:
-            line = _batch_line if fmt == "openai-batch" else _flat_line
             records = batch.to_pylist()
-            sink.write(b"".join(line(record, rows + i + 1) for i, record in enumerate(records)))
+            sink.write(b"".join(_batch_line(r, rows + i + 1) for i, r in enumerate(records)))
         rows += batch.num_rows
     if fmt == "csv" and rows == 0:  # an empty output still gets its header
         import pyarrow as pa
@@ -77,13 +81,14 @@ def export_output(output: Path, sink: IO[bytes], *, fmt: str, batch_rows: int = 
     return rows
 
 
-def export_to_file(output: Path, destination: Path, *, fmt: str) -> int:
+def export_to_file(output: Path | Results, destination: Path, *, fmt: str) -> int:
     """`export_output` into `destination`, replaced only once the export is complete.
 
     Raises:
         ConfigError: as `export_output`, or `destination` is `output` itself.
     """
-    if destination.resolve() == output.resolve():
+    source = output.output if isinstance(output, Results) else output
+    if destination.resolve() == source.resolve():
         raise ConfigError("refusing to export a file onto itself", path=destination)
     tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
     try:
@@ -94,32 +99,6 @@ def export_to_file(output: Path, destination: Path, *, fmt: str) -> int:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return rows
-
-
-def _open(output: Path) -> list[pq.ParquetFile]:
-    import pyarrow.parquet as pq
-
-    paths = output_files(output)
-    if not paths:
-        raise ConfigError("no such file", path=output)
-    try:
-        return [pq.ParquetFile(path) for path in paths]
-    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-        raise ConfigError(f"not a Parquet file ({exc})", path=output) from None
-
-
-def _iter_batches(file: pq.ParquetFile, output: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    import pyarrow as pa
-
-    batches = file.iter_batches(batch_size=batch_rows)
-    while True:
-        try:
-            batch = next(batches, None)
-        except pa.ArrowException as exc:  # a damaged file: say which, not a traceback
-            raise ConfigError(f"cannot read the file ({exc})", path=output) from None
-        if batch is None:
-            return
-        yield batch
 
 
 def _batch_line(row: dict[str, Any], number: int) -> bytes:
@@ -191,7 +170,7 @@ def _epoch_seconds(value: Any) -> int | None:
     return int(value.timestamp())
 
 
-def _flat_line(row: dict[str, Any], number: int) -> bytes:
+def _flat_line(row: dict[str, Any]) -> bytes:
     return orjson.dumps(row, default=_json_default, option=_JSON_OPTIONS)
 
 
@@ -204,6 +183,23 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return base64.b64encode(value).decode()
     raise TypeError(f"cannot write a {type(value).__name__} as JSON")
+
+
+def _iso_timestamps(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The batch with its timestamp columns as ISO 8601 text with `T`, in the column's own
+    unit and zone (UTC as `Z`, a naive column without one): how CSV and JSONL both write
+    them, so the two exports agree."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for column in batch.columns:
+        kind = column.type
+        if pa.types.is_timestamp(kind):
+            zone = "" if kind.tz is None else "Z" if kind.tz in _UTC_NAMES else "%Ez"
+            column = pc.strftime(column, format="%Y-%m-%dT%H:%M:%S" + zone)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def _csv_bytes(batch: pa.RecordBatch, *, header: bool) -> bytes:

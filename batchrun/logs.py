@@ -2,18 +2,35 @@
 
 Events go to stderr: readable on a terminal, JSON lines otherwise (or with `json=True`).
 Every event passes through a processor that replaces registered secrets, so an API key that a
-server echoes back in an error never reaches a log.
+server echoes back in an error never reaches a log. While a live display is on the terminal,
+retry events are left out of the terminal's log unless -v (`display_up`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any, TextIO
 
 REDACTED = "[redacted]"
 _secrets: set[str] = set()
+
+#: events about one row's retries: on a terminal with the live display up they would scroll
+#: above it (whose retries line counts them), so there they show only with -v; a log file
+#: and a log that is not a terminal's get them all
+RETRY_EVENTS = frozenset({"request_retried", "rate_limit_wait"})
+
+
+class _Terminal:
+    """What is on the terminal now."""
+
+    #: live displays up (`display_up`)
+    displays = 0
+
+
+_terminal = _Terminal()
 
 
 def register_secret(value: str | None) -> None:
@@ -61,6 +78,28 @@ def redact_secrets(
     return {key: scrub(value) for key, value in event_dict.items()}
 
 
+@contextlib.contextmanager
+def display_up() -> Iterator[None]:
+    """Mark a live display as being on the terminal for the duration of the block."""
+    _terminal.displays += 1
+    try:
+        yield
+    finally:
+        _terminal.displays -= 1
+
+
+def drop_retries_under_display(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: drop a retry event while a live display is up (installed only
+    when the log goes to the terminal at default verbosity)."""
+    if _terminal.displays and event_dict.get("event") in RETRY_EVENTS:
+        import structlog
+
+        raise structlog.DropEvent
+    return event_dict
+
+
 class CurrentStderr:
     """Writes to whatever `sys.stderr` is at the time, so that a live display that redirects
     stderr can print log lines above itself instead of through them."""
@@ -101,8 +140,11 @@ def configure(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    # the terminal's log at default verbosity: retry lines would scroll above the display
+    quiet = [drop_retries_under_display] if log_file is None and verbosity < 1 else []
     structlog.configure(
         processors=[
+            *quiet,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -15,6 +15,9 @@ from typing import Any
 import anyio
 import structlog
 
+from batchrun.logs import display_up
+from batchrun.sinks import INDEX_COLUMN
+
 
 @dataclass(frozen=True)
 class RunStatistics:
@@ -45,10 +48,31 @@ class RunStatistics:
     elapsed_s: float
     #: why sending is held back, if it is ("waiting for off-peak until 10:00 UTC ...")
     waiting: str | None = None
+    #: rows whose latest result in the checkpoint was an error when the run began: the run
+    #: asks them again
+    rows_prior_error: int = 0
+    #: of those, how many this run has given a new result
+    rows_redone: int = 0
 
     @property
     def rows_remaining(self) -> int:
         return self.rows_total - self.rows_skipped - self.rows_done
+
+    # the whole job's counts, what the display shows: the rows done before this run (ok ones
+    # skipped, error ones until this run redoes them) and this run's, as `status` and the
+    # closing summary count them
+
+    @property
+    def job_rows_ok(self) -> int:
+        return self.rows_skipped + self.rows_ok
+
+    @property
+    def job_rows_error(self) -> int:
+        return self.rows_prior_error - self.rows_redone + self.rows_error
+
+    @property
+    def job_rows_done(self) -> int:
+        return self.job_rows_ok + self.job_rows_error
 
     @property
     def projected_cost_usd(self) -> float:
@@ -93,9 +117,23 @@ class Tally:
     started: float = field(default_factory=time.monotonic)
     #: set by the off-peak schedule while requests wait for off-peak (`schedule`)
     waiting: str | None = None
+    #: a byte per position, set where the checkpoint held an error when the run began
+    #: (`ResumeState.error_mask`); cleared as this run redoes the row
+    prior_errors: bytearray | None = None
+    rows_prior_error: int = 0
+    rows_redone: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prior_errors is not None:
+            self.rows_prior_error = self.prior_errors.count(1)
 
     def record_row(self, row: dict[str, Any]) -> None:
         self.rows_done += 1
+        prior, position = self.prior_errors, row.get(INDEX_COLUMN)
+        if prior is not None and isinstance(position, int) and 0 <= position < len(prior):
+            if prior[position]:
+                prior[position] = 0
+                self.rows_redone += 1
         if row["status"] == "ok":
             self.rows_ok += 1
         else:
@@ -137,14 +175,26 @@ class Tally:
             rows_unpriced=self.rows_unpriced,
             elapsed_s=time.monotonic() - self.started,
             waiting=self.waiting,
+            rows_prior_error=self.rows_prior_error,
+            rows_redone=self.rows_redone,
         )
 
 
 def combine(
-    parts: list[RunStatistics], *, rows_total: int, rows_skipped: int, elapsed_s: float
+    parts: list[RunStatistics],
+    *,
+    rows_total: int,
+    rows_skipped: int,
+    elapsed_s: float,
+    rows_prior_error: int = 0,
 ) -> RunStatistics:
     """The statistics of one run made of several pools (`--engine ray`'s shards): counters
-    summed, token figures left None where no part reported them."""
+    summed, token figures left None where no part reported them.
+
+    Args:
+        rows_skipped, rows_prior_error: the run's, from the checkpoint when it began (each
+            part counts only its own shard's).
+    """
     tokens: dict[str, int | None] = {}
     for name in (
         "prompt_tokens",
@@ -177,6 +227,8 @@ def combine(
         rows_unpriced=sum(p.rows_unpriced for p in parts),
         elapsed_s=elapsed_s,
         waiting=next((p.waiting for p in parts if p.waiting), None),
+        rows_prior_error=rows_prior_error,
+        rows_redone=sum(p.rows_redone for p in parts),
         **tokens,
     )
 
@@ -191,10 +243,11 @@ def progress_fields(stats: RunStatistics, limiter: Any = None, gate: Any = None)
     """The figures a progress line or display shows (`endpoint` only while it is down)."""
     elapsed = stats.elapsed_s or 1e-9
     fields: dict[str, Any] = {
-        "done": stats.rows_done + stats.rows_skipped,
+        # the whole job's rows, as `status` and the closing summary count them
+        "done": stats.job_rows_done,
         "total": stats.rows_total,
-        "ok": stats.rows_ok,
-        "errors": stats.rows_error,
+        "ok": stats.job_rows_ok,
+        "errors": stats.job_rows_error,
         "requests_per_s": round(stats.requests / elapsed, 1),
         "prompt_tokens_per_s": round((stats.prompt_tokens or 0) / elapsed),
         "completion_tokens_per_s": round((stats.completion_tokens or 0) / elapsed),
@@ -227,7 +280,13 @@ async def report_periodically(
         log.info("progress", **progress_fields(tally.statistics(), limiter, gate))
 
 
-def _render(stats: RunStatistics, limiter: Any, gate: Any = None) -> Any:
+#: the display's labels: their column is as wide as the longest, so that a line that comes
+#: and goes (retries) does not shift the others
+_LABELS = ("rows", "rate", "cost", "eta", "pool", "retries")
+
+
+def render(stats: RunStatistics, limiter: Any = None, gate: Any = None) -> Any:
+    """The live display of `stats`: a rich renderable."""
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
@@ -235,7 +294,8 @@ def _render(stats: RunStatistics, limiter: Any, gate: Any = None) -> Any:
     done, total = fields["done"], max(fields["total"], 1)
     eta = fields["eta_s"]
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(justify="right", style="bold")
+    width = max(len(label) for label in _LABELS)
+    grid.add_column(justify="right", style="bold", width=width, no_wrap=True)
     grid.add_column()
     grid.add_row(
         "rows",
@@ -274,15 +334,18 @@ def live_snapshots(first: RunStatistics) -> Iterator[Callable[[RunStatistics], N
     from rich.console import Console
     from rich.live import Live
 
-    with Live(
-        _render(first, None),
-        console=Console(stderr=True),
-        refresh_per_second=4,
-        transient=False,
-        redirect_stderr=True,
-        redirect_stdout=False,
-    ) as live:
-        yield lambda stats: live.update(_render(stats, None))
+    with (
+        display_up(),
+        Live(
+            render(first, None),
+            console=Console(stderr=True),
+            refresh_per_second=4,
+            transient=False,
+            redirect_stderr=True,
+            redirect_stdout=False,
+        ) as live,
+    ):
+        yield lambda stats: live.update(render(stats, None))
 
 
 async def live_display(
@@ -293,17 +356,20 @@ async def live_display(
     from rich.live import Live
 
     console = Console(stderr=True)
-    with Live(
-        _render(tally.statistics(), limiter, gate),
-        console=console,
-        refresh_per_second=4,
-        transient=False,
-        redirect_stderr=True,
-        redirect_stdout=False,
-    ) as live:
+    with (
+        display_up(),
+        Live(
+            render(tally.statistics(), limiter, gate),
+            console=console,
+            refresh_per_second=4,
+            transient=False,
+            redirect_stderr=True,
+            redirect_stdout=False,
+        ) as live,
+    ):
         try:
             while True:
                 await anyio.sleep(every)
-                live.update(_render(tally.statistics(), limiter, gate))
+                live.update(render(tally.statistics(), limiter, gate))
         finally:
-            live.update(_render(tally.statistics(), limiter, gate))
+            live.update(render(tally.statistics(), limiter, gate))

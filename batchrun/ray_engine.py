@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from batchrun.checkpoint import Checkpoint
+from batchrun.checkpoint import DONE_ERROR, Checkpoint, error_mask, ok_mask
 from batchrun.errors import ConfigError, Interrupted, RunStopped
 from batchrun.job import Job, Limits
 from batchrun.logs import register_secret
@@ -257,8 +257,9 @@ class ShardWorker:
         """Answer the rows of `shard` not yet ok, in its checkpoint folder or before.
 
         Args:
-            done_before: a byte per position of the shard, set where the checkpoint held an
-                ok result when the run began (a local run's parts, say, outside any shard).
+            done_before: a byte per position of the shard: the checkpoint's latest result
+                when the run began (`ResumeState.latest`: a local run's parts, say, outside
+                any shard, count too).
         """
         from batchrun.runner import run_pool
 
@@ -271,9 +272,15 @@ class ShardWorker:
         state = checkpoint.resume_state(rows=scan.rows)
         skip = bytearray(b"\x01") * scan.rows
         own = state.ok_mask()[shard.start : shard.end]
-        skip[shard.start : shard.end] = bytes(a | b for a, b in zip(own, done_before, strict=True))
+        ok_before = ok_mask(done_before)
+        skip[shard.start : shard.end] = bytes(a | b for a, b in zip(own, ok_before, strict=True))
         size = shard.end - shard.start
-        self.tally = tally = Tally(rows_total=size, rows_skipped=size - skip.count(0))
+        # the errors the run began with, which this shard asks again (for the display's counts)
+        prior_errors = bytearray(scan.rows)
+        prior_errors[shard.start : shard.end] = error_mask(done_before)
+        self.tally = tally = Tally(
+            rows_total=size, rows_skipped=size - skip.count(0), prior_errors=prior_errors
+        )
         # the worker reads from the shard's first row to its last, not the whole input
         end_row = shard.end // scan.variants
         stop = run_pool(
@@ -385,7 +392,8 @@ class _Driver:
     setup: WorkerSetup
     queue: deque[Shard]
     workers: int
-    #: a byte per position, set where the checkpoint held an ok result when the run began
+    #: a byte per position: the checkpoint's latest result when the run began
+    #: (`ResumeState.latest`)
     done: bytearray
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     #: actors lost so far (dead, so no longer in `actors`)
@@ -498,7 +506,13 @@ class _Driver:
                     if stats is not None:
                         parts.append(stats)
         # each part counts its own shard's skipped rows; the run's come from the checkpoint
-        return combine(parts, rows_total=rows_total, rows_skipped=rows_skipped, elapsed_s=elapsed_s)
+        return combine(
+            parts,
+            rows_total=rows_total,
+            rows_skipped=rows_skipped,
+            elapsed_s=elapsed_s,
+            rows_prior_error=self.done.count(DONE_ERROR),
+        )
 
     def kill_all(self) -> None:
         for actor in self.actors:
@@ -560,7 +574,7 @@ def run_shards(
         )
         actor_class = ray.remote(num_cpus=1, max_concurrency=2, max_restarts=0)(ShardWorker)
         driver = _Driver(
-            ray, actor_class, setup, pending, min(workers, len(pending)) or 1, state.ok_mask()
+            ray, actor_class, setup, pending, min(workers, len(pending)) or 1, state.latest
         )
         log.info(
             "ray_run_started", workers=driver.workers, shards=len(shards), pending=len(pending)

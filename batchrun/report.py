@@ -15,7 +15,8 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import orjson
 
 from batchrun.errors import ConfigError
-from batchrun.sinks import REPORT_KEY, output_files, read_output_schema
+from batchrun.results import Results, open_results
+from batchrun.sinks import REPORT_KEY
 
 if TYPE_CHECKING:
     import polars as pl
@@ -82,28 +83,27 @@ def read_spec(metadata: dict[bytes, bytes] | None) -> ReportSpec:
     )
 
 
-def read_report(output: Path) -> list[VariantFigures]:
+def read_report(output: Path | Results) -> list[VariantFigures]:
     """The figures of `output`, one per variant in the order variants first appear.
+
+    Args:
+        output: an output path (finished, or its checkpoint when the job is not), or what
+            `results.open_results` gave for it.
 
     Raises:
         ConfigError: `output` is missing, is not Parquet, or has no `status` column.
     """
     import polars as pl
 
-    files = output_files(output)
-    if not files:
-        raise ConfigError("no such file", path=output)
-    try:
-        schema = read_output_schema(output)
-    except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
-        raise ConfigError(f"not a Parquet file ({exc})", path=output) from None
+    results = output if isinstance(output, Results) else open_results(output)
+    output, schema = results.output, results.schema
     names = set(schema.names)
     if "status" not in names:
         raise ConfigError("not a batchrun output (no 'status' column)", path=output)
     spec = read_spec(schema.metadata)
     sweep_keys = _sweep_keys(spec, schema.names)
 
-    frame = pl.scan_parquet(files)
+    frame = results.scan()
     types = frame.collect_schema()
     absent = [name for name in _FIGURE_COLUMNS if name not in names]  # an older output
     if absent:
@@ -161,13 +161,12 @@ def read_report(output: Path) -> list[VariantFigures]:
     return figures
 
 
-def scan_rows(output: Path) -> pl.LazyFrame:
+def scan_rows(output: Path | Results) -> pl.LazyFrame:
     """The rows of `output` as a polars LazyFrame, for what needs more than per-variant sums
-    (the charts of `report --html`). Call `read_report` first: it says what is wrong with a
-    file that is not a batchrun output."""
-    import polars as pl
-
-    return pl.scan_parquet(output_files(output))
+    (the charts of `report --html`): the output file's, or the checkpoint's latest row per
+    position when the job is not finished (`results.open_results`)."""
+    results = output if isinstance(output, Results) else open_results(output)
+    return results.scan()
 
 
 def _sweep_keys(spec: ReportSpec, names: Sequence[str]) -> list[str]:

@@ -106,16 +106,17 @@ def _output_metadata(rows: int, manifest: dict[str, Any]) -> bytes:
     )
 
 
-def _report_metadata(job: Job) -> bytes:
-    return orjson.dumps(
-        scrub(
-            {
-                "sweep_keys": [k for k in (job.sweep or {}) if k != "repeat"],
-                "fields": job.parse.fields if job.parse else {},
-                "reference": job.parse.reference if job.parse else {},
-            }
-        )
+def _report_spec(job: Job) -> dict[str, Any]:
+    """What `batchrun report` reads about the job: the output's `batchrun.report` metadata,
+    and the checkpoint manifest's `report` (for a report of a job not finished)."""
+    spec: dict[str, Any] = scrub(
+        {
+            "sweep_keys": [k for k in (job.sweep or {}) if k != "repeat"],
+            "fields": job.parse.fields if job.parse else {},
+            "reference": job.parse.reference if job.parse else {},
+        }
     )
+    return spec
 
 
 def _finished_output(job: Job, manifest: dict[str, Any], rows: int) -> dict[str, Any] | None:
@@ -216,7 +217,7 @@ def run_job(
     schema = schema.with_metadata(
         {
             METADATA_KEY: _output_metadata(scan.rows, manifest),
-            REPORT_KEY: _report_metadata(job),
+            REPORT_KEY: orjson.dumps(_report_spec(job)),
         }
     )
     # the lock comes first: whatever is read or written in the checkpoint after this, no
@@ -235,7 +236,7 @@ def run_job(
             # the whole output, which a --limit run finds done: its rows, not the limit's
             return RunSummary(job.output, True, ok + errors, ok, errors, None)
         checkpoint.open(job, restart=False, manifest=manifest)
-        checkpoint.record_rows(scan.rows, limit=job.limit)
+        checkpoint.record_rows(scan.rows, limit=job.limit, report=_report_spec(job))
         checkpoint.recover(carried=scan.carried_types)
         return _run_with_checkpoint(
             job,
@@ -313,7 +314,13 @@ def _run_with_checkpoint(
     from batchrun.limits import SpendCap
 
     state = checkpoint.resume_state(rows=scan.rows)
-    tally = Tally(rows_total=scan.rows, rows_skipped=state.rows_ok)
+    prior_errors = state.rows_done - state.rows_ok
+    tally = Tally(
+        rows_total=scan.rows,
+        rows_skipped=state.rows_ok,
+        # so that the display counts the whole job's rows, as status and the summary do
+        prior_errors=state.error_mask() if prior_errors else None,
+    )
     statistics = tally.statistics()
     stop: RunStopped | None = None
     if state.rows_ok < scan.rows:

@@ -12,22 +12,14 @@ from typing import Any
 
 import orjson
 
-from batchrun.checkpoint import Checkpoint, check_parts, damaged
 from batchrun.errors import ConfigError
+from batchrun.results import CheckpointRows, Partial, has_checkpoint, read_checkpoint
 from batchrun.sinks import (
-    INDEX_COLUMN,
     METADATA_KEY,
-    keep_latest,
-    list_journals,
-    list_parts,
     output_exists,
-    part_number,
     parts_dir,
-    read_journal,
     read_output_schema,
     read_output_table,
-    segment_number,
-    shard_dirs,
 )
 
 _COUNTED = ("status", "error_class", "prompt_tokens", "completion_tokens")
@@ -71,15 +63,11 @@ def read_status(output: Path) -> JobStatus:
     Raises:
         ConfigError: there is neither a checkpoint nor an output file.
     """
-    checkpoint = Checkpoint(output)
-    directory = checkpoint.directory
-    if directory.is_dir() and (
-        checkpoint.exists() or list_parts(directory) or list_journals(directory)
-    ):
+    if has_checkpoint(output):
         try:
-            return _from_checkpoint(checkpoint)
+            return _from_checkpoint(read_checkpoint(output, columns=_COUNTED))
         except (OSError, ConfigError):
-            if directory.exists():
+            if parts_dir(output).exists():
                 raise
             # the run finished and removed its checkpoint while we read it
     if output_exists(output):
@@ -87,60 +75,15 @@ def read_status(output: Path) -> JobStatus:
     raise ConfigError("nothing here: no checkpoint and no output file", path=output)
 
 
-def _from_checkpoint(checkpoint: Checkpoint) -> JobStatus:
-    import polars as pl
-
-    active_pid = checkpoint.lock_holder()
-    if checkpoint.exists():
-        manifest = checkpoint.read_manifest()
-    elif active_pid is None:  # a run writes its manifest before any result
-        raise damaged(checkpoint.manifest_path, "missing, yet results are there")
-    else:
-        manifest = {}
-    rows = manifest.get("rows")
-    rows = rows if isinstance(rows, int) else None
-    limit = manifest.get("limit")
-    schema = {
-        INDEX_COLUMN: pl.Int64,
-        "status": pl.String,
-        "error_class": pl.String,
-        "prompt_tokens": pl.Int64,
-        "completion_tokens": pl.Int64,
-        "_segment": pl.Int64,
-    }
-    frames = []
-    # journals first: a segment that vanishes meanwhile has become a part, listed after
-    folders = [checkpoint.directory, *shard_dirs(checkpoint.directory)]
-    for journal in [j for folder in folders for j in list_journals(folder)]:
-        try:
-            journalled = read_journal(journal)
-        except FileNotFoundError:
-            continue
-        number = segment_number(journal)
-        records = [{**{k: r.get(k) for k in schema}, "_segment": number} for r in journalled]
-        frames.append(pl.DataFrame(records, schema=schema))
-    parts = list_parts(checkpoint.directory)
-    if parts:
-        scanned = pl.scan_parquet(parts, include_file_paths="_part").select(
-            INDEX_COLUMN, *_COUNTED, part_number().alias("_segment")
-        )
-        try:
-            frames.append(scanned.collect())
-        except Exception:  # polars raises several types for a bad file: name it
-            check_parts(parts)
-            raise
-    frame = pl.concat(frames) if frames else pl.DataFrame(schema=schema)
-    if rows is not None:
-        frame = frame.filter(pl.col(INDEX_COLUMN) < rows)
-    latest = keep_latest(frame.lazy()).collect()
+def _from_checkpoint(rows: CheckpointRows) -> JobStatus:
     return _summarise(
-        latest,
-        output=checkpoint.output,
+        rows.latest().collect(),
+        output=rows.checkpoint.output,
         source="checkpoint",
-        rows=rows,
-        limit=limit if isinstance(limit, int) else None,
-        active_pid=active_pid,
-        output_written=output_exists(checkpoint.output),
+        rows=rows.rows_total,
+        limit=rows.limit,
+        active_pid=rows.active_pid,
+        output_written=output_exists(rows.checkpoint.output),
     )
 
 
@@ -231,10 +174,14 @@ def describe(status: JobStatus) -> list[str]:
         tokens = "not reported (the server sent no usage)"
     elif status.rows_without_usage:
         tokens += f" (not reported for {status.rows_without_usage} ok rows)"
-    return [
+    lines = [
         f"output:  {where}",
         f"state:   {state}",
         f"rows:    {rows}",
         f"errors:  {errors}",
         f"tokens:  {tokens}",
     ]
+    partial = Partial(status.rows_done, status.rows_total, status.active_pid)
+    if status.source == "checkpoint" and (not status.output_written or partial.unfinished):
+        lines.insert(3, partial.describe())  # as `report` and `export` say it
+    return lines

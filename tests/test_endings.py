@@ -510,12 +510,12 @@ def test_status_report_and_export_take_the_job_file(tmp_path: Path, fake: FakeSe
     assert [line["custom_id"] for line in lines] == ["r0", "r1", "r2"]
 
 
-def test_a_stopped_run_is_described_and_its_missing_output_explained(
+def test_a_stopped_run_is_described_and_reported_as_partial(
     tmp_path: Path, fake: FakeServer
 ) -> None:
     """Stopped by --max-cost against a server that sends no usage: status says the tokens
-    were not reported (not 0), and report and export say the output is not written yet and
-    where its checkpoint is, rather than "no such file"."""
+    were not reported (not 0), and report and export read the checkpoint and say, as status
+    does, that the results are partial, rather than "no such file"."""
     fake.update(usage="omit")
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(20)])
     job_file = write_job(tmp_path, fake.base_url, params={"max_tokens": 1000})
@@ -526,8 +526,11 @@ def test_a_stopped_run_is_described_and_its_missing_output_explained(
     assert not output.exists()
     state = invoke("status", str(output)).output
     assert "tokens:  not reported (the server sent no usage)" in state
+    (partial,) = [line for line in state.splitlines() if line.startswith("partial: ")]
+    assert partial.endswith(
+        "of 20 rows; the job is not finished: run the same command again to resume"
+    )
     for args in (["report"], ["export", "--format", "jsonl"]):
         result = invoke(*args, str(output))
-        assert result.exit_code == 2, result.output
-        assert "not written yet" in result.output
-        assert "checkpoint in out.parquet.parts/" in result.output
+        assert result.exit_code == 0, result.output
+        assert result.stderr.splitlines() == [partial]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 from datetime import UTC, datetime
 from pathlib import Path
@@ -253,8 +254,8 @@ def test_jsonl_rows_are_flat(tmp_path: Path) -> None:
     lines = export(path, "jsonl")
     assert [line["id"] for line in lines] == ["r1", "r2"]
     assert list(lines[0]) == pq.read_schema(path).names
-    assert lines[0]["started_at"] == "2025-10-01T12:00:00Z"
-    assert lines[0]["finished_at"] == "2025-10-01T12:00:02.500000Z"
+    assert lines[0]["started_at"] == "2025-10-01T12:00:00.000Z"
+    assert lines[0]["finished_at"] == "2025-10-01T12:00:02.500Z"
     assert (lines[0]["label"], lines[0]["cached"]) == ("pos", True)
     assert (lines[1]["label"], lines[1]["cached"]) == (None, False)
 
@@ -270,6 +271,26 @@ def test_csv_has_a_header_and_a_line_per_row(tmp_path: Path) -> None:
     assert table["id"].to_pylist() == ["r0", "r1", "r2"]
     assert table["content"].to_pylist() == [r["content"] for r in rows]
     assert table["tags"].to_pylist() == ['["a","0"]', '["a","1"]', '["a","2"]']
+
+
+def test_csv_and_jsonl_write_timestamps_the_same_iso_way(tmp_path: Path) -> None:
+    """CSV and JSONL write each timestamp as the same ISO 8601 text with T, in the column's
+    unit and zone: UTC as Z, a naive carried column without a zone."""
+    naive = datetime(2025, 9, 30, 8, 15, 1, 250_000)
+    path = write_output(
+        tmp_path / "o.parquet", [result_row("r1", seen=naive)], {"seen": pa.timestamp("us")}
+    )
+    (line,) = export(path, "jsonl")
+    sink = io.BytesIO()
+    export_output(path, sink, fmt="csv")
+    (row,) = csv.DictReader(io.StringIO(sink.getvalue().decode()))
+    expected = {
+        "started_at": "2025-10-01T12:00:00.000Z",
+        "finished_at": "2025-10-01T12:00:02.500Z",
+        "seen": "2025-09-30T08:15:01.250000",
+    }
+    assert {name: line[name] for name in expected} == expected
+    assert {name: row[name] for name in expected} == expected
 
 
 def test_csv_of_an_empty_output_is_its_header(tmp_path: Path) -> None:

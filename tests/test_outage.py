@@ -375,7 +375,7 @@ def test_display_says_since_when_the_endpoint_is_unreachable() -> None:
     from rich.console import Console
 
     from batchrun.outage import GateStatistics
-    from batchrun.progress import Tally, _render, progress_fields
+    from batchrun.progress import Tally, progress_fields, render
 
     class DownGate:
         def statistics(self) -> GateStatistics:
@@ -386,5 +386,5 @@ def test_display_says_since_when_the_endpoint_is_unreachable() -> None:
         "endpoint unreachable since 14:02, retrying"
     )
     console = Console(record=True, width=120)
-    console.print(_render(stats, None, DownGate()))
+    console.print(render(stats, None, DownGate()))
     assert "endpoint unreachable since 14:02, retrying" in console.export_text()

@@ -15,11 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from batchrun.cli import cli
 from batchrun.errors import AuthError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
@@ -226,6 +229,18 @@ def test_driver_killed_then_run_again(ray_address: str, fake: FakeServer, tmp_pa
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
+    # the shard folders' parts and journals are the partial results: each row once (read
+    # once Ray has ended the dead driver's workers: no row is added meanwhile)
+    counts = [-1, _shard_rows(output)]
+    while counts[-1] != counts[-2]:
+        time.sleep(0.5)
+        counts.append(_shard_rows(output))
+    stopped = read_status(output)
+    exported = CliRunner().invoke(cli, ["export", "--format", "jsonl", str(output)])
+    assert exported.exit_code == 0, exported.output
+    assert exported.stderr.startswith(f"partial: {stopped.rows_done} of 80 rows;")
+    partial_ids = [orjson.loads(line)["id"] for line in exported.stdout.splitlines()]
+    assert len(partial_ids) == len(set(partial_ids)) == stopped.rows_done >= 12
     done = subprocess.run(args, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr
     assert sorted(_ids(output)) == sorted(r["id"] for r in _rows(80))

@@ -233,11 +233,11 @@ def test_display_pool_line_says_it_waits_for_off_peak() -> None:
     """The live display's pool line and the progress line carry the schedule's note."""
     from rich.console import Console
 
-    from batchrun.progress import _render, progress_fields
+    from batchrun.progress import progress_fields, render
 
     note = "waiting for off-peak until 10:00 UTC (saves 50%)"
     stats = Tally(rows_total=10, waiting=note).statistics()
     assert progress_fields(stats)["schedule"] == note
     console = Console(record=True, width=120)
-    console.print(_render(stats, None))
+    console.print(render(stats, None))
     assert f"0 in flight, limit -, {note}" in console.export_text()
