@@ -578,10 +578,17 @@ def test_config_rejects_unknown_fault_kinds() -> None:
 
 
 def test_models_lists_deepseek_models(client: httpx.Client) -> None:
-    """/models and /v1/models list deepseek-chat and deepseek-reasoner."""
+    """/models and /v1/models list today's models, then the 2025 ones resellers serve."""
     for path in ("/models", "/v1/models"):
         ids = [m["id"] for m in client.get(path).json()["data"]]
-        assert ids == ["deepseek-chat", "deepseek-reasoner"]
+        assert ids == [
+            "deepseek-flash",
+            "deepseek-v4-flash",
+            "deepseek-v4-flash-vision-exp",
+            "deepseek-v4-pro",
+            "deepseek-chat",
+            "deepseek-reasoner",
+        ]
 
 
 def test_balance_has_deepseek_shape(client: httpx.Client) -> None:
