@@ -4,6 +4,12 @@ Prices live in a data file shipped in the package (`data/prices.toml`); a user f
 same shape adds models or overrides entries. An unknown model costs None, with one warning,
 never a made-up number.
 
+A price may have peak and off-peak rates: its `peak_hours` name a weekly calendar of UTC
+windows (`[peak.NAME]`: days, windows, holidays), and outside those windows its
+`off_peak_prices` apply. A user file's `[peak.NAME]` keys replace the shipped ones, which is how
+a user gives the year's holidays. Which rate is in force is decided here and nowhere else: the
+meter prices a row by it, and the off-peak schedule waits by it.
+
 Every cost is in USD (`CURRENCY`): `cost_usd` and `--max-cost` are sums of one currency, so a
 price file in another currency is refused rather than converted or added to them.
 """
@@ -11,8 +17,9 @@ price file in another currency is refused rather than converted or added to them
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,69 @@ class OffPeak:
         return now >= self.start or now < self.end
 
 
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+#: how far ahead the calendar looks for a change (a year of holidays cannot hide one)
+_HORIZON_DAYS = 400
+
+
+@dataclass(frozen=True, slots=True)
+class PeakHours:
+    """A weekly calendar of peak windows in UTC: on its `days`, except `holidays`, the
+    `windows` are peak and every other instant is off-peak."""
+
+    name: str
+    #: weekday numbers, Monday 0
+    days: frozenset[int]
+    #: (start, end) offsets from midnight UTC, start < end <= 24 h
+    windows: tuple[tuple[timedelta, timedelta], ...]
+    holidays: frozenset[date]
+
+    def _intervals(self, first: date) -> Iterator[tuple[datetime, datetime]]:
+        """Peak intervals from `first` on, in order, adjacent ones merged."""
+        pending: tuple[datetime, datetime] | None = None
+        for offset in range(_HORIZON_DAYS):
+            day = first + timedelta(days=offset)
+            if day.weekday() not in self.days or day in self.holidays:
+                continue
+            midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            for start, end in self.windows:
+                begin, finish = midnight + start, midnight + end
+                if pending is not None and begin <= pending[1]:
+                    pending = (pending[0], max(pending[1], finish))
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = (begin, finish)
+        if pending is not None:
+            yield pending
+
+    def _around(self, at: datetime) -> Iterator[tuple[datetime, datetime]]:
+        at = at.astimezone(UTC)
+        start = at.date() - timedelta(days=1)  # a merged window may begin the day before
+        return (iv for iv in self._intervals(start) if iv[1] > at)
+
+    def is_peak(self, at: datetime) -> bool:
+        """Whether `at` falls in a peak window."""
+        first = next(self._around(at), None)
+        return first is not None and first[0] <= at
+
+    def next_change(self, at: datetime) -> datetime | None:
+        """When peak turns off-peak or back after `at` (None: not within the horizon)."""
+        first = next(self._around(at), None)
+        if first is None:
+            return None
+        return first[1] if first[0] <= at else first[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """USD per million tokens: cache-hit prompt, cache-miss prompt, completion."""
+
+    cache_hit: float
+    cache_miss: float
+    output: float
+
+
 @dataclass(frozen=True, slots=True)
 class Charge:
     """What one answer is counted as costing."""
@@ -67,6 +137,31 @@ class Price:
     cache_miss: float
     output: float
     off_peak: OffPeak | None = None
+    #: the calendar of peak hours; outside them `off_peak_prices` apply
+    peak_hours: PeakHours | None = None
+    off_peak_prices: Rates | None = None
+    #: other names the server accepts for this model, billed at its price
+    aliases: tuple[str, ...] = ()
+
+    def is_peak(self, at: datetime) -> bool:
+        """Whether `at` is in this price's peak hours (False when it has none)."""
+        return self.peak_hours is not None and self.peak_hours.is_peak(at)
+
+    def rates(self, at: datetime) -> Rates:
+        """The rates in force at `at`, before any old-style daily discount."""
+        peak = Rates(self.cache_hit, self.cache_miss, self.output)
+        if self.peak_hours is None or self.off_peak_prices is None or self.is_peak(at):
+            return peak
+        return self.off_peak_prices
+
+    def off_peak_saving(self) -> float:
+        """The share of a typical request's cost saved off-peak (0.5 is half price): taken
+        from the miss and output prices, which make up nearly all of a bill."""
+        off = self.off_peak_prices
+        if self.peak_hours is None or off is None:
+            return 0.0
+        peak = self.cache_miss + self.output
+        return 1.0 - (off.cache_miss + off.output) / peak if peak else 0.0
 
 
 def _day(value: Any, where: str) -> datetime:
@@ -100,10 +195,74 @@ def _currency(entry: dict[str, Any], number: int, source: str, path: Path | None
     return currency
 
 
-def _parse(data: dict[str, Any], source: str, *, path: Path | None = None) -> list[Price]:
-    entries = data.get("price")
-    if not isinstance(entries, list):
-        raise ConfigError(f"{source}: expected [[price]] entries")
+def _window(value: Any, where: str) -> tuple[timedelta, timedelta]:
+    """'01:00-04:00' as offsets from midnight; the end may be 24:00."""
+    text = str(value)
+    try:
+        first, second = (part.strip() for part in text.split("-"))
+        start = _offset(first)
+        end = timedelta(days=1) if second == "24:00" else _offset(second)
+    except ValueError:
+        raise ConfigError(f"{where}: a window looks like 01:00-04:00, not {text!r}") from None
+    if not start < end:
+        raise ConfigError(f"{where}: window {text!r} ends before it starts (split it at 24:00)")
+    return start, end
+
+
+def _offset(text: str) -> timedelta:
+    moment = time.fromisoformat(text)
+    return timedelta(hours=moment.hour, minutes=moment.minute, seconds=moment.second)
+
+
+def _peak_hours(name: str, table: dict[str, Any], where: str) -> PeakHours:
+    try:
+        days = frozenset(_WEEKDAYS.index(str(d).strip().lower()[:3]) for d in table["days"])
+        windows = tuple(sorted(_window(w, where) for w in table["windows"]))
+        holidays = frozenset(_day(h, where).date() for h in table.get("holidays", []))
+    except KeyError as exc:
+        raise ConfigError(f"{where}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: days are names such as Mon, holidays dates") from None
+    return PeakHours(name=name, days=days, windows=windows, holidays=holidays)
+
+
+def _calendars(layers: list[tuple[dict[str, Any], str]]) -> dict[str, PeakHours]:
+    """The `[peak.NAME]` tables of every file, later files' keys replacing earlier ones."""
+    merged: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    for data, source in layers:
+        tables = data.get("peak", {})
+        if not isinstance(tables, dict):
+            raise ConfigError(f"{source}: expected [peak.NAME] tables")
+        for name, table in tables.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: [peak.{name}] must be a table")
+            merged.setdefault(name, {}).update(table)
+            sources[name] = source
+    return {
+        name: _peak_hours(name, table, f"{sources[name]}, [peak.{name}]")
+        for name, table in merged.items()
+    }
+
+
+def _rates(value: Any) -> Rates:
+    return Rates(
+        cache_hit=float(value["cache_hit"]),
+        cache_miss=float(value["cache_miss"]),
+        output=float(value["output"]),
+    )
+
+
+def _parse(
+    data: dict[str, Any],
+    source: str,
+    calendars: dict[str, PeakHours],
+    *,
+    path: Path | None = None,
+) -> list[Price]:
+    entries = data.get("price", [])
+    if not isinstance(entries, list) or not (entries or "peak" in data):
+        raise ConfigError(f"{source}: expected [[price]] entries or [peak.NAME] tables")
     prices = []
     for number, entry in enumerate(entries, start=1):
         where = f"{source}, price entry {number}"
@@ -118,6 +277,16 @@ def _parse(data: dict[str, Any], source: str, *, path: Path | None = None) -> li
                     discount=float(off["discount"]),
                     since=_day(off.get("from", entry["from"]), where),
                 )
+            peak_hours = None
+            if "peak_hours" in entry:
+                peak_hours = calendars.get(str(entry["peak_hours"]))
+                if peak_hours is None:
+                    raise ConfigError(
+                        f"{where}: peak_hours {entry['peak_hours']!r} names no [peak.*] table"
+                    )
+            off_prices = entry.get("off_peak_prices")
+            if (peak_hours is None) != (off_prices is None):
+                raise ConfigError(f"{where}: peak_hours and off_peak_prices go together")
             prices.append(
                 Price(
                     model=str(entry["model"]),
@@ -127,6 +296,9 @@ def _parse(data: dict[str, Any], source: str, *, path: Path | None = None) -> li
                     cache_miss=float(entry["cache_miss"]),
                     output=float(entry["output"]),
                     off_peak=off_peak,
+                    peak_hours=peak_hours,
+                    off_peak_prices=None if off_prices is None else _rates(off_prices),
+                    aliases=tuple(str(a) for a in entry.get("aliases", ())),
                 )
             )
         except KeyError as exc:
@@ -141,10 +313,13 @@ class PriceTable:
 
     def __init__(self, prices: list[Price]) -> None:
         self._by_model: dict[str, list[Price]] = {}
+        #: legacy name -> the model it is billed as
+        self._aliases: dict[str, str] = {}
         for price in prices:
             entries = self._by_model.setdefault(price.model, [])
             entries[:] = [p for p in entries if p.since != price.since]  # later files override
             entries.append(price)
+            self._aliases.update(dict.fromkeys(price.aliases, price.model))
         for entries in self._by_model.values():
             entries.sort(key=lambda p: p.since)
         self._warned: set[str] = set()
@@ -153,7 +328,9 @@ class PriceTable:
     def load(cls, extra: Path | None = None) -> PriceTable:
         """The shipped prices, with a user's file laid over them."""
         shipped = resources.files("batchrun").joinpath("data/prices.toml").read_text("utf-8")
-        prices = _parse(tomllib.loads(shipped), "the shipped price table")
+        layers: list[tuple[dict[str, Any], str, Path | None]] = [
+            (tomllib.loads(shipped), "the shipped price table", None)
+        ]
         if extra is not None:
             try:
                 data = tomllib.loads(Path(extra).read_text("utf-8"))
@@ -163,15 +340,20 @@ class PriceTable:
                 ) from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"not valid TOML: {exc}", path=extra) from None
-            prices += _parse(data, str(extra), path=Path(extra))
+            layers.append((data, str(extra), Path(extra)))
+        calendars = _calendars([(data, source) for data, source, _ in layers])
+        prices: list[Price] = []
+        for data, source, path in layers:
+            prices += _parse(data, source, calendars, path=path)
         return cls(prices)
 
     def knows(self, model: str) -> bool:
-        return model in self._by_model
+        return model in self._by_model or model in self._aliases
 
     def price_for(self, model: str, at: datetime) -> Price | None:
-        """The price of `model` in force at `at`, or None if none is known."""
-        entries = self._by_model.get(model)
+        """The price of `model` (or of the model a legacy name is billed as) in force at
+        `at`, or None if none is known."""
+        entries = self._by_model.get(model) or self._by_model.get(self._aliases.get(model, ""))
         if not entries:
             return None
         current = None
@@ -203,10 +385,11 @@ class PriceTable:
             hit, miss = 0, prompt_tokens  # a server that does not say: all at the miss price
         else:
             hit, miss = cache_hit_tokens, cache_miss_tokens
+        rates = price.rates(at)
         total = (
-            hit * price.cache_hit
-            + miss * price.cache_miss
-            + (completion_tokens or 0) * price.output
+            hit * rates.cache_hit
+            + miss * rates.cache_miss
+            + (completion_tokens or 0) * rates.output
         ) / PER_TOKENS
         if price.off_peak is not None and price.off_peak.applies(at):
             total *= 1.0 - price.off_peak.discount
@@ -241,8 +424,9 @@ class PriceTable:
     def worst_case(
         self, model: str, at: datetime, *, prompt_tokens: int, completion_cap: int
     ) -> float:
-        """The most a request could cost: every prompt token a cache miss, the whole cap used.
-        An unknown model counts as free here (its cost is unknown, not zero, in the output)."""
+        """The most a request could cost: every prompt token a cache miss, the whole cap used,
+        at the peak price (a retry may be sent in a peak window). An unknown model counts as
+        free here (its cost is unknown, not zero, in the output)."""
         price = self.price_for(model, at)
         if price is None:
             return 0.0

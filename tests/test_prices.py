@@ -182,3 +182,85 @@ def test_a_refused_price_file_or_cap_leaves_no_checkpoint_and_the_fixed_job_runs
     fixed = CliRunner().invoke(cli, base)
     assert fixed.exit_code == 0, fixed.output
     assert fake.stats()["requests"] == 1
+
+
+# DeepSeek V4.1, from 2026-08-16 16:00 UTC: peak 01:00-04:00 and 06:00-10:00 UTC, Mon-Fri
+FLASH_PEAK = (0.006, 0.30, 1.20)
+FLASH_OFF_PEAK = (0.003, 0.15, 0.60)
+V4_USAGE = {
+    "prompt_tokens": 1000,
+    "cache_hit_tokens": 400,
+    "cache_miss_tokens": 600,
+    "completion_tokens": 2000,
+}
+
+
+def _by_hand(rates: tuple[float, float, float]) -> float:
+    hit, miss, output = rates
+    return (400 * hit + 600 * miss + 2000 * output) / 1e6
+
+
+@pytest.mark.parametrize(
+    ("at", "rates"),
+    [
+        pytest.param(datetime(2026, 12, 1, 3, 59, tzinfo=UTC), FLASH_PEAK, id="tue-03:59-peak"),
+        pytest.param(datetime(2026, 12, 1, 4, 0, tzinfo=UTC), FLASH_OFF_PEAK, id="tue-04:00-off"),
+        pytest.param(datetime(2026, 12, 1, 0, 59, tzinfo=UTC), FLASH_OFF_PEAK, id="tue-00:59-off"),
+        pytest.param(datetime(2026, 12, 1, 6, 0, tzinfo=UTC), FLASH_PEAK, id="tue-06:00-peak"),
+        pytest.param(datetime(2026, 12, 1, 10, 0, tzinfo=UTC), FLASH_OFF_PEAK, id="tue-10:00-off"),
+        pytest.param(datetime(2026, 12, 5, 3, 0, tzinfo=UTC), FLASH_OFF_PEAK, id="sat-03:00-off"),
+        pytest.param(datetime(2026, 12, 6, 8, 0, tzinfo=UTC), FLASH_OFF_PEAK, id="sun-08:00-off"),
+    ],
+)
+def test_flash_is_priced_by_the_hour_it_was_sent(at: datetime, rates: tuple[float, ...]) -> None:
+    """deepseek-flash costs the peak price in a weekday peak window and half outside it."""
+    cost = PriceTable.load().cost("deepseek-flash", at, **V4_USAGE)
+    assert cost == pytest.approx(_by_hand(rates))
+
+
+def test_legacy_flash_names_are_billed_at_the_flash_price() -> None:
+    """deepseek-v4-flash and deepseek-v4-flash-vision-exp are known and cost what Flash does."""
+    table = PriceTable.load()
+    at = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+    for legacy in ("deepseek-v4-flash", "deepseek-v4-flash-vision-exp"):
+        assert table.knows(legacy)
+        assert table.cost(legacy, at, **V4_USAGE) == pytest.approx(_by_hand(FLASH_PEAK))
+
+
+def test_v4_pro_peak_and_off_peak_prices() -> None:
+    """deepseek-v4-pro: 0.044/1.32/3.96 at peak, 0.022/0.66/1.98 off-peak."""
+    table = PriceTable.load()
+    peak = table.cost("deepseek-v4-pro", datetime(2026, 12, 2, 7, 0, tzinfo=UTC), **V4_USAGE)
+    off = table.cost("deepseek-v4-pro", datetime(2026, 12, 2, 12, 0, tzinfo=UTC), **V4_USAGE)
+    assert peak == pytest.approx(_by_hand((0.044, 1.32, 3.96)))
+    assert off == pytest.approx(_by_hand((0.022, 0.66, 1.98)))
+
+
+def test_a_listed_holiday_is_off_peak_all_day(tmp_path: Path) -> None:
+    """A holiday in the user's [peak.deepseek] list is off-peak in a window that is peak
+    without the list, and the shipped windows stay (only `holidays` was replaced)."""
+    extra = tmp_path / "holidays.toml"
+    extra.write_text('[peak.deepseek]\nholidays = ["2026-10-01"]\n')
+    holiday, next_day = (datetime(2026, 10, d, 3, 0, tzinfo=UTC) for d in (1, 2))  # Thu, Fri
+    shipped, listed = PriceTable.load(), PriceTable.load(extra)
+    assert shipped.cost("deepseek-flash", holiday, **V4_USAGE) == pytest.approx(
+        _by_hand(FLASH_PEAK)
+    )
+    assert listed.cost("deepseek-flash", holiday, **V4_USAGE) == pytest.approx(
+        _by_hand(FLASH_OFF_PEAK)
+    )
+    assert listed.cost("deepseek-flash", next_day, **V4_USAGE) == pytest.approx(
+        _by_hand(FLASH_PEAK)
+    )
+
+
+def test_peak_hours_naming_no_calendar_is_refused(tmp_path: Path) -> None:
+    """A price whose peak_hours names no [peak.*] table is refused, naming the entry."""
+    extra = tmp_path / "prices.toml"
+    extra.write_text(
+        '[[price]]\nmodel = "m"\nfrom = "2026-01-01"\ncache_hit = 1\ncache_miss = 2\n'
+        'output = 3\npeak_hours = "nowhere"\n'
+        "off_peak_prices = { cache_hit = 1, cache_miss = 1, output = 1 }\n"
+    )
+    with pytest.raises(ConfigError, match=r"price entry 1: peak_hours 'nowhere' names no"):
+        PriceTable.load(extra)
