@@ -62,7 +62,7 @@ class Params(_Strict):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     seed: int | None = None
     #: DeepSeek's thinking mode (its current models think unless told false); None: not sent
-    thinking: bool | None = None
+    thinking: bool | None = Field(default=None, strict=True)
     #: how hard a thinking model thinks; None: not sent (DeepSeek's default is "high")
     reasoning_effort: Literal["low", "high", "max"] | None = None
     #: the end user the requests are for (DeepSeek's isolation field); per row: `row_params`
@@ -329,7 +329,7 @@ class Job(_Strict):
                     try:
                         check_request_fields({key: item})
                     except BadRequestField as exc:
-                        raise ValueError(exc.message) from None
+                        raise ValueError(f"{key}: {exc.message}") from None
         return value
 
     @field_validator("base_url")
