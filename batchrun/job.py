@@ -398,7 +398,7 @@ def for_server(job: Job, models: Iterable[str]) -> Job:
                 "model_retired",
                 model=model,
                 use=current,
-                note=f"DeepSeek retired {model} on 2026-07-24: use {current}",
+                note="DeepSeek's own endpoint retired it on 2026-07-24 (resellers may not)",
             )
     if "concurrency" in limits.model_fields_set or not limits.adaptive:
         return job

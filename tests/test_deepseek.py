@@ -319,3 +319,16 @@ def test_no_default_ceiling_elsewhere_or_when_set(
     """Another URL, a job's own concurrency, fixed concurrency or the fake keep the job's."""
     job = job_at(base_url, limits=limits, **extra)
     assert for_server(job, {"deepseek-flash"}).limits == job.limits
+
+
+def test_default_ceiling_stays_within_the_open_file_limit() -> None:
+    """With a soft open-file limit of 1,000, the 2,500 ceiling becomes what sockets it leaves
+    room for (1,000 less 128 held back for files)."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1000, hard))
+    try:
+        job = for_server(job_at(DEEPSEEK), {"deepseek-flash"})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert job.limits.concurrency == 872
