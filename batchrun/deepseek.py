@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 #: the model a job uses when it names none: what DeepSeek serves today
 CURRENT_MODEL = "deepseek-flash"
-#: DeepSeek's host; its base URL may end in /v1 or not
-HOST = "api.deepseek.com"
+#: DeepSeek's own endpoint (it may be given with /v1 or not)
+BASE_URL = "https://api.deepseek.com"
+HOST = urlsplit(BASE_URL).hostname
 #: the models that think unless told `thinking = false` (the legacy Flash names included)
 THINKING_MODELS = frozenset(
     {"deepseek-flash", "deepseek-v4-flash", "deepseek-v4-flash-vision-exp", "deepseek-v4-pro"}

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from batchrun import deepseek
 from batchrun.errors import ConfigError
 
-DEFAULT_BASE_URL = "https://api.deepseek.com"
+DEFAULT_BASE_URL = deepseek.BASE_URL
 DEFAULT_API_KEY_ENV = "DEEPSEEK_API_KEY"
 DEFAULT_MODEL = deepseek.CURRENT_MODEL
 
