@@ -112,6 +112,14 @@ class _RequestFields(Params):
     #: a batch line's body holds the wire shape, {"type": "enabled" | "disabled"}; widening
     #: the parent's type is the point, so mypy's override check is silenced
     thinking: bool | dict[str, Any] | None = None  # type: ignore[assignment]
+    #: a row's or batch line's effort is sent as written, for whatever server it is meant for
+    #: (OpenAI's "medium", DeepSeek's "xhigh"); only the job's own settings keep to one name
+    reasoning_effort: str | None = None  # type: ignore[assignment]
+
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _effort(cls, value: Any) -> Any:
+        return value
 
     @field_validator("thinking")
     @classmethod
@@ -325,11 +333,17 @@ class Job(_Strict):
             elif not isinstance(values, list) or not values:
                 raise ValueError(f"{key!r} must be a non-empty list of values")
             else:
-                for item in values:
+                for item in values:  # by the rules of [params], types strict as a server's
                     try:
-                        check_request_fields({key: item})
-                    except BadRequestField as exc:
-                        raise ValueError(f"{key}: {exc.message}") from None
+                        if key in Params.model_fields:
+                            Params.model_validate({key: item}, strict=True)
+                        else:
+                            _RequestFields.model_validate({key: item})
+                    except ValidationError as exc:
+                        problem = exc.errors()[0]
+                        raise ValueError(
+                            f"{key}: {problem['msg']} (got {problem['input']!r})"
+                        ) from None
         return value
 
     @field_validator("base_url")

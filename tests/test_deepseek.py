@@ -126,10 +126,25 @@ def test_bad_thinking_settings_are_refused(params: dict[str, Any], message: str)
         job_at(DEEPSEEK, params=params)
 
 
-def test_a_sweep_value_is_checked_like_the_param() -> None:
-    """A sweep over thinking = ["yes"] is refused when the job loads, not per row."""
-    with pytest.raises(ConfigError, match="thinking"):
-        job_at(DEEPSEEK, sweep={"thinking": [True, "yes"]})
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        pytest.param({"thinking": [True, "yes"]}, id="thinking-text"),
+        pytest.param({"reasoning_effort": ["high", "medium"]}, id="effort-alias"),
+    ],
+)
+def test_a_sweep_value_is_checked_like_the_param(sweep: dict[str, Any]) -> None:
+    """A sweep value [params] would refuse is refused when the job loads, naming its key."""
+    with pytest.raises(ConfigError, match=next(iter(sweep))):
+        job_at(DEEPSEEK, sweep=sweep)
+
+
+def test_a_rows_own_effort_is_sent_as_written(tmp_path: Path, fake: FakeServer) -> None:
+    """A row's reasoning_effort (row_params) is data for its server: "medium" is sent as it
+    is (DeepSeek takes it as high; OpenAI has its own medium)."""
+    rows = [{"id": "a", "prompt": "p", "reasoning_effort": "medium"}]
+    run(tmp_path, fake, rows, prompt={"id_column": "id", "row_params": ["reasoning_effort"]})
+    assert [b["reasoning_effort"] for b in fake.requests()] == ["medium"]
 
 
 def test_fingerprint_changes_with_thinking_and_effort() -> None:
@@ -332,3 +347,14 @@ def test_default_ceiling_stays_within_the_open_file_limit() -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert job.limits.concurrency == 872
+
+
+def test_batch_lines_keep_their_own_thinking_shape(tmp_path: Path, fake: FakeServer) -> None:
+    """An OpenAI batch line's body, in DeepSeek's wire shape, is sent as written."""
+    thinking = {"type": "disabled"}
+    body = {"messages": [{"role": "user", "content": "p"}], "thinking": thinking}
+    rows = [{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}]
+    run(tmp_path, fake, [{**rows[0], "body": {**body, "reasoning_effort": "xhigh"}}])
+    sent = fake.requests()
+    assert [(b["thinking"], b["reasoning_effort"]) for b in sent] == [(thinking, "xhigh")]
+    assert output(tmp_path)[0]["reasoning_content"] is None
