@@ -399,14 +399,25 @@ def for_server(job: Job, models: Iterable[str]) -> Job:
 
     A retired model name (`deepseek-chat`, `deepseek-reasoner`) against DeepSeek's own URL
     is logged as a warning naming the current model; resellers keep serving the old names.
+    On any URL, a spend cap over today's models without max_tokens is warned of: each request
+    is held at their 384K-token most, which lets few go at once.
     """
+    import structlog  # lazy: job.py loads with the CLI, structlog only when a run starts
+
+    log = structlog.get_logger("batchrun.job")
+    models = set(models)
+    unbounded = sorted(models & deepseek.THINKING_MODELS)
+    if job.max_cost is not None and job.params.max_tokens is None and unbounded:
+        log.warning(
+            "spend_cap_without_max_tokens",
+            models=", ".join(unbounded),
+            note=f"max_cost holds each request at {deepseek.MAX_OUTPUT_TOKENS} output tokens, "
+            "the most these models may answer: set max_tokens to let more go at once",
+        )
     limits = job.limits
     if job.fake is not None or not deepseek.is_deepseek(job.base_url):
         return job
     if found := deepseek.retired(models):
-        import structlog  # lazy: job.py loads with the CLI, structlog only when a run starts
-
-        log = structlog.get_logger("batchrun.job")
         for model, current in found.items():
             log.warning(
                 "model_retired",

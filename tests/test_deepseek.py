@@ -271,6 +271,25 @@ def test_spend_cap_holds_a_thinking_answer_at_its_384k_worst(
     assert summary.complete and summary.rows_ok == 2
 
 
+@pytest.mark.parametrize(
+    ("extra", "warned"),
+    [
+        pytest.param({"max_cost": 5.0}, True, id="cap-without-max-tokens"),
+        pytest.param({"max_cost": 5.0, "params": {"max_tokens": 500}}, False, id="max-tokens"),
+        pytest.param({}, False, id="no-cap"),
+        pytest.param({"max_cost": 5.0, "model": "deepseek-chat"}, False, id="2025-model"),
+    ],
+)
+def test_spend_cap_without_max_tokens_is_warned_of(extra: dict[str, Any], warned: bool) -> None:
+    """max_cost with no max_tokens over today's models (any URL) logs that each request is
+    held at 384K tokens."""
+    job = job_at(RESELLER, **extra)
+    with capture_logs() as logs:
+        for_server(job, {job.model})
+    found = [e for e in logs if e["event"] == "spend_cap_without_max_tokens"]
+    assert bool(found) is warned
+
+
 # --- DeepSeek's own URL: retired names and default ceilings ----------------------------------
 
 
