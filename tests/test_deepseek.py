@@ -107,7 +107,8 @@ def test_sweep_over_thinking_and_effort(tmp_path: Path, fake: FakeServer) -> Non
     rows = {(r["sweep_thinking"], r["sweep_reasoning_effort"]): r for r in output(tmp_path)}
     assert set(rows) == {(True, "low"), (True, "max"), (False, "low"), (False, "max")}
     assert rows[(False, "max")]["reasoning_content"] is None
-    assert rows[(True, "max")]["reasoning_content"] == "thinking about: question 0"
+    assert rows[(True, "max")]["reasoning_content"] == "thinking long and hard about: question 0"
+    assert rows[(True, "low")]["reasoning_content"] == "briefly: question 0"
 
 
 @pytest.mark.parametrize(

@@ -192,6 +192,23 @@ def test_current_model_does_not_think_when_disabled(client: httpx.Client) -> Non
     assert data["usage"]["completion_tokens"] == 4
 
 
+def test_effort_changes_how_long_the_fake_thinks(client: httpx.Client) -> None:
+    """Reasoning tokens grow from low to high (also medium, unset) to max."""
+
+    def reasoning_tokens(**extra: Any) -> int:
+        data = chat(client, "hello", model="deepseek-flash", **extra).json()
+        return int(data["usage"]["completion_tokens_details"]["reasoning_tokens"])
+
+    low, high, medium, unset, top = (
+        reasoning_tokens(reasoning_effort="low"),
+        reasoning_tokens(reasoning_effort="high"),
+        reasoning_tokens(reasoning_effort="medium"),
+        reasoning_tokens(),
+        reasoning_tokens(reasoning_effort="max"),
+    )
+    assert low < high == medium == unset < top
+
+
 def test_current_model_streams_its_thinking(client: httpx.Client) -> None:
     """Streamed, a thinking answer sends reasoning_content pieces before the content."""
     response = chat(client, "hi", model="deepseek-v4-pro", stream=True)

@@ -55,6 +55,8 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     json_mode: bool
+    #: the body's reasoning_effort, if any
+    effort: str | None = None
 
     @property
     def current(self) -> bool:
@@ -182,6 +184,7 @@ def parse_chat(body: object) -> ChatRequest | Invalid:
         stream=bool(stream),
         include_usage=include_usage,
         json_mode=json_mode,
+        effort=body.get("reasoning_effort"),
     )
 
 
