@@ -122,7 +122,7 @@ def cli() -> None:
     "--input", "input_", type=click.Path(path_type=Path), help="Prompt set (.jsonl or .parquet)."
 )
 @click.option("--output", type=click.Path(path_type=Path), help="Result Parquet file.")
-@click.option("--model", help="Model name, e.g. deepseek-chat.")
+@click.option("--model", help="Model name (default: deepseek-flash).")
 @click.option("--base-url", help="API base URL, e.g. https://api.deepseek.com.")
 @click.option("--api-key-env", help="Name of the variable holding the API key.")
 @click.option("--concurrency", type=click.IntRange(1, 4096), help="Requests in flight at most.")
@@ -135,6 +135,16 @@ def cli() -> None:
 )
 @click.option("--max-tokens", type=click.IntRange(min=1), help="max_tokens for every request.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature.")
+@click.option(
+    "--thinking/--no-thinking",
+    default=None,
+    help="DeepSeek's thinking mode on or off (default: the server's, on).",
+)
+@click.option(
+    "--reasoning-effort",
+    type=click.Choice(["low", "high", "max"]),
+    help="How hard a thinking model thinks (default: the server's, high).",
+)
 @click.option(
     "--id-column",
     help="Column holding each row's id (default: 'id', else 'custom_id'); '' for row positions.",

@@ -131,7 +131,7 @@ class CostCapReached(RunStopped):
         if next_worst is not None:
             why = (
                 f", and the next request could cost up to ${next_worst:.4f} (its prompt and "
-                "all of max_tokens)"
+                "the longest answer it may get: max_tokens, else its model's most)"
             )
         super().__init__(
             f"spend cap reached: ${spent:.4f} spent of ${cap:.4f}{why}; run again with a "

@@ -12,20 +12,34 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from batchrun import deepseek
 from batchrun.errors import ConfigError
 
-DEFAULT_BASE_URL = "https://api.deepseek.com"
+DEFAULT_BASE_URL = deepseek.BASE_URL
 DEFAULT_API_KEY_ENV = "DEEPSEEK_API_KEY"
-DEFAULT_MODEL = "deepseek-chat"
+DEFAULT_MODEL = deepseek.CURRENT_MODEL
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: DeepSeek's `user_id`: letters, digits, `_` and `-`, at most 512 of them
+_USER_ID = re.compile(r"^[a-zA-Z0-9_-]{1,512}$")
+#: efforts DeepSeek takes but sends as "high"
+_EFFORT_ALIASES = ("medium", "xhigh")
+
+
+def body_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Request parameters as a server takes them: `thinking = true` / `false` is sent as
+    `{"type": "enabled"}` / `{"type": "disabled"}` (DeepSeek's shape); the rest as given."""
+    thinking = values.get("thinking")
+    if isinstance(thinking, bool):
+        return {**values, "thinking": {"type": "enabled" if thinking else "disabled"}}
+    return values
 
 
 class _Strict(BaseModel):
@@ -47,14 +61,39 @@ class Params(_Strict):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     seed: int | None = None
+    #: DeepSeek's thinking mode (its current models think unless told false); None: not sent
+    thinking: bool | None = Field(default=None, strict=True)
+    #: how hard a thinking model thinks; None: not sent (DeepSeek's default is "high")
+    reasoning_effort: Literal["low", "high", "max"] | None = None
+    #: the end user the requests are for (DeepSeek's isolation field); per row: `row_params`
+    user_id: str | None = None
     #: anything else the server accepts, sent as given
     extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _effort(cls, value: Any) -> Any:
+        if value in _EFFORT_ALIASES:
+            # one setting, one name: a sweep over "medium" and "high" would pay twice for
+            # the same answers, and label them as two
+            raise ValueError(
+                f"DeepSeek sends {value!r} as 'high': write 'high' (one of low, high, max; "
+                "another server's efforts go in extra_body)"
+            )
+        return value
+
+    @field_validator("user_id")
+    @classmethod
+    def _user_id(cls, value: str | None) -> str | None:
+        if value is not None and not _USER_ID.match(value):
+            raise ValueError("must be 1 to 512 letters, digits, '_' or '-'")
+        return value
 
     def to_body(self) -> dict[str, Any]:
         """The parameters as request-body fields, leaving out the unset ones."""
         body = self.model_dump(exclude_none=True, exclude={"extra_body"})
         body.update(self.extra_body)
-        return body
+        return body_values(body)
 
 
 #: request fields a row may set for itself (only those the job names in `row_params`)
@@ -70,6 +109,24 @@ class _RequestFields(Params):
 
     model: str | None = Field(default=None, min_length=1)
     stream: bool | None = None
+    #: a batch line's body holds the wire shape, {"type": "enabled" | "disabled"}; widening
+    #: the parent's type is the point, so mypy's override check is silenced
+    thinking: bool | dict[str, Any] | None = None  # type: ignore[assignment]
+    #: a row's or batch line's effort is sent as written, for whatever server it is meant for
+    #: (OpenAI's "medium", DeepSeek's "xhigh"); only the job's own settings keep to one name
+    reasoning_effort: str | None = None  # type: ignore[assignment]
+
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _effort(cls, value: Any) -> Any:
+        return value
+
+    @field_validator("thinking")
+    @classmethod
+    def _thinking(cls, value: bool | dict[str, Any] | None) -> bool | dict[str, Any] | None:
+        if isinstance(value, dict) and value.get("type") not in ("enabled", "disabled"):
+            raise ValueError('must be true, false, or {"type": "enabled" | "disabled"}')
+        return value
 
 
 class BadRequestField(ValueError):
@@ -277,6 +334,18 @@ class Job(_Strict):
                 raise ValueError(f"cannot sweep {key!r}; sweepable: {', '.join(SWEEP_KEYS)}")
             elif not isinstance(values, list) or not values:
                 raise ValueError(f"{key!r} must be a non-empty list of values")
+            else:
+                for item in values:  # by the rules of [params], types strict as a server's
+                    try:
+                        if key in Params.model_fields:
+                            Params.model_validate({key: item}, strict=True)
+                        else:
+                            _RequestFields.model_validate({key: item})
+                    except ValidationError as exc:
+                        problem = exc.errors()[0]
+                        raise ValueError(
+                            f"{key}: {problem['msg']} (got {problem['input']!r})"
+                        ) from None
         return value
 
     @field_validator("base_url")
@@ -302,6 +371,72 @@ class Job(_Strict):
         """A short hash of `fingerprint()`."""
         raw = orjson.dumps(self.fingerprint(), option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(raw).hexdigest()[:16]
+
+
+#: file descriptors left for everything but sockets (journal, part files, logs, the fake)
+_FILES_HELD_BACK = 128
+
+
+def _sockets_allowed() -> int | None:
+    """How many connections the process's open-file limit leaves room for (None: no limit
+    known): a ceiling past it would end in "too many open files" rather than in more speed."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - _FILES_HELD_BACK)
+
+
+def for_server(job: Job, models: Iterable[str]) -> Job:
+    """The job as it runs against its server.
+
+    Against DeepSeek's own URL, a job that sets no concurrency of its own and learns it
+    (`adaptive`) may grow up to DeepSeek's documented per-account limit for its models (for
+    several models, the smallest: the run keeps one limit for all), within what the open-file
+    limit allows; where it starts is unchanged. Elsewhere (a reseller, the fake) the job is
+    returned as it is.
+
+    A retired model name (`deepseek-chat`, `deepseek-reasoner`) against DeepSeek's own URL
+    is logged as a warning naming the current model; resellers keep serving the old names.
+    On any URL, a spend cap over today's models without max_tokens is warned of: each request
+    is held at their 384K-token most, which lets few go at once.
+    """
+    import structlog  # lazy: job.py loads with the CLI, structlog only when a run starts
+
+    log = structlog.get_logger("batchrun.job")
+    models = set(models)
+    unbounded = sorted(models & deepseek.THINKING_MODELS)
+    if job.max_cost is not None and job.params.max_tokens is None and unbounded:
+        log.warning(
+            "spend_cap_without_max_tokens",
+            models=", ".join(unbounded),
+            note=f"max_cost holds each request at {deepseek.MAX_OUTPUT_TOKENS} output tokens, "
+            "the most these models may answer: set max_tokens to let more go at once",
+        )
+    limits = job.limits
+    if job.fake is not None or not deepseek.is_deepseek(job.base_url):
+        return job
+    if found := deepseek.retired(models):
+        for model, current in found.items():
+            log.warning(
+                "model_retired",
+                model=model,
+                use=current,
+                note="DeepSeek's own endpoint retired it on 2026-07-24 (resellers may not)",
+            )
+    if "concurrency" in limits.model_fields_set or not limits.adaptive:
+        return job
+    ceiling = deepseek.concurrency_ceiling(models)
+    if ceiling is None:
+        return job
+    allowed = _sockets_allowed()
+    if allowed is not None:
+        ceiling = max(limits.concurrency, min(ceiling, allowed))
+    update = {"concurrency": ceiling, "start_concurrency": limits.first_concurrency}
+    return job.model_copy(update={"limits": limits.model_copy(update=update)})
 
 
 def _describe(error: ValidationError) -> str:
@@ -416,6 +551,8 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
     "adaptive": ("limits", "adaptive"),
     "max_tokens": ("params", "max_tokens"),
     "temperature": ("params", "temperature"),
+    "thinking": ("params", "thinking"),
+    "reasoning_effort": ("params", "reasoning_effort"),
     "id_column": ("prompt", "id_column"),
     "prompt_column": ("prompt", "prompt_column"),
     "messages_column": ("prompt", "messages_column"),

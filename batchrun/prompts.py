@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from batchrun.job import BadRequestField, Job, check_request_fields
+from batchrun.job import BadRequestField, Job, body_values, check_request_fields
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 #: the endpoints an OpenAI batch line may name: batchrun sends chat completions only
@@ -68,7 +68,9 @@ class RequestShape:
             fields = template_fields(template)
         params = job.params.to_body()
         params.update(
-            {k: v for k, v in settings.items() if k not in ("model", "template", "system")}
+            body_values(
+                {k: v for k, v in settings.items() if k not in ("model", "template", "system")}
+            )
         )
         return cls(
             model=settings.get("model", job.model),
@@ -242,7 +244,7 @@ def build_request(row: dict[str, Any], shape: RequestShape) -> dict[str, Any]:
         if shape.row_params:
             own = {n: row[n] for n in shape.row_params if row.get(n) is not None}
             try:
-                body.update(check_request_fields(own))
+                body.update(body_values(check_request_fields(own)))
             except BadRequestField as exc:
                 raise RowProblem(exc.message, column=exc.name) from None
     if shape.stream:

@@ -29,7 +29,7 @@ from batchrun.errors import (
     RunStopped,
     is_disk_full,
 )
-from batchrun.job import Job, Limits, resolve_api_key
+from batchrun.job import Job, Limits, for_server, resolve_api_key
 from batchrun.logs import register_secret, scrub
 from batchrun.progress import RunStatistics, Tally
 from batchrun.sinks import (
@@ -208,6 +208,7 @@ def run_job(
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
     _check_prices(job, scan)
+    job = for_server(job, scan.models)  # DeepSeek's own URL: its limits, its retired names
     if job.cache is not None:
         from batchrun.cache import RequestCache
 

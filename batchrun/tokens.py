@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from batchrun import deepseek
+
 ASCII_TOKENS_PER_CHAR = 0.3
 OTHER_TOKENS_PER_CHAR = 0.6
 #: role markers and separators that every message adds
@@ -58,10 +60,17 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 
 
 def completion_cap(body: dict[str, Any]) -> int:
-    """The most completion tokens a request may use."""
+    """The most completion tokens a request may use.
+
+    Without max_tokens, DeepSeek's current models may answer up to their documented maximum
+    output (384K, reasoning included) whether or not they think: DeepSeek documents no
+    smaller default for them, so a spend cap reserves that much for each such request.
+    """
     value = body.get("max_tokens") or body.get("max_completion_tokens")
     if isinstance(value, int) and value > 0:
         return value
+    if body.get("model") in deepseek.THINKING_MODELS:
+        return deepseek.MAX_OUTPUT_TOKENS
     if "reasoner" in str(body.get("model", "")):
         return DEFAULT_REASONER_COMPLETION_TOKENS
     return DEFAULT_COMPLETION_TOKENS

@@ -43,11 +43,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def fast_job_data(tmp_path: Path, base_url: str, **extra: Any) -> dict[str, Any]:
-    """Job data for tests: short backoffs so retries take milliseconds."""
+    """Job data for tests: short backoffs so retries take milliseconds; the 2025 model (as a
+    reseller serves it), which does not think, so answers and costs are the plain ones."""
     data: dict[str, Any] = {
         "input": str(tmp_path / "in.jsonl"),
         "output": str(tmp_path / "out.parquet"),
         "base_url": base_url,
+        "model": "deepseek-chat",
         "limits": {
             "concurrency": 4,
             "max_attempts": 4,

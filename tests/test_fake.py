@@ -170,6 +170,58 @@ def test_reasoner_sends_reasoning_and_counts_it(client: httpx.Client) -> None:
     assert usage["completion_tokens"] == reasoning + 4
 
 
+@pytest.mark.parametrize(
+    "model",
+    ["deepseek-flash", "deepseek-v4-flash", "deepseek-v4-flash-vision-exp", "deepseek-v4-pro"],
+)
+def test_current_models_think_by_default(client: httpx.Client, model: str) -> None:
+    """Today's models answer with reasoning_content and count its reasoning_tokens."""
+    data = chat(client, "hello", model=model).json()
+    assert data["model"] == model
+    assert data["choices"][0]["message"]["reasoning_content"] == "thinking about: hello"
+    usage = data["usage"]
+    assert usage["completion_tokens_details"]["reasoning_tokens"] == 7
+    assert usage["completion_tokens"] == 7 + 4
+
+
+def test_current_model_does_not_think_when_disabled(client: httpx.Client) -> None:
+    """`"thinking": {"type": "disabled"}` gives a plain answer with no reasoning tokens."""
+    data = chat(client, "hello", model="deepseek-flash", thinking={"type": "disabled"}).json()
+    assert data["choices"][0]["message"]["reasoning_content"] is None
+    assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    assert data["usage"]["completion_tokens"] == 4
+
+
+def test_effort_changes_how_long_the_fake_thinks(client: httpx.Client) -> None:
+    """Reasoning tokens grow from low to high (also medium, unset) to max."""
+
+    def reasoning_tokens(**extra: Any) -> int:
+        data = chat(client, "hello", model="deepseek-flash", **extra).json()
+        return int(data["usage"]["completion_tokens_details"]["reasoning_tokens"])
+
+    low, high, medium, unset, top = (
+        reasoning_tokens(reasoning_effort="low"),
+        reasoning_tokens(reasoning_effort="high"),
+        reasoning_tokens(reasoning_effort="medium"),
+        reasoning_tokens(),
+        reasoning_tokens(reasoning_effort="max"),
+    )
+    assert low < high == medium == unset < top
+
+
+def test_current_model_streams_its_thinking(client: httpx.Client) -> None:
+    """Streamed, a thinking answer sends reasoning_content pieces before the content."""
+    response = chat(client, "hi", model="deepseek-v4-pro", stream=True)
+    deltas = [c["choices"][0]["delta"] for c in sse_events(response.text)[:-1]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "thinking about: hi"
+
+
+def test_current_models_take_384k_max_tokens(client: httpx.Client) -> None:
+    """Today's models answer up to 384K tokens (393,216); the 2025 chat model only 8K."""
+    assert chat(client, model="deepseek-flash", max_tokens=393216).status_code == 200
+    assert chat(client, model="deepseek-flash", max_tokens=393217).status_code == 400
+
+
 def test_max_tokens_truncates_with_finish_reason_length(client: httpx.Client) -> None:
     """An answer longer than max_tokens is cut and finishes with "length"."""
     data = chat(client, "a long enough prompt to need cutting", max_tokens=3).json()
@@ -209,6 +261,12 @@ def test_latency_delays_the_answer(client: httpx.Client, fake: FakeServer) -> No
             body(model="deepseek-reasoner", max_tokens=65537), 400, "65536", id="reasoner-max"
         ),
         pytest.param(body(temperature=2.5), 422, "temperature", id="temperature"),
+        pytest.param(body(thinking=True), 400, "thinking", id="thinking-not-object"),
+        pytest.param(body(thinking={"type": "on"}), 400, "thinking", id="thinking-type"),
+        pytest.param(body(reasoning_effort="huge"), 422, "reasoning_effort", id="effort"),
+        pytest.param(body(reasoning_effort=3), 422, "reasoning_effort", id="effort-number"),
+        pytest.param(body(user_id="a b"), 400, "user_id", id="user-id-space"),
+        pytest.param(body(user_id="u" * 513), 400, "user_id", id="user-id-long"),
     ],
 )
 def test_invalid_requests_are_refused(
@@ -226,6 +284,13 @@ def test_invalid_requests_are_refused(
 def test_reasoner_accepts_long_max_tokens(client: httpx.Client) -> None:
     """The reasoner's max_tokens goes up to 64K."""
     assert chat(client, model="deepseek-reasoner", max_tokens=65536).status_code == 200
+
+
+@pytest.mark.parametrize("effort", ["low", "medium", "high", "xhigh", "max"])
+def test_every_documented_effort_is_taken(client: httpx.Client, effort: str) -> None:
+    """low, high and max, and medium and xhigh (which DeepSeek takes as high), are accepted."""
+    response = chat(client, model="deepseek-flash", reasoning_effort=effort, user_id="u-1_A")
+    assert response.status_code == 200
 
 
 def test_malformed_json_is_a_400(client: httpx.Client) -> None:
@@ -578,10 +643,17 @@ def test_config_rejects_unknown_fault_kinds() -> None:
 
 
 def test_models_lists_deepseek_models(client: httpx.Client) -> None:
-    """/models and /v1/models list deepseek-chat and deepseek-reasoner."""
+    """/models and /v1/models list today's models, then the 2025 ones resellers serve."""
     for path in ("/models", "/v1/models"):
         ids = [m["id"] for m in client.get(path).json()["data"]]
-        assert ids == ["deepseek-chat", "deepseek-reasoner"]
+        assert ids == [
+            "deepseek-flash",
+            "deepseek-v4-flash",
+            "deepseek-v4-flash-vision-exp",
+            "deepseek-v4-pro",
+            "deepseek-chat",
+            "deepseek-reasoner",
+        ]
 
 
 def test_balance_has_deepseek_shape(client: httpx.Client) -> None:

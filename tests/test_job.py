@@ -32,7 +32,7 @@ def test_minimal_job_loads_with_defaults(tmp_path: Path) -> None:
     job = load_job(write_job(tmp_path, MINIMAL))
     assert job.base_url == "https://api.deepseek.com"
     assert job.api_key_env == "DEEPSEEK_API_KEY"
-    assert job.model == "deepseek-chat"
+    assert job.model == "deepseek-flash"
     assert job.limits.concurrency == 32
 
 

@@ -339,7 +339,7 @@ def test_row_param_wins(column: str, job: dict[str, Any], row_value: Any) -> Non
 def test_column_named_like_a_param_is_not_sent(column: str, value: Any) -> None:
     """A column merely named like a request parameter never changes the request."""
     body = build_request({"prompt": "hi", column: value}, shape(params={"max_tokens": 9}))
-    assert body == {"model": "deepseek-chat", "messages": [user("hi")], "max_tokens": 9}
+    assert body == {"model": "deepseek-flash", "messages": [user("hi")], "max_tokens": 9}
 
 
 @pytest.mark.parametrize(

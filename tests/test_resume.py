@@ -174,7 +174,7 @@ def test_changed_job_is_refused_naming_the_change_and_restart_starts_over(
     assert invoke(*cli_args(tmp_path, fake, "--limit", "3")).exit_code == 0
     changed = invoke(*cli_args(tmp_path, fake, "--model", "deepseek-reasoner"))
     assert changed.exit_code == 2
-    assert "model: 'deepseek-chat' -> 'deepseek-reasoner'" in changed.output
+    assert "model: 'deepseek-flash' -> 'deepseek-reasoner'" in changed.output
     assert "--restart" in changed.output
     sent = len(fake.requests())
     restarted = invoke(*cli_args(tmp_path, fake, "--model", "deepseek-reasoner", "--restart"))

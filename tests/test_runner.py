@@ -442,7 +442,7 @@ def test_estimate_sends_nothing(tmp_path: Path, fake: FakeServer) -> None:
     """`estimate` reads the input and prints counts and a cost range; the fake sees nothing."""
     write_jsonl(tmp_path / "in.jsonl", prompts(25))
     args = ["--input", str(tmp_path / "in.jsonl"), "--base-url", fake.base_url]
-    args += ["--max-tokens", "100", "--rpm", "50"]
+    args += ["--model", "deepseek-chat", "--max-tokens", "100", "--rpm", "50"]
     runner = CliRunner()
     for command in (["estimate", *args], ["run", *args, "--dry-run"]):
         result = runner.invoke(cli, command)

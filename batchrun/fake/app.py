@@ -196,7 +196,9 @@ def _completion(
     if isr:
         answer = Answer("", "" if chat.reasoner else None, 0, 0, "insufficient_system_resource")
     else:
-        text, reasoning = content.answer(prompt, json_mode=chat.json_mode, reasoner=chat.reasoner)
+        text, reasoning = content.answer(
+            prompt, json_mode=chat.json_mode, reasoner=chat.reasoner, effort=chat.effort
+        )
         answer = content.fit(text, reasoning, chat.effective_max_tokens)
     if echo is not None:
         answer = dataclasses.replace(

@@ -9,9 +9,11 @@ import math
 from typing import Any
 
 from batchrun.fake.content import Answer, pieces
+from batchrun.fake.validation import CURRENT_MODELS, LEGACY_MODELS
 
 SYSTEM_FINGERPRINT = "fp_fake_batchrun"
-MODELS = ("deepseek-chat", "deepseek-reasoner")
+#: today's models, then the 2025 ones that resellers still serve
+MODELS = (*CURRENT_MODELS, *LEGACY_MODELS)
 
 #: (type, code) of the OpenAI-style error body for each status the fake sends.
 ERROR_KINDS: dict[int, tuple[str, str]] = {

@@ -69,11 +69,19 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def answer(prompt: str, *, json_mode: bool, reasoner: bool) -> tuple[str, str | None]:
+#: how the reasoning opens at each effort, so that a sweep over efforts shows in reasoning
+#: tokens ("medium" and "xhigh" are "high", as DeepSeek takes them)
+_THINKING = {"low": "briefly: ", "max": "thinking long and hard about: "}
+
+
+def answer(
+    prompt: str, *, json_mode: bool, reasoner: bool, effort: str | None = None
+) -> tuple[str, str | None]:
     """The (content, reasoning_content) the fake gives to `prompt`.
 
     Content is `"echo: " + prompt`; in JSON mode it is a JSON object whose `label` is
     "negative" when the prompt contains the word "not" or "bad" (whole words, any case).
+    Reasoning is `"thinking about: " + prompt`, shorter at effort "low", longer at "max".
     """
     echo = prompt[:ECHO_LIMIT]
     if json_mode:
@@ -81,7 +89,8 @@ def answer(prompt: str, *, json_mode: bool, reasoner: bool) -> tuple[str, str | 
         content = orjson.dumps({"label": label, "confidence": 0.9, "echo": echo}).decode()
     else:
         content = "echo: " + echo
-    reasoning = "thinking about: " + echo if reasoner else None
+    opening = _THINKING.get(effort or "high", "thinking about: ")
+    reasoning = opening + echo if reasoner else None
     return content, reasoning
 
 
