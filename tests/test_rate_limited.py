@@ -3,6 +3,10 @@ existed, and marked on the report page's throughput chart."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +17,11 @@ from click.testing import CliRunner, Result
 
 from batchrun.cli import cli
 from batchrun.errors import BalanceError
-from batchrun.fake import FakeServer
+from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
+from batchrun.report import read_report, scan_rows
+from batchrun.report_html import render_html, throughput
 from batchrun.runner import run_job
 from batchrun.sinks import list_parts, parts_dir, write_atomically
 from tests.conftest import fast_job_data, write_jsonl
@@ -31,18 +37,27 @@ def output_rows(tmp_path: Path) -> list[dict[str, Any]]:
     return pq.read_table(tmp_path / "out.parquet").to_pylist()
 
 
-def test_a_row_that_met_two_429s_then_succeeded_counts_two(
-    tmp_path: Path, fake: FakeServer
-) -> None:
+@pytest.fixture(scope="module")
+def limited(fake_session: FakeServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output of a run whose rows 1, 3 and 5 are refused twice with 429 each before their
+    answer, and whose rows 0, 2 and 4 are answered at once."""
+    tmp = tmp_path_factory.mktemp("limited")
+    fake_session.reset(FakeConfig())
+    prompts = [f"[[fault:429*2@0.01]] q{i}" if i % 2 else f"q{i}" for i in range(6)]
+    write_jsonl(tmp / "in.jsonl", [{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)])
+    data = fast_job_data(tmp, fake_session.base_url, limits={"max_attempts": 1})
+    run_job(build_job(data), settings=SETTINGS)
+    return tmp / "out.parquet"
+
+
+def test_a_row_that_met_two_429s_then_succeeded_counts_two(limited: Path) -> None:
     """A row refused twice with 429 before its answer has `rate_limited == 2` (the re-sends
     cost no attempt); a row never refused has 0."""
-    rows = [{"prompt": "[[fault:429*2@0.01]] question"}, {"prompt": "plain question"}]
-    write_jsonl(tmp_path / "in.jsonl", rows)
-    data = fast_job_data(tmp_path, fake.base_url, limits={"max_attempts": 1})
-    run_job(build_job(data), settings=SETTINGS)
-    limited, plain = output_rows(tmp_path)
-    assert (limited["status"], limited["attempts"], limited["rate_limited"]) == ("ok", 3, 2)
-    assert (plain["status"], plain["attempts"], plain["rate_limited"]) == ("ok", 1, 0)
+    rows = pq.read_table(limited).to_pylist()
+    assert [(r["status"], r["attempts"], r["rate_limited"]) for r in rows] == [
+        ("ok", 1, 0),
+        ("ok", 3, 2),
+    ] * 3
 
 
 def test_a_row_failed_by_429s_counts_every_one(tmp_path: Path, fake: FakeServer) -> None:
@@ -105,3 +120,39 @@ def test_a_checkpoint_from_before_the_column_resumes_and_compacts(
     counts = [row["rate_limited"] for row in rows]
     assert counts.count(None) == old and set(counts) == {None, 0}
     assert pq.read_schema(output).field("rate_limited").type == "int32"
+
+
+def plotted(page: str, chart: str) -> dict[str, Any]:
+    """The traces of a chart on the page, by name, as plotly.js is handed them."""
+    call = re.search(rf'Plotly\.newPlot\(\s*"{chart}",\s*', page)
+    assert call is not None
+    traces, _ = json.JSONDecoder().raw_decode(page, call.end())
+    return {trace["name"]: trace for trace in traces}
+
+
+def test_the_throughput_chart_marks_429s_of_rows_that_succeeded(limited: Path) -> None:
+    """The page's throughput chart marks the six 429s, though every row ended ok: each row's
+    count in the interval it finished in, the bars' intervals."""
+    rows = pq.read_table(limited).to_pylist()
+    page = render_html(read_report(limited), scan_rows(limited), title="t")
+    traces = plotted(page, "chart-0")
+    marks, bars = traces["429 answers met"], traces["ok"]
+    assert sum(n for n in marks["y"] if n is not None) == 6
+    assert marks["x"] == bars["x"]
+    data = throughput(scan_rows(limited))
+    first, step = data.starts[0], timedelta(seconds=data.interval_s)
+    want = Counter[int]()
+    for row in rows:
+        want[(row["finished_at"] - first) // step] += row["rate_limited"]
+    assert marks["y"] == [want[i] or None for i in range(len(bars["x"]))]
+
+
+def test_report_counts_429s_per_variant(limited: Path) -> None:
+    """`report --json` and the table give the 429s met, beside the rows."""
+    result = invoke("report", "--json", str(limited))
+    assert result.exit_code == 0, result.output
+    [figures] = orjson.loads(result.stdout)
+    assert (figures["rows"], figures["errors"], figures["rate_limited"]) == (6, 0, 6)
+    header, *lines = invoke("report", str(limited)).output.splitlines()
+    assert header.split()[:6] == ["variant", "rows", "ok", "errors", "cached", "429s"]
+    assert lines[0].split()[:6] == ["all", "6", "6", "0", "0", "6"]
