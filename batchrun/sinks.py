@@ -419,9 +419,12 @@ def scan_part(path: Path, types: dict[str, pl.DataType]) -> pl.LazyFrame:
     column was added to the schema (`rate_limited`, say) so read as parts written now.
     """
     import polars as pl
+    import pyarrow.parquet as pq
 
+    # the footer, read by pyarrow: polars' `collect_schema` calls back into Python, where a
+    # Ctrl-C then becomes a panic rather than a KeyboardInterrupt
+    present = set(pq.read_schema(path).names)
     frame = pl.scan_parquet(path)
-    present = set(frame.collect_schema().names())  # the footer only
     absent = [pl.lit(None, kind).alias(name) for name, kind in types.items() if name not in present]
     if absent:
         frame = frame.with_columns(absent)
