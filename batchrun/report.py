@@ -7,7 +7,7 @@ column holding each field's true value; every part of it is optional.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final
@@ -53,6 +53,9 @@ class VariantFigures:
     errors: int
     #: rows served from the request cache; None when the output has no `cached` column
     cached: int | None
+    #: 429 answers the rows met (`rate_limited_count`); None when the output has no
+    #: `rate_limited` column (written before it existed)
+    rate_limited: int | None
     #: means over the rows that report usage (error rows usually do not)
     mean_prompt_tokens: float | None
     mean_completion_tokens: float | None
@@ -81,6 +84,24 @@ def read_spec(metadata: dict[bytes, bytes] | None) -> ReportSpec:
             {str(k): str(v) for k, v in reference.items()} if isinstance(reference, dict) else {}
         ),
     )
+
+
+def rate_limited_count(names: Collection[str]) -> pl.Expr:
+    """Each row's 429 answers: its `rate_limited`, or, where that is null or absent (a row
+    written before the column), 1 if the row ended on a 429, else 0.
+
+    Args:
+        names: the columns the rows have.
+    """
+    import polars as pl
+
+    ended = pl.lit(False)
+    if "error_class" in names:
+        ended = ended | (pl.col("error_class") == "rate_limit").fill_null(False)
+    if "http_status" in names:
+        ended = ended | (pl.col("http_status") == 429).fill_null(False)
+    known = pl.col("rate_limited") if "rate_limited" in names else pl.lit(None)
+    return known.cast(pl.Int64).fill_null(ended.cast(pl.Int64))
 
 
 def read_report(output: Path | Results) -> list[VariantFigures]:
@@ -120,6 +141,8 @@ def read_report(output: Path | Results) -> list[VariantFigures]:
     ]
     if "cached" in names:
         aggregations.append(pl.col("cached").fill_null(False).sum().alias("_cached"))
+    if "rate_limited" in names:
+        aggregations.append(rate_limited_count(names).sum().alias("_rate_limited"))
     aggregations += [
         pl.col(SWEEP_PREFIX + key).first().alias(f"_sweep{i}") for i, key in enumerate(sweep_keys)
     ]
@@ -148,6 +171,7 @@ def read_report(output: Path | Results) -> list[VariantFigures]:
                 ok=ok_rows,
                 errors=int(row["_rows"]) - ok_rows,
                 cached=int(row["_cached"]) if "_cached" in row else None,
+                rate_limited=int(row["_rate_limited"]) if "_rate_limited" in row else None,
                 mean_prompt_tokens=row["_prompt"],
                 mean_completion_tokens=row["_completion"],
                 cost_usd=float(row["_cost"]) if row["_priced"] else None,
@@ -195,8 +219,10 @@ def table_rows(figures: Sequence[VariantFigures]) -> tuple[list[str], list[list[
     sweep_keys = list(figures[0].sweep) if figures else []
     fields = list(figures[0].accuracy) if figures else []
     with_cached = any(f.cached is not None for f in figures)
+    with_429s = any(f.rate_limited is not None for f in figures)
     header = ["variant", *sweep_keys, "rows", "ok", "errors"]
     header += ["cached"] if with_cached else []
+    header += ["429s"] if with_429s else []
     header += ["prompt tok", "compl tok", "cost $", "latency s"]
     header += [f"{name} acc" for name in fields]
     body = []
@@ -204,6 +230,7 @@ def table_rows(figures: Sequence[VariantFigures]) -> tuple[list[str], list[list[
         cells = [f.variant, *(_shown(f.sweep[key]) for key in sweep_keys)]
         cells += [str(f.rows), str(f.ok), str(f.errors)]
         cells += [_number(f.cached, "{:d}")] if with_cached else []
+        cells += [_number(f.rate_limited, "{:d}")] if with_429s else []
         cells += [
             _number(f.mean_prompt_tokens, "{:.1f}"),
             _number(f.mean_completion_tokens, "{:.1f}"),

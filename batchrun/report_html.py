@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from batchrun.errors import ConfigError
-from batchrun.report import ALL, VariantFigures, table_rows
+from batchrun.report import ALL, VariantFigures, rate_limited_count, table_rows
 
 if TYPE_CHECKING:
     import polars as pl
@@ -54,7 +54,7 @@ class Throughput:
     errors: list[int]
     #: requests sent again (a row's attempts less one), by the interval its row finished in
     retries: list[int]
-    #: rows that ended on a 429
+    #: 429 answers met (`report.rate_limited_count`), by the interval their row finished in
     rate_limited: list[int]
 
 
@@ -102,8 +102,8 @@ def render_html(figures: Sequence[VariantFigures], rows: pl.LazyFrame, *, title:
     sections = [
         (
             "Throughput",
-            "Rows finished per interval, ok and failed; requests sent again and "
-            "rows that ended on a 429 marked.",
+            "Rows finished per interval, ok and failed; requests sent again and 429 answers "
+            "met marked, each at the interval its row finished in.",
             _throughput_chart(throughput(rows)),
         ),
         (
@@ -169,13 +169,14 @@ def throughput(rows: pl.LazyFrame, *, intervals: int = INTERVALS) -> Throughput:
     span_ms = (last - first) / timedelta(milliseconds=1)
     step = next((s for s in _STEPS_MS if s * intervals >= span_ms), _STEPS_MS[-1])
     offset = (pl.col("finished_at") - pl.lit(first)).dt.total_milliseconds()
+    names = rows.collect_schema().names()
     counts = (
         finished.group_by((offset // step).cast(pl.Int64).alias("bin"))
         .agg(
             (pl.col("status") == "ok").sum().alias("ok"),
             (pl.col("status") != "ok").sum().alias("errors"),
             (pl.col("attempts").fill_null(1) - 1).clip(lower_bound=0).sum().alias("retries"),
-            _rate_limited().sum().alias("rate_limited"),
+            rate_limited_count(names).sum().alias("rate_limited"),
         )
         .collect()
     )
@@ -233,14 +234,6 @@ def error_classes(rows: pl.LazyFrame) -> dict[str, dict[str, int]]:
     return out
 
 
-def _rate_limited() -> pl.Expr:
-    import polars as pl
-
-    return (pl.col("error_class") == "rate_limit").fill_null(False) | (
-        pl.col("http_status") == 429
-    ).fill_null(False)
-
-
 def _with_columns(rows: pl.LazyFrame) -> pl.LazyFrame:
     """`rows` with every column the charts read; one an output lacks is null (or `all`)."""
     import polars as pl
@@ -250,6 +243,7 @@ def _with_columns(rows: pl.LazyFrame) -> pl.LazyFrame:
         "status": pl.String,
         "finished_at": pl.Datetime("ms", "UTC"),
         "attempts": pl.Int64,
+        "rate_limited": pl.Int64,
         "http_status": pl.Int64,
         "error_class": pl.String,
         "latency_s": pl.Float64,
@@ -341,7 +335,7 @@ def _throughput_chart(data: Throughput) -> Any:
         go.Scatter(
             x=middles,
             y=[n or None for n in data.rate_limited],  # a mark where there were some
-            name="rows ended on a 429",
+            name="429 answers met",
             mode="markers",
             marker={"color": _LIMIT_COLOUR, "symbol": "x", "size": 9},
         )

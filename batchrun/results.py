@@ -31,6 +31,7 @@ from batchrun.sinks import (
     parts_dir,
     read_journal,
     result_column_names,
+    scan_part,
     segment_number,
     shard_dirs,
 )
@@ -163,7 +164,7 @@ def read_checkpoint(output: Path, *, columns: Sequence[str] | None = None) -> Ch
         frames.append(journal_frame.lazy().with_columns(segment))
     for path in parts:
         segment = pl.lit(segment_number(path), pl.Int64).alias("_segment")
-        frames.append(pl.scan_parquet(path).select(schema.names).cast(target).with_columns(segment))
+        frames.append(scan_part(path, dict(target)).with_columns(segment))
     if frames:
         raw = pl.concat(frames)
     else:
@@ -199,7 +200,11 @@ def _rows_schema(parts: list[Path], journalled: list[tuple[Path, list[dict[str, 
             raise damaged(part, f"not a readable Parquet file: {exc}") from None
     if schemas:
         try:
-            return pa.unify_schemas(schemas, promote_options="permissive").remove_metadata()
+            # newest first: its columns' order is the one now written; a column that older
+            # parts lack (added since) is null in their rows (`scan_part`)
+            newest_first = schemas[::-1]
+            unified = pa.unify_schemas(newest_first, promote_options="permissive")
+            return unified.remove_metadata()
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise damaged(parts[0].parent, f"its part files disagree on types: {exc}") from None
     rows = [row for _, segment in journalled for row in segment]

@@ -71,6 +71,8 @@ class RowState:
     answers: list[Completion] = field(default_factory=list)
     #: requests actually sent
     attempts: int = 0
+    #: 429 answers met, the re-sends within an attempt included
+    rate_limited: int = 0
     #: USD of every answer paid for; None while no answer has a known price
     cost: float | None = None
     #: some answer came without usage and is counted at its worst case
@@ -206,6 +208,7 @@ class RowMaker:
             try:
                 return await self._send_once(state, request)
             except RateLimited as exc:
+                state.rate_limited += 1
                 elapsed = anyio.current_time() - began
                 if elapsed >= limits.timeout or not self.meter.answering(limits.outage_timeout):
                     raise  # rate-limited alone for too long: a failed attempt after all
@@ -307,6 +310,7 @@ class RowMaker:
             result[name] = getattr(c, name) if c else None
         result.update(
             attempts=state.attempts,
+            rate_limited=state.rate_limited,
             latency_s=state.in_requests if sent else None,
             queued_s=state.first_sent - state.taken if state.first_sent is not None else None,
             http_status=c.http_status if c else (failure.status if failure else None),

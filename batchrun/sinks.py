@@ -26,6 +26,7 @@ import orjson
 from batchrun.logs import has_secrets, scrub
 
 if TYPE_CHECKING:
+    import polars as pl
     import pyarrow as pa
 
 #: internal columns kept in part files only: input position, for ordering and resume
@@ -72,6 +73,7 @@ def _result_fields() -> list[tuple[str, pa.DataType]]:
         ("model", pa.string()),
         *((name, pa.int64()) for name in USAGE_COLUMNS),
         ("attempts", pa.int32()),
+        ("rate_limited", pa.int32()),
         ("latency_s", pa.float64()),
         ("queued_s", pa.float64()),
         ("http_status", pa.int32()),
@@ -411,6 +413,24 @@ def recover_journals(directory: Path, *, schema: pa.Schema) -> int:
     return recovered
 
 
+def scan_part(path: Path, types: dict[str, pl.DataType]) -> pl.LazyFrame:
+    """A polars LazyFrame of one part file's columns `types` (name -> polars type), in that
+    order and cast to those types; a column the part lacks is null. Parts written before a
+    column was added to the schema (`rate_limited`, say) so read as parts written now.
+    """
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    # the footer, read by pyarrow: polars' `collect_schema` calls back into Python, where a
+    # Ctrl-C then becomes a panic rather than a KeyboardInterrupt
+    present = set(pq.read_schema(path).names)
+    frame = pl.scan_parquet(path)
+    absent = [pl.lit(None, kind).alias(name) for name, kind in types.items() if name not in present]
+    if absent:
+        frame = frame.with_columns(absent)
+    return frame.select(list(types)).cast(pl.Schema(types))
+
+
 def part_number(column: str = "_part") -> Any:
     """A polars expression: the N of the `part-N.parquet` path in `column`."""
     import polars as pl
@@ -532,7 +552,10 @@ def compact(
         return 0
     index = pl.col(INDEX_COLUMN)
     spans = (
-        pl.scan_parquet(parts, include_file_paths="_part")
+        # only the position is read; parts of older code may lack a newer column
+        pl.scan_parquet(
+            parts, include_file_paths="_part", missing_columns="insert", extra_columns="ignore"
+        )
         .filter(index < rows)
         .group_by("_part")
         .agg(index.min().alias("low"), index.max().alias("high"))
@@ -542,8 +565,10 @@ def compact(
     )
     # parts written by a `--limit` run may hold narrower types than the whole input has
     # (a carried column null in the first rows, ints before floats, ids that later turn
-    # mixed): each part is cast to the output's types before they meet
+    # mixed), and parts of older code may lack a newer column: each part is read as the
+    # output's columns and types before they meet
     target = dict(pl.from_arrow(schema.empty_table()).schema)  # type: ignore[union-attr]
+    target[INDEX_COLUMN] = pl.Int64()
 
     def chunks(start: int, stop: int) -> Iterator[pa.Table]:
         """The output's rows for input positions [start, stop), a range at a time."""
@@ -553,9 +578,7 @@ def compact(
             if holding.is_empty():
                 continue
             frames = [
-                pl.scan_parquet(path)
-                .cast(target)
-                .with_columns(pl.lit(number, pl.Int64).alias("_segment"))
+                scan_part(path, target).with_columns(pl.lit(number, pl.Int64).alias("_segment"))
                 for path, number in holding.select("_part", "_segment").iter_rows()
             ]
             in_range = pl.concat(frames).filter((index >= low) & (index < high))

@@ -34,6 +34,7 @@ EXPECTED_COLUMNS = [
     "prompt_cache_miss_tokens",
     "reasoning_tokens",
     "attempts",
+    "rate_limited",
     "latency_s",
     "queued_s",
     "http_status",
