@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from batchrun import tokens
 from batchrun.clock import SYSTEM_CLOCK, Clock
-from batchrun.job import Job
+from batchrun.job import Job, for_server
 from batchrun.prices import PER_TOKENS, PriceTable, Rates
 from batchrun.prompts import RequestShape, build_request, expand_sweep
 from batchrun.schedule import OFF_PEAK, first_off_peak, off_peak_finish, peak_calendars
@@ -121,6 +121,7 @@ def estimate_job(
             result.models[model] += 1
             prompt_by_model[model] += prompt
             cap_by_model[model] += cap
+    for_server(job, result.models)  # the warnings a run would log: a retired name, say
     _time(result, job)
     _price(result, table, prompt_by_model, cap_by_model)
     return result

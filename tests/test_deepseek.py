@@ -304,6 +304,20 @@ def test_retired_model_on_deepseeks_url_is_warned_naming_the_current_one() -> No
     assert "deepseek-flash" in warnings[0]["use"]
 
 
+def test_estimate_of_a_retired_model_on_deepseeks_url_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`estimate` of deepseek-chat at DeepSeek's URL warns as the run would, naming
+    deepseek-flash, before any key is needed or anything sent."""
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    args = ["estimate", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o")]
+    result = invoke(*args, "--model", "deepseek-chat", "--base-url", DEEPSEEK)
+    assert result.exit_code == 0, result.output
+    (line,) = [text for text in result.stderr.splitlines() if "model_retired" in text]
+    assert "deepseek-chat" in line and "deepseek-flash" in line
+
+
 @pytest.mark.parametrize("base_url", [RESELLER, "http://127.0.0.1:9/v1"])
 def test_retired_model_elsewhere_is_not_warned(base_url: str) -> None:
     """A reseller (or any other URL) may serve deepseek-reasoner: no warning."""
