@@ -63,6 +63,8 @@ class Estimate:
     minutes_by_rpm: float | None = None
     minutes_by_tpm: float | None = None
     models: Counter[str] = field(default_factory=Counter)
+    #: requests per model that set no max_tokens, so count at the most the model may answer
+    uncapped: Counter[str] = field(default_factory=Counter)
     unpriced_models: set[str] = field(default_factory=set)
     #: models whose price has peak hours
     peak_priced: set[str] = field(default_factory=set)
@@ -119,6 +121,8 @@ def estimate_job(
             result.prompt_tokens += prompt
             result.completion_cap_tokens += cap
             result.models[model] += 1
+            if not (body.get("max_tokens") or body.get("max_completion_tokens")):
+                result.uncapped[model] += 1
             prompt_by_model[model] += prompt
             cap_by_model[model] += cap
     for_server(job, result.models)  # the warnings a run would log: a retired name, say
@@ -185,6 +189,17 @@ def describe(estimate: Estimate) -> list[str]:
         f"prompt tokens (estimated): {estimate.prompt_tokens}",
         f"completion tokens: at most {estimate.completion_cap_tokens} (max_tokens)",
     ]
+    if estimate.uncapped:
+        # a thinking model's most is 384K tokens: the range would be thousands of times what
+        # short answers cost, with nothing saying why
+        most = ", ".join(
+            f"{tokens.completion_cap({'model': model})} for {model}"
+            for model in sorted(estimate.uncapped)
+        )
+        lines.append(
+            f"note: {estimate.uncapped.total()} requests set no max_tokens and count at the most "
+            f"their model may answer ({most}): set max_tokens (--max-tokens) for a closer range"
+        )
     if estimate.unpriced_models:
         lines.append(
             "cost: unknown for "
