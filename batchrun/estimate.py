@@ -245,9 +245,18 @@ def _how_scheduled(estimate: Estimate) -> str:
 def _off_peak_time(estimate: Estimate) -> list[str]:
     """How long the off-peak schedule makes the run take, waits included."""
     first, finish, now = estimate.first_send, estimate.finish, estimate.now
-    if estimate.schedule != OFF_PEAK or first is None:
+    if estimate.schedule != OFF_PEAK:
         return []
     lines = []
+    if anytime := sorted(set(estimate.models) - estimate.peak_priced):
+        # --off-peak holds back only models with peak hours: say so rather than let the
+        # user believe a nightly job of deepseek-chat waits for cheaper hours
+        lines.append(
+            f"off-peak: {', '.join(anytime)}: no off-peak price, so sent at any hour "
+            "(--off-peak holds back only models with peak hours)"
+        )
+    if first is None:
+        return lines
     if first > now:
         lines.append(
             f"off-peak: the first request waits until {first:%a %H:%M} UTC ({_hours(now, first)})"
