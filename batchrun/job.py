@@ -443,7 +443,10 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and key in Params.model_fields:
+            # `thinking = false` beside `model`: a request parameter one table too high
+            parts.append(f"unknown key {key!r} (a request parameter: put it under [params])")
+        elif item["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         elif item["type"] == "missing":
             parts.append(f"missing key {key!r}")
