@@ -381,7 +381,8 @@ def report_command(output: Path, as_json: bool, html_file: Path | None) -> None:
             from batchrun.report_html import write_html
 
             title = f"batchrun report: {results.output.name}"
-            write_html(figures, scan_rows(results), html_file, title=title)
+            partial = None if results.partial is None else results.partial.describe()
+            write_html(figures, scan_rows(results), html_file, title=title, partial=partial)
     except BatchrunError as exc:
         _exit_error(exc)
     write_report(figures, as_json=as_json, file=sys.stdout)

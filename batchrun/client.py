@@ -27,6 +27,7 @@ from batchrun.errors import (
     RetryableError,
 )
 from batchrun.limits import parse_duration
+from batchrun.logs import MIN_SECRET_LENGTH
 from batchrun.sse import StreamAccumulator, StreamBroken
 
 if TYPE_CHECKING:
@@ -305,7 +306,7 @@ class Client:
         await self._http.__aexit__(*exc_info)
 
     def _redact(self, message: str) -> str:
-        if self._api_key and self._api_key in message:
+        if self._api_key and len(self._api_key) >= MIN_SECRET_LENGTH and self._api_key in message:
             return message.replace(self._api_key, "[redacted]")
         return message
 

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 
 from batchrun import tokens
 from batchrun.clock import SYSTEM_CLOCK, Clock
-from batchrun.job import Job
+from batchrun.job import Job, for_server
 from batchrun.prices import PER_TOKENS, PriceTable, Rates
 from batchrun.prompts import RequestShape, build_request, expand_sweep
 from batchrun.schedule import OFF_PEAK, first_off_peak, off_peak_finish, peak_calendars
@@ -63,6 +63,8 @@ class Estimate:
     minutes_by_rpm: float | None = None
     minutes_by_tpm: float | None = None
     models: Counter[str] = field(default_factory=Counter)
+    #: requests per model that set no max_tokens, so count at the most the model may answer
+    uncapped: Counter[str] = field(default_factory=Counter)
     unpriced_models: set[str] = field(default_factory=set)
     #: models whose price has peak hours
     peak_priced: set[str] = field(default_factory=set)
@@ -119,8 +121,11 @@ def estimate_job(
             result.prompt_tokens += prompt
             result.completion_cap_tokens += cap
             result.models[model] += 1
+            if not (body.get("max_tokens") or body.get("max_completion_tokens")):
+                result.uncapped[model] += 1
             prompt_by_model[model] += prompt
             cap_by_model[model] += cap
+    for_server(job, result.models)  # the warnings a run would log: a retired name, say
     _time(result, job)
     _price(result, table, prompt_by_model, cap_by_model)
     return result
@@ -184,6 +189,17 @@ def describe(estimate: Estimate) -> list[str]:
         f"prompt tokens (estimated): {estimate.prompt_tokens}",
         f"completion tokens: at most {estimate.completion_cap_tokens} (max_tokens)",
     ]
+    if estimate.uncapped:
+        # a thinking model's most is 384K tokens: the range would be thousands of times what
+        # short answers cost, with nothing saying why
+        most = ", ".join(
+            f"{tokens.completion_cap({'model': model})} for {model}"
+            for model in sorted(estimate.uncapped)
+        )
+        lines.append(
+            f"note: {estimate.uncapped.total()} requests set no max_tokens and count at the most "
+            f"their model may answer ({most}): set max_tokens (--max-tokens) for a closer range"
+        )
     if estimate.unpriced_models:
         lines.append(
             "cost: unknown for "
@@ -229,9 +245,18 @@ def _how_scheduled(estimate: Estimate) -> str:
 def _off_peak_time(estimate: Estimate) -> list[str]:
     """How long the off-peak schedule makes the run take, waits included."""
     first, finish, now = estimate.first_send, estimate.finish, estimate.now
-    if estimate.schedule != OFF_PEAK or first is None:
+    if estimate.schedule != OFF_PEAK:
         return []
     lines = []
+    if anytime := sorted(set(estimate.models) - estimate.peak_priced):
+        # --off-peak holds back only models with peak hours: say so rather than let the
+        # user believe a nightly job of deepseek-chat waits for cheaper hours
+        lines.append(
+            f"off-peak: {', '.join(anytime)}: no off-peak price, so sent at any hour "
+            "(--off-peak holds back only models with peak hours)"
+        )
+    if first is None:
+        return lines
     if first > now:
         lines.append(
             f"off-peak: the first request waits until {first:%a %H:%M} UTC ({_hours(now, first)})"

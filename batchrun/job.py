@@ -443,7 +443,10 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
+        if item["type"] == "extra_forbidden" and key in Params.model_fields:
+            # `thinking = false` beside `model`: a request parameter one table too high
+            parts.append(f"unknown key {key!r} (a request parameter: put it under [params])")
+        elif item["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         elif item["type"] == "missing":
             parts.append(f"missing key {key!r}")
@@ -562,14 +565,26 @@ FLAG_TARGETS: dict[str, tuple[str, ...]] = {
 
 
 def apply_flags(job_data: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
-    """Lay flags that were given (not None) over a job's data: flags win over the file."""
+    """Lay flags that were given (not None) over a job's data: flags win over the file.
+
+    A flag for a key the job's [sweep] lists is refused: each variant's swept value would
+    override it, and a `--no-thinking` that half the requests ignore is paid for in full.
+    """
     merged: dict[str, Any] = {
         k: (dict(v) if isinstance(v, dict) else v) for k, v in job_data.items()
     }
+    sweep = job_data.get("sweep")
+    swept = set(sweep) if isinstance(sweep, dict) else set()
     for name, value in flags.items():
         if value is None:
             continue
         target = FLAG_TARGETS[name]
+        if target[-1] in swept and target[0] in ("model", "params", "prompt"):
+            flag = f"--{'no-' if value is False else ''}{name.replace('_', '-')}"
+            raise ConfigError(
+                f"{flag} sets {target[-1]}, which the job's [sweep] lists: "
+                "each variant would send its swept value instead; drop the flag or the sweep key"
+            )
         node = merged
         for part in target[:-1]:
             node = node.setdefault(part, {})

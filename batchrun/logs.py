@@ -33,9 +33,14 @@ class _Terminal:
 _terminal = _Terminal()
 
 
+#: a key shorter than this (a local server's dummy "x" or "EMPTY") is not redacted: it would
+#: cut ordinary words apart ("Model Not E[redacted]ist")
+MIN_SECRET_LENGTH = 8
+
+
 def register_secret(value: str | None) -> None:
     """Never log this value (short values are ignored: they would redact ordinary words)."""
-    if value and len(value) >= 8:
+    if value and len(value) >= MIN_SECRET_LENGTH:
         _secrets.add(value)
 
 

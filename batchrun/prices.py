@@ -201,7 +201,7 @@ class Price:
         return 1.0 - (off.cache_miss + off.output) / peak if peak else 0.0
 
 
-def _day(value: Any, where: str) -> datetime:
+def _day(value: Any, where: str, key: str = "from") -> datetime:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, date):
@@ -209,7 +209,7 @@ def _day(value: Any, where: str) -> datetime:
     try:
         return datetime.fromisoformat(str(value)).replace(tzinfo=UTC)
     except ValueError:
-        raise ConfigError(f"{where}: 'from' must be a date such as 2025-09-29") from None
+        raise ConfigError(f"{where}: {key!r} must be a date such as 2025-09-29") from None
 
 
 def _clock(value: Any, where: str) -> time:
@@ -255,7 +255,10 @@ def _peak_hours(name: str, table: dict[str, Any], where: str) -> PeakHours:
     try:
         days = frozenset(_WEEKDAYS.index(str(d).strip().lower()[:3]) for d in table["days"])
         windows = tuple(sorted(_window(w, where) for w in table["windows"]))
-        holidays = frozenset(_day(h, where).date() for h in table.get("holidays", []))
+        listed = table.get("holidays", [])
+        if not isinstance(listed, list):
+            raise ConfigError(f"{where}: 'holidays' is a list of dates, such as ['2026-10-01']")
+        holidays = frozenset(_day(h, where, "holidays").date() for h in listed)
     except KeyError as exc:
         raise ConfigError(f"{where}: missing key {exc.args[0]!r}") from None
     except (TypeError, ValueError):

@@ -81,18 +81,31 @@ def require_plotly() -> None:
 
 
 def write_html(
-    figures: Sequence[VariantFigures], rows: pl.LazyFrame, path: Path, *, title: str
+    figures: Sequence[VariantFigures],
+    rows: pl.LazyFrame,
+    path: Path,
+    *,
+    title: str,
+    partial: str | None = None,
 ) -> None:
-    """Write the page of `figures` and the charts of `rows` (the output's rows) to `path`."""
-    page = render_html(figures, rows, title=title)
+    """Write the page of `figures` and the charts of `rows` (the output's rows) to `path`;
+    `partial` is the line saying the job is not finished, shown under the title."""
+    page = render_html(figures, rows, title=title, partial=partial)
     try:
         path.write_text(page, encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot write the page ({exc.strerror})", path=path) from None
 
 
-def render_html(figures: Sequence[VariantFigures], rows: pl.LazyFrame, *, title: str) -> str:
-    """The page: the report's table, then a chart per question, plotly.js inlined once."""
+def render_html(
+    figures: Sequence[VariantFigures],
+    rows: pl.LazyFrame,
+    *,
+    title: str,
+    partial: str | None = None,
+) -> str:
+    """The page: the report's table, then a chart per question, plotly.js inlined once. A
+    stopped job's page says so under its title (`partial`): the page is mailed on its own."""
     require_plotly()
     from plotly.offline import get_plotlyjs
 
@@ -143,6 +156,7 @@ def render_html(figures: Sequence[VariantFigures], rows: pl.LazyFrame, *, title:
     body = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">{html.escape(meta)}</p>',
+        *([f'<p class="partial">{html.escape(partial)}</p>'] if partial else []),
         _table(figures),
     ]
     for i, (heading, caption, chart) in enumerate(sections):
@@ -513,6 +527,8 @@ h1 { font-size: 22px; margin: 8px 0 2px; }
 h2 { font-size: 17px; margin: 0 0 2px; }
 p { margin: 0 0 8px; color: #555; }
 .meta { margin-bottom: 14px; }
+.partial { margin-bottom: 14px; padding: 6px 10px; color: #7a4b00; background: #fff4d6;
+           border: 1px solid #f0d58c; border-radius: 4px; }
 section { background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; padding: 12px 14px;
           margin-top: 16px; }
 table.figures { border-collapse: collapse; background: #fff; border: 1px solid #e3e3e3;

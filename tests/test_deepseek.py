@@ -177,6 +177,29 @@ def test_resume_refuses_a_changed_thinking_setting(tmp_path: Path, fake: FakeSer
     assert fake.requests()[-1]["thinking"] == {"type": "disabled"}
 
 
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        pytest.param(["--no-thinking"], "thinking", id="thinking"),
+        pytest.param(["--reasoning-effort", "low"], "reasoning_effort", id="effort"),
+        pytest.param(["--temperature", "0.5"], "temperature", id="temperature"),
+    ],
+)
+def test_a_flag_for_a_swept_key_is_refused(tmp_path: Path, flags: list[str], key: str) -> None:
+    """`--no-thinking` on a job sweeping thinking exits 2 naming both, rather than letting the
+    sweep's `true` variants think (and bill) against the flag."""
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    sweep = {"thinking": [False, True], "reasoning_effort": ["low", "max"], "temperature": [0.0]}
+    job = tmp_path / "job.toml"
+    lines = [f'input = "{tmp_path / "in.jsonl"}"', f'output = "{tmp_path / "out.parquet"}"']
+    lines += ["[sweep]", f"{key} = {str(sweep[key]).lower()}".replace("'", '"')]
+    job.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = invoke("estimate", str(job), *flags)
+    assert result.exit_code == 2, result.output
+    assert f"{flags[0]} sets {key}, which the job's [sweep] lists" in result.output
+    assert invoke("estimate", str(job)).exit_code == 0  # the job alone is fine
+
+
 # --- user_id ---------------------------------------------------------------------------------
 
 
@@ -302,6 +325,20 @@ def test_retired_model_on_deepseeks_url_is_warned_naming_the_current_one() -> No
     assert len(warnings) == 1 and warnings[0]["log_level"] == "warning"
     assert warnings[0]["model"] == "deepseek-chat"
     assert "deepseek-flash" in warnings[0]["use"]
+
+
+def test_estimate_of_a_retired_model_on_deepseeks_url_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`estimate` of deepseek-chat at DeepSeek's URL warns as the run would, naming
+    deepseek-flash, before any key is needed or anything sent."""
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    args = ["estimate", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o")]
+    result = invoke(*args, "--model", "deepseek-chat", "--base-url", DEEPSEEK)
+    assert result.exit_code == 0, result.output
+    (line,) = [text for text in result.stderr.splitlines() if "model_retired" in text]
+    assert "deepseek-chat" in line and "deepseek-flash" in line
 
 
 @pytest.mark.parametrize("base_url", [RESELLER, "http://127.0.0.1:9/v1"])

@@ -67,6 +67,30 @@ def test_estimate_of_1000_flash_rows_prints_peak_off_peak_and_scheduled_costs(
     assert peak[2] == pytest.approx(0.6 + prompt * 0.30 / 1e6)  # the output alone: 500k x 1.20
 
 
+def test_estimate_without_max_tokens_says_why_the_range_is_high(tmp_path: Path) -> None:
+    """Without max_tokens each deepseek-flash answer counts at 384K tokens: the estimate says
+    so and how to narrow it; with --max-tokens it says nothing of the kind."""
+    _write_rows(tmp_path, 3)
+    args = ["estimate", "--input", str(tmp_path / "in.jsonl"), "--model", "deepseek-flash"]
+    lines = CliRunner().invoke(cli, args).output.splitlines()
+    assert "completion tokens: at most 1179648 (max_tokens)" in lines  # 3 x 384K
+    (note,) = [ln for ln in lines if ln.startswith("note: ")]
+    assert "3 requests set no max_tokens" in note and "393216 for deepseek-flash" in note
+    capped = CliRunner().invoke(cli, [*args, "--max-tokens", "64"]).output
+    assert "no max_tokens" not in capped
+
+
+def test_off_peak_estimate_names_models_it_does_not_hold_back(tmp_path: Path) -> None:
+    """`estimate --off-peak` of deepseek-chat (no peak hours) says its requests go at any
+    hour; of deepseek-flash it says no such thing."""
+    _write_rows(tmp_path, 2)
+    args = ["estimate", "--input", str(tmp_path / "in.jsonl"), "--max-tokens", "9", "--off-peak"]
+    chat = CliRunner().invoke(cli, [*args, "--model", "deepseek-chat"]).output.splitlines()
+    assert "off-peak: deepseek-chat: no off-peak price, so sent at any hour" in "\n".join(chat)
+    flash = CliRunner().invoke(cli, [*args, "--model", "deepseek-flash"]).output
+    assert "sent at any hour" not in flash and "off-peak" in flash
+
+
 def test_a_run_sent_now_is_priced_by_the_hours_it_crosses(tmp_path: Path) -> None:
     """Without --off-peak, a run from 00:30 Tuesday that takes an hour (by its rpm) is half
     in the 01:00 peak: its scheduled cost is half at peak, half off-peak."""
@@ -125,4 +149,4 @@ def test_a_model_without_peak_prices_keeps_the_single_cost_line(tmp_path: Path) 
     job = build_job(fast_job_data(tmp_path, "http://127.0.0.1:1", schedule="off-peak"))
     text = "\n".join(describe(estimate_job(job, clock=ManualClock(TUESDAY.replace(hour=3)))))
     assert "cost (USD, priced models): low" in text
-    assert "at peak prices" not in text and "off-peak:" not in text
+    assert "at peak prices" not in text and "waits until" not in text  # nothing held back

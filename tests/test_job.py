@@ -83,6 +83,14 @@ def test_unknown_key_names_key_and_file(tmp_path: Path, text: str, key: str) -> 
     assert caught.value.path == str(path)
 
 
+@pytest.mark.parametrize("key", ["thinking", "reasoning_effort", "temperature"])
+def test_a_request_parameter_at_the_top_level_points_to_params(tmp_path: Path, key: str) -> None:
+    """`thinking = false` beside `model` (not under [params]) is refused saying where it goes."""
+    path = write_job(tmp_path, f"{key} = 'x'\n" + MINIMAL)
+    with pytest.raises(ConfigError, match=rf"unknown key '{key}' \(.*put it under \[params\]\)"):
+        load_job(path)
+
+
 @pytest.mark.parametrize(
     ("text", "key"),
     [

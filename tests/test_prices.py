@@ -254,6 +254,24 @@ def test_a_listed_holiday_is_off_peak_all_day(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("holidays", "message"),
+    [
+        pytest.param('["2026-13-01"]', r"'holidays' must be a date", id="not-a-date"),
+        pytest.param('"2026-10-01"', r"'holidays' is a list of dates", id="not-a-list"),
+    ],
+)
+def test_a_bad_holiday_is_refused_naming_holidays(
+    tmp_path: Path, holidays: str, message: str
+) -> None:
+    """A holiday that is not a date, or a single date not in a list, is refused naming the
+    file, the [peak.*] table and `holidays` (not a `from` the file never had)."""
+    extra = tmp_path / "holidays.toml"
+    extra.write_text(f"[peak.deepseek]\nholidays = {holidays}\n")
+    with pytest.raises(ConfigError, match=r"holidays.toml, \[peak.deepseek\]: " + message):
+        PriceTable.load(extra)
+
+
 def test_peak_hours_naming_no_calendar_is_refused(tmp_path: Path) -> None:
     """A price whose peak_hours names no [peak.*] table is refused, naming the entry."""
     extra = tmp_path / "prices.toml"

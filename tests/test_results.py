@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import orjson
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner, Result
 
 from batchrun.cli import cli
@@ -47,9 +49,8 @@ def partial_line(result: Result) -> tuple[str, int, int]:
     return line, int(match[1]), int(match[2])
 
 
-def test_report_export_and_status_of_a_job_stopped_by_402(tmp_path: Path, fake: FakeServer) -> None:
-    """A sweep stopped by 402: status, report, CSV and JSONL export say the same partial line
-    with the checkpoint's count, give each row done once, and leave the checkpoint as it was."""
+def stopped_by_402(tmp_path: Path, fake: FakeServer) -> Path:
+    """The job file of a sweep of 30 rows x 2 temperatures that the fake stopped with 402."""
     write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": f"q{i}"} for i in range(30)])
     data = fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 2})
     data["sweep"] = {"temperature": [0.0, 1.0]}
@@ -58,6 +59,13 @@ def test_report_export_and_status_of_a_job_stopped_by_402(tmp_path: Path, fake: 
     fake.update(token_budget=200)  # 8 tokens a row: about 25 of the 60
     stopped = invoke("run", str(job_file), "-q")
     assert stopped.exit_code == 3, stopped.output
+    return job_file
+
+
+def test_report_export_and_status_of_a_job_stopped_by_402(tmp_path: Path, fake: FakeServer) -> None:
+    """A sweep stopped by 402: status, report, CSV and JSONL export say the same partial line
+    with the checkpoint's count, give each row done once, and leave the checkpoint as it was."""
+    job_file = stopped_by_402(tmp_path, fake)
     checkpoint = parts_dir(tmp_path / "out.parquet")
     positions = pq.read_table(list_parts(checkpoint))[INDEX_COLUMN].to_pylist()
     done = len(set(positions))
@@ -93,6 +101,19 @@ def test_report_export_and_status_of_a_job_stopped_by_402(tmp_path: Path, fake: 
     charted = scan_rows(tmp_path / "out.parquet").select("id", "variant").collect().rows()
     assert charted == order  # what `report --html` charts: the same rows
     assert snapshot(checkpoint) == before
+
+
+@pytest.mark.skipif(find_spec("plotly") is None, reason="report --html needs batchrun[report]")
+def test_html_report_of_a_stopped_job_says_it_is_partial(tmp_path: Path, fake: FakeServer) -> None:
+    """`report --html` of a stopped job writes the partial line into the page, which is read
+    (and mailed) without the terminal that printed it."""
+    job_file = stopped_by_402(tmp_path, fake)
+    page = tmp_path / "report.html"
+    report = invoke("report", str(job_file), "--html", str(page))
+    assert report.exit_code == 0, report.output
+    line, done, total = partial_line(report)
+    assert 0 < done < total == 60
+    assert f'<p class="partial">{line}</p>' in page.read_text(encoding="utf-8")
 
 
 def test_export_of_a_killed_run_reads_its_journal(tmp_path: Path, fake: FakeServer) -> None:

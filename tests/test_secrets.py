@@ -59,6 +59,21 @@ def test_key_echoed_by_the_server_is_redacted(tmp_path: Path, fake: FakeServer) 
     assert SENTINEL.encode() not in _everything_written(tmp_path, result)
 
 
+def test_a_short_dummy_key_does_not_cut_words_out_of_errors(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local server's dummy key ("x") is too short to redact: a server's error keeps its
+    words ("Model Not Exist", not "Model Not E[redacted]ist"), as the logs do."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "q"}])
+    monkeypatch.setenv("DUMMY_KEY", "x")
+    args = ["run", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.parquet")]
+    args += ["--base-url", fake.base_url, "--api-key-env", "DUMMY_KEY", "--model", "no-such-model"]
+    result = CliRunner().invoke(cli, [*args, "-q"])
+    assert result.exit_code == 1, result.output
+    (error,) = pq.read_table(tmp_path / "out.parquet", columns=["error"])["error"].to_pylist()
+    assert error == "HTTP 400: Model Not Exist"
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_key_echoed_inside_a_200_answer_never_reaches_a_file(
     tmp_path: Path, fake: FakeServer, stream: bool
