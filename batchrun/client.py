@@ -250,6 +250,72 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (aiohttp.ClientError,) if aiohttp is not None else ()
 
 
+def _fixed_headers(url: httpx.URL, api_key: str | None) -> httpx.Headers:
+    """The headers every request of a run carries, Host included; only Content-Length varies."""
+    headers = {
+        "host": url.netloc.decode("ascii"),
+        "accept": "*/*",
+        # gzip and deflate only: the standard library decodes them (httpx, when an answer is
+        # compressed); keep-alive is HTTP/1.1's default and the transports pool connections
+        "accept-encoding": "gzip, deflate",
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+    }
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return httpx.Headers(headers)
+
+
+def _environment_proxy(url: httpx.URL) -> httpx.Proxy | None:
+    """The proxy `HTTP(S)_PROXY`/`ALL_PROXY` name for `url`, unless `NO_PROXY` exempts it:
+    what httpx's client layer did for us before requests went to the transport directly."""
+    import urllib.request
+
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(url.host):
+        return None
+    return httpx.Proxy(proxy if "://" in proxy else f"http://{proxy}")
+
+
+def make_transport(name: str, url: httpx.URL, *, max_connections: int) -> httpx.AsyncBaseTransport:
+    """The transport a job names: `aiohttp` (httpx-aiohttp, the default) or `httpx`'s own pool.
+
+    The aiohttp session gets no cookie jar: answers' cookies mean nothing to a batch run, and
+    a jar is work on every request and answer.
+    """
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
+    proxy = _environment_proxy(url)
+    if name == "httpx":
+        return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=max_connections,
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=transport.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    # made on first use, inside the event loop, as the transport makes its own session
+    transport = AiohttpTransport(limits=limits, proxy=proxy, client=session)
+    return transport
+
+
+async def _read(response: httpx.Response) -> bytes:
+    """The whole body of an answer: straight from the transport's stream unless it is
+    compressed (then through httpx's decoders)."""
+    stream = response.stream
+    if "content-encoding" in response.headers or not isinstance(stream, httpx.AsyncByteStream):
+        return await response.aread()
+    chunks = [chunk async for chunk in stream]
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class Client:
     """Sends chat-completion requests over one pooled httpx client.
 
@@ -265,7 +331,7 @@ class Client:
         max_connections: int,
         timeout: float = 600.0,
         read_timeout: float = 120.0,
-        transport: str = "aiohttp",
+        transport: str | httpx.AsyncBaseTransport = "aiohttp",
     ) -> None:
         self.url = chat_url(base_url)
         self.timeout = timeout
@@ -277,32 +343,32 @@ class Client:
         #: whether any request of this client has been answered with a 200
         self._answered = False
         self._keyless_refusals = 0
-        self._network_errors: tuple[type[BaseException], ...] = ()
-        headers = {"content-type": "application/json", "user-agent": USER_AGENT}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
+        # Built once a run, not once a request: a batch runner needs no cookie jar, base URL
+        # merging or default headers per request, and httpx's client layer spends more CPU on
+        # those than the transport spends sending (issue 12).
+        self._url = httpx.URL(self.url)
+        self._headers = _fixed_headers(self._url, api_key)
         http_timeout = httpx.Timeout(connect=30.0, read=read_timeout, write=60.0, pool=None)
-        if transport == "aiohttp":
-            from httpx_aiohttp import AiohttpTransport
-
-            self._http = httpx.AsyncClient(
-                transport=AiohttpTransport(limits=limits),
-                headers=headers,
-                timeout=http_timeout,
-            )
-        else:
-            self._http = httpx.AsyncClient(limits=limits, headers=headers, timeout=http_timeout)
-        self._network_errors = (httpx.HTTPError, *_transport_errors())
+        self._extensions: dict[str, Any] = {"timeout": http_timeout.as_dict()}
+        if isinstance(transport, str):
+            transport = make_transport(transport, self._url, max_connections=max_connections)
+        self._transport = transport
+        self._network_errors: tuple[type[BaseException], ...] = (
+            httpx.HTTPError,
+            *_transport_errors(),
+        )
 
     async def __aenter__(self) -> Client:
-        await self._http.__aenter__()
+        await self._transport.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self._http.__aexit__(*exc_info)
+        await self._transport.__aexit__(*exc_info)
+
+    def _request(self, payload: bytes) -> httpx.Request:
+        return httpx.Request(
+            "POST", self._url, headers=self._headers, content=payload, extensions=self._extensions
+        )
 
     def _redact(self, message: str) -> str:
         if self._api_key and self._api_key in message:
@@ -376,8 +442,11 @@ class Client:
             raise RetryableError(f"network error: {detail}", error_class="network") from None
 
     async def _send_plain(self, payload: bytes) -> Completion:
-        response = await self._http.post(self.url, content=payload)
-        body = response.content
+        response = await self._transport.handle_async_request(self._request(payload))
+        try:
+            body = await _read(response)
+        finally:
+            await response.aclose()
         status = response.status_code
         if status != 200:
             self._raise_for_status(response, body)
@@ -397,7 +466,8 @@ class Client:
         return _check_finish(completion)
 
     async def _send_streaming(self, payload: bytes) -> Completion:
-        async with self._http.stream("POST", self.url, content=payload) as response:
+        response = await self._transport.handle_async_request(self._request(payload))
+        try:
             status = response.status_code
             if status != 200:
                 self._raise_for_status(response, await response.aread())
@@ -424,6 +494,8 @@ class Client:
                 raise RetryableError(
                     self._redact(str(exc)), status=status, error_class="bad_response"
                 ) from None
+        finally:
+            await response.aclose()
         if not stream.done or stream.finish_reason is None:
             raise RetryableError(
                 "the stream ended before [DONE] or without a finish_reason",

@@ -15,8 +15,12 @@ pytestmark = pytest.mark.anyio
 
 
 def client_answering(handler: Callable[[httpx.Request], httpx.Response]) -> Client:
-    client = Client("http://127.0.0.1:9", api_key=None, max_connections=1, transport="httpx")
-    client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = Client(
+        "http://127.0.0.1:9",
+        api_key=None,
+        max_connections=1,
+        transport=httpx.MockTransport(handler),
+    )
     return client
 
 
