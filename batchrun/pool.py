@@ -74,6 +74,14 @@ class _RetryLog:
         )
 
 
+def backend_options() -> dict[str, Any]:
+    """anyio's asyncio options for a run: uvloop where it is installed (not on Windows), whose
+    event loop and sockets cost about a third less CPU per request than asyncio's own."""
+    import importlib.util
+
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+
+
 @dataclass
 class PoolSettings:
     """Knobs of the pool that are not part of the job (tests shorten them)."""
