@@ -30,6 +30,7 @@ from batchrun.limits import parse_duration
 from batchrun.sse import StreamAccumulator, StreamBroken
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Mapping
 
 USER_AGENT = "batchrun/0.1"
@@ -278,6 +279,17 @@ def _environment_proxy(url: httpx.URL) -> httpx.Proxy | None:
     return httpx.Proxy(proxy if "://" in proxy else f"http://{proxy}")
 
 
+def _verify(url: httpx.URL, proxy: httpx.Proxy | None) -> ssl.SSLContext | bool:
+    """TLS verification as httpx does it by default (certifi's or `SSL_CERT_FILE`'s roots),
+    except that plain-HTTP traffic (a local server, a fake) skips loading the roots, which
+    it would never use: an empty context, verifying all the same."""
+    if url.scheme == "http" and (proxy is None or proxy.url.scheme == "http"):
+        import ssl
+
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return True
+
+
 def make_transport(name: str, url: httpx.URL, *, max_connections: int) -> httpx.AsyncBaseTransport:
     """The transport a job names: `aiohttp` (httpx-aiohttp, the default) or `httpx`'s own pool.
 
@@ -288,8 +300,9 @@ def make_transport(name: str, url: httpx.URL, *, max_connections: int) -> httpx.
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
     proxy = _environment_proxy(url)
+    verify = _verify(url, proxy)
     if name == "httpx":
-        return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
+        return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy, verify=verify)
     import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
@@ -302,7 +315,7 @@ def make_transport(name: str, url: httpx.URL, *, max_connections: int) -> httpx.
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     # made on first use, inside the event loop, as the transport makes its own session
-    transport = AiohttpTransport(limits=limits, proxy=proxy, client=session)
+    transport = AiohttpTransport(limits=limits, proxy=proxy, client=session, verify=verify)
     return transport
 
 
@@ -366,9 +379,22 @@ class Client:
         await self._transport.__aexit__(*exc_info)
 
     def _request(self, payload: bytes) -> httpx.Request:
-        return httpx.Request(
-            "POST", self._url, headers=self._headers, content=payload, extensions=self._extensions
+        """The request for a body: the fixed headers copied, its length added.
+
+        `stream=` rather than `content=`: httpx then adds no headers of its own, which saves
+        two header-list rebuilds a request (a third of the request's own cost in the client).
+        """
+        headers = httpx.Headers(self._headers)
+        headers["content-length"] = str(len(payload))
+        request = httpx.Request(
+            "POST",
+            self._url,
+            headers=headers,
+            stream=httpx.ByteStream(payload),
+            extensions=self._extensions,
         )
+        request.read()  # the body is in memory already: transports may take it as bytes
+        return request
 
     def _redact(self, message: str) -> str:
         if self._api_key and self._api_key in message:

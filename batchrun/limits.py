@@ -430,8 +430,11 @@ class Limiter:
         without a refusal counts as a clean answer for growth, once a period: a concurrency
         429 comes back at once, so with long answers concurrency need not wait whole answers
         to climb (x1.5 every `ADMITTED_AFTER` rather than every answer's latency)."""
+        if self.adaptive is None:  # no credit to give: no timer a request either
+            await self._slots.acquire()
+            return
         while True:
-            with anyio.move_on_after(ADMITTED_AFTER if self.adaptive is not None else math.inf):
+            with anyio.move_on_after(ADMITTED_AFTER):
                 await self._slots.acquire()
                 return
             self._credit_admitted(anyio.current_time())
