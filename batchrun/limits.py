@@ -359,7 +359,8 @@ class Limiter:
             start = max(start, math.ceil(rpm / window * expected_latency))
         self.adaptive = AdaptiveConcurrency(concurrency, start=start) if adaptive else None
         self._slots = anyio.CapacityLimiter(self.adaptive.limit if self.adaptive else concurrency)
-        self._dispatch = anyio.Lock()
+        # fast_acquire: a free lock is taken without a trip through the event loop
+        self._dispatch = anyio.Lock(fast_acquire=True)
         self._budget_changed = anyio.Event()
         self._paused_until = -math.inf
         self._backoff = Backoff(base=fallback_pause, maximum=max(max_pause, fallback_pause))
@@ -431,7 +432,10 @@ class Limiter:
         429 comes back at once, so with long answers concurrency need not wait whole answers
         to climb (x1.5 every `ADMITTED_AFTER` rather than every answer's latency)."""
         if self.adaptive is None:  # no credit to give: no timer a request either
-            await self._slots.acquire()
+            try:  # a free slot is taken without a trip through the event loop
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._slots.acquire()
             return
         while True:
             with anyio.move_on_after(ADMITTED_AFTER):
