@@ -28,6 +28,7 @@ from batchrun.errors import (
 )
 from batchrun.limits import parse_duration
 from batchrun.sse import StreamAccumulator, StreamBroken
+from batchrun.transport import AiohttpTransport, read_body
 
 if TYPE_CHECKING:
     import ssl
@@ -279,7 +280,7 @@ def _environment_proxy(url: httpx.URL) -> httpx.Proxy | None:
     return httpx.Proxy(proxy if "://" in proxy else f"http://{proxy}")
 
 
-def _verify(url: httpx.URL, proxy: httpx.Proxy | None) -> ssl.SSLContext | bool:
+def _verify(url: httpx.URL, proxy: httpx.Proxy | None) -> ssl.SSLContext:
     """TLS verification as httpx does it by default (certifi's or `SSL_CERT_FILE`'s roots),
     except that plain-HTTP traffic (a local server, a fake) skips loading the roots, which
     it would never use: an empty context, verifying all the same."""
@@ -287,15 +288,12 @@ def _verify(url: httpx.URL, proxy: httpx.Proxy | None) -> ssl.SSLContext | bool:
         import ssl
 
         return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    return True
+    return httpx.create_ssl_context()
 
 
 def make_transport(name: str, url: httpx.URL, *, max_connections: int) -> httpx.AsyncBaseTransport:
-    """The transport a job names: `aiohttp` (httpx-aiohttp, the default) or `httpx`'s own pool.
-
-    The aiohttp session gets no cookie jar: answers' cookies mean nothing to a batch run, and
-    a jar is work on every request and answer.
-    """
+    """The transport a job names: `aiohttp` (`transport.AiohttpTransport`, the default) or
+    `httpx`'s own pool."""
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
@@ -303,30 +301,12 @@ def make_transport(name: str, url: httpx.URL, *, max_connections: int) -> httpx.
     verify = _verify(url, proxy)
     if name == "httpx":
         return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy, verify=verify)
-    import aiohttp
-    from httpx_aiohttp import AiohttpTransport
-
-    def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=max_connections,
-            keepalive_timeout=limits.keepalive_expiry,
-            ssl=transport.ssl_context,
-        )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-    # made on first use, inside the event loop, as the transport makes its own session
-    transport = AiohttpTransport(limits=limits, proxy=proxy, client=session, verify=verify)
-    return transport
-
-
-async def _read(response: httpx.Response) -> bytes:
-    """The whole body of an answer: straight from the transport's stream unless it is
-    compressed (then through httpx's decoders)."""
-    stream = response.stream
-    if "content-encoding" in response.headers or not isinstance(stream, httpx.AsyncByteStream):
-        return await response.aread()
-    chunks = [chunk async for chunk in stream]
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return AiohttpTransport(
+        max_connections=max_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        verify=verify,
+        proxy=proxy,
+    )
 
 
 class Client:
@@ -470,7 +450,7 @@ class Client:
     async def _send_plain(self, payload: bytes) -> Completion:
         response = await self._transport.handle_async_request(self._request(payload))
         try:
-            body = await _read(response)
+            body = await read_body(response)
         finally:
             await response.aclose()
         status = response.status_code

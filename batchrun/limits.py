@@ -431,11 +431,13 @@ class Limiter:
         without a refusal counts as a clean answer for growth, once a period: a concurrency
         429 comes back at once, so with long answers concurrency need not wait whole answers
         to climb (x1.5 every `ADMITTED_AFTER` rather than every answer's latency)."""
-        if self.adaptive is None:  # no credit to give: no timer a request either
-            try:  # a free slot is taken without a trip through the event loop
-                self._slots.acquire_nowait()
-            except anyio.WouldBlock:
-                await self._slots.acquire()
+        try:  # a free slot is taken without a timer or a trip through the event loop
+            self._slots.acquire_nowait()
+            return
+        except anyio.WouldBlock:
+            pass
+        if self.adaptive is None:  # no credit to give while waiting
+            await self._slots.acquire()
             return
         while True:
             with anyio.move_on_after(ADMITTED_AFTER):
