@@ -423,15 +423,16 @@ class Client:
             AuthError, BalanceError: 401/403 and 402; the run must stop.
         """
         payload = orjson.dumps(body)
+        # a bare cancel scope rather than anyio.fail_after, whose context-manager wrapping
+        # costs as much again: leaving the block without a return means the deadline passed
+        deadline = anyio.CancelScope(deadline=anyio.current_time() + self.timeout)
         try:
-            with anyio.fail_after(self.timeout):
+            with deadline:
                 if body.get("stream"):
                     return await self._send_streaming(payload)
                 return await self._send_plain(payload)
         except TimeoutError:
-            raise RetryableError(
-                f"no complete answer within {self.timeout:g} s", error_class="timeout"
-            ) from None
+            pass  # a library's own deadline inside: the same outcome as ours
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             detail = self._redact(str(exc)) or type(exc).__name__
             if _connect_failure(exc):
@@ -446,6 +447,7 @@ class Client:
             # transport faults, bad encodings, and aiohttp errors the transport does not map
             detail = self._redact(str(exc)) or type(exc).__name__
             raise RetryableError(f"network error: {detail}", error_class="network") from None
+        raise RetryableError(f"no complete answer within {self.timeout:g} s", error_class="timeout")
 
     async def _send_plain(self, payload: bytes) -> Completion:
         response = await self._transport.handle_async_request(self._request(payload))
