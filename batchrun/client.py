@@ -28,7 +28,7 @@ from batchrun.errors import (
 )
 from batchrun.limits import parse_duration
 from batchrun.sse import StreamAccumulator, StreamBroken
-from batchrun.transport import AiohttpTransport, read_body
+from batchrun.transport import AiohttpTransport, close_body, read_body
 
 if TYPE_CHECKING:
     import ssl
@@ -454,7 +454,7 @@ class Client:
         try:
             body = await read_body(response)
         finally:
-            await response.aclose()
+            await close_body(response)
         status = response.status_code
         if status != 200:
             self._raise_for_status(response, body)

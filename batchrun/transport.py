@@ -73,6 +73,16 @@ async def read_body(response: httpx.Response) -> bytes:
     return await response.aread()
 
 
+async def close_body(response: httpx.Response) -> None:
+    """Close an answer's stream: this transport's directly (httpx's `aclose` adds a context
+    manager a request for its error messages), any other through httpx."""
+    stream = response.stream
+    if isinstance(stream, WholeBody):
+        await stream.aclose()
+    else:
+        await response.aclose()
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
     """Sends httpx requests over one aiohttp session (made on first use, in the loop).
 
@@ -100,8 +110,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._proxy_auth = aiohttp.BasicAuth(*proxy.auth) if proxy and proxy.auth else None
         self._proxy_headers = dict(proxy.headers) if proxy is not None else None
         self._session: aiohttp.ClientSession | None = None
-        #: the last URL sent to and its parsed form: a run sends to one URL
-        self._url: tuple[httpx.URL, URL] | None = None
+        #: the last URL sent to (its parts) and its parsed form: a run sends to one URL
+        self._url: tuple[tuple[bytes, bytes, int | None, bytes], URL] | None = None
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
@@ -119,13 +129,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     def _yarl(self, url: httpx.URL) -> URL:
+        # keyed by parts, not by identity: httpx.Request copies the URL it is given
+        key = (url.raw_scheme, url.raw_host, url.port, url.raw_path)
         cached = self._url
-        if cached is not None and cached[0] is url:
+        if cached is not None and cached[0] == key:
             return cached[1]
         from yarl import URL
 
         parsed = URL(str(url), encoded=True)
-        self._url = (url, parsed)
+        self._url = (key, parsed)
         return parsed
 
     def _timeout(self, given: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
