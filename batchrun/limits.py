@@ -507,8 +507,9 @@ class Limiter:
                 await self._budget_changed.wait()
 
     def _wake(self) -> None:
-        self._budget_changed.set()
-        self._budget_changed = anyio.Event()
+        if self._budget_changed.statistics().tasks_waiting:  # no new Event a request for none
+            self._budget_changed.set()
+            self._budget_changed = anyio.Event()
 
     def cancel(self, reservation: Reservation) -> None:
         """Give back everything an attempt reserved but never sent: its slot, its request and
