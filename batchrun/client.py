@@ -341,6 +341,7 @@ class Client:
         # those than the transport spends sending (issue 12).
         self._url = httpx.URL(self.url)
         self._headers = _fixed_headers(self._url, api_key)
+        self._header_encoding = self._headers.encoding
         #: the headers for each body length seen (httpx.Request copies what it is given)
         self._headers_by_length: dict[int, httpx.Headers] = {}
         http_timeout = httpx.Timeout(connect=30.0, read=read_timeout, write=60.0, pool=None)
@@ -381,6 +382,8 @@ class Client:
             extensions=self._extensions,
         )
         request.read()  # the body is in memory already: transports may take it as bytes
+        # the copy forgets what the run's headers are encoded in: worked out once, not again
+        request.headers.encoding = self._header_encoding
         return request
 
     def _redact(self, message: str) -> str:
