@@ -359,7 +359,8 @@ class Limiter:
             start = max(start, math.ceil(rpm / window * expected_latency))
         self.adaptive = AdaptiveConcurrency(concurrency, start=start) if adaptive else None
         self._slots = anyio.CapacityLimiter(self.adaptive.limit if self.adaptive else concurrency)
-        self._dispatch = anyio.Lock()
+        # fast_acquire: a free lock is taken without a trip through the event loop
+        self._dispatch = anyio.Lock(fast_acquire=True)
         self._budget_changed = anyio.Event()
         self._paused_until = -math.inf
         self._backoff = Backoff(base=fallback_pause, maximum=max(max_pause, fallback_pause))
@@ -430,8 +431,16 @@ class Limiter:
         without a refusal counts as a clean answer for growth, once a period: a concurrency
         429 comes back at once, so with long answers concurrency need not wait whole answers
         to climb (x1.5 every `ADMITTED_AFTER` rather than every answer's latency)."""
+        try:  # a free slot is taken without a timer or a trip through the event loop
+            self._slots.acquire_nowait()
+            return
+        except anyio.WouldBlock:
+            pass
+        if self.adaptive is None:  # no credit to give while waiting
+            await self._slots.acquire()
+            return
         while True:
-            with anyio.move_on_after(ADMITTED_AFTER if self.adaptive is not None else math.inf):
+            with anyio.move_on_after(ADMITTED_AFTER):
                 await self._slots.acquire()
                 return
             self._credit_admitted(anyio.current_time())
@@ -498,8 +507,9 @@ class Limiter:
                 await self._budget_changed.wait()
 
     def _wake(self) -> None:
-        self._budget_changed.set()
-        self._budget_changed = anyio.Event()
+        if self._budget_changed.statistics().tasks_waiting:  # no new Event a request for none
+            self._budget_changed.set()
+            self._budget_changed = anyio.Event()
 
     def cancel(self, reservation: Reservation) -> None:
         """Give back everything an attempt reserved but never sent: its slot, its request and

@@ -171,6 +171,7 @@ class AttemptMeter:
         self.prices = prices
         self.endpoint = endpoint
         self.key_digest = key_digest
+        self._scopes: dict[str, Scope] = {}
         #: `anyio.current_time()` of the last answer of any attempt (at first: the start)
         self.last_answer = anyio.current_time()
 
@@ -186,12 +187,19 @@ class AttemptMeter:
         return MeteredRequest(
             body=body,
             model=model,
-            scope=Scope(self.endpoint, self.key_digest, model),
+            scope=self._scope(model),
             prompt_tokens=tokens.prompt_tokens(body),
             prompt_at_most=prompt_at_most,
             completion_cap=cap,
             worst_usd=worst,
         )
+
+    def _scope(self, model: str) -> Scope:
+        """The scope of a model's requests: one object a model for the whole run."""
+        scope = self._scopes.get(model)
+        if scope is None:
+            scope = self._scopes[model] = Scope(self.endpoint, self.key_digest, model)
+        return scope
 
     def attempt(self, request: MeteredRequest) -> Attempt:
         """`async with meter.attempt(request) as a:` waits for the budgets of one attempt."""

@@ -76,6 +76,14 @@ class _RetryLog:
         )
 
 
+def backend_options() -> dict[str, Any]:
+    """anyio's asyncio options for a run: uvloop where it is installed (not on Windows), whose
+    event loop and sockets cost about a third less CPU per request than asyncio's own."""
+    import importlib.util
+
+    return {"use_uvloop": importlib.util.find_spec("uvloop") is not None}
+
+
 @dataclass
 class PoolSettings:
     """Knobs of the pool that are not part of the job (tests shorten them)."""
@@ -255,7 +263,10 @@ class Pool:
                 for work in self._not_done(batch):
                     if self.stopping:
                         break
-                    await send.send(work)
+                    try:  # a stream with room takes the item without a trip through the loop
+                        send.send_nowait(work)
+                    except anyio.WouldBlock:
+                        await send.send(work)
 
     def _all_done(self, start: int, end: int) -> bool:
         """Whether input rows [start, end) are done in every variant (read from a thread)."""
@@ -284,7 +295,16 @@ class Pool:
                 before_sleep=retries.before_sleep,
                 sleep=self._sleep_unless_stopping,
             )
-            async for work in receive:
+            while True:
+                try:  # an item waiting is taken without a trip through the event loop
+                    work = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    try:
+                        work = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
                 if self.stopping:
                     continue
                 retries.row_id = self.rows.row_id(work)

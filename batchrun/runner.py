@@ -418,7 +418,7 @@ def run_pool(
 
     from batchrun.cache import RequestCache
     from batchrun.client import Client
-    from batchrun.pool import Pool
+    from batchrun.pool import Pool, backend_options
     from batchrun.prices import PriceTable
     from batchrun.ratelimit import LocalRateLimiter, key_digest
     from batchrun.sinks import PartWriter
@@ -458,7 +458,7 @@ def run_pool(
     # caller had set keeps counting for compaction
     sigterm = signal.getsignal(signal.SIGTERM) if settings.handle_signals else None
     try:
-        return anyio.run(main)
+        return anyio.run(main, backend_options=backend_options())
     except BaseExceptionGroup as group:
         raise _unwrapped(group) from None
     finally:

@@ -1,11 +1,14 @@
-"""Throughput of the whole runner against the zero-latency fake, for both transports.
+"""batchrun's own cost per request, beside a bare aiohttp loop, on the zero-latency fake.
 
-The fake runs in its own process (one core); the runner in this one (the other core). For each
-concurrency and transport it runs a real job (reading, retries, writing, compaction) and prints
-requests/s and the time per request; beside it, a bare loop of client.post calls with no runner
-around them, to show what the runner itself costs.
+One run prints, for each request count, a real `batchrun run` of a job (JSONL in, checkpoint,
+Parquet out, as a user gets them) and `benchmarks/bare_aiohttp.py` (JSONL in, JSONL out), each
+in its own process: requests/s over the process's whole life (start-up included) and its CPU
+seconds per request (user + system, from the child's rusage, not wall time). With two cores
+or more the fake is pinned to one core and the client to another; the fake's own CPU share of
+the wall time says whether the fake, not the client, was the ceiling.
 
-    python benchmarks/throughput.py [--requests 20000] [--concurrency 64 256]
+    python benchmarks/throughput.py [--requests 10000 100000] [--concurrency 64]
+                                    [--httpx-requests 10000]
 """
 
 from __future__ import annotations
@@ -17,17 +20,26 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import httpx
 import orjson
 
-from batchrun import logs
-from batchrun.job import build_job
-from batchrun.pool import PoolSettings
-from batchrun.runner import run_job
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Figures:
+    name: str
+    requests: int
+    wall: float
+    cpu: float
+    fake_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.wall
 
 
 def free_port() -> int:
@@ -36,11 +48,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_fake(port: int) -> subprocess.Popen[bytes]:
+def cores() -> tuple[set[int] | None, set[int] | None]:
+    """The cores for the fake and for the client: two different ones where there are two."""
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(available) < 2:
+        return None, None
+    return {available[0]}, {available[1]}
+
+
+def pinned(core: set[int] | None) -> object:
+    if core is None:
+        return None
+    return lambda: os.sched_setaffinity(0, core)
+
+
+def start_fake(port: int, core: set[int] | None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "batchrun", "fake-server", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=pinned(core),  # type: ignore[arg-type]
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -53,6 +80,12 @@ def start_fake(port: int) -> subprocess.Popen[bytes]:
     raise SystemExit("the fake server did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_prompts(path: Path, n: int) -> None:
     with path.open("wb") as file:
         for i in range(n):
@@ -60,105 +93,116 @@ def write_prompts(path: Path, n: int) -> None:
             file.write(b"\n")
 
 
-def run_runner(
-    base_url: str, prompts: Path, out: Path, *, transport: str, concurrency: int, requests: int
-) -> float:
-    job = build_job(
-        {
-            "input": str(prompts),
-            "output": str(out),
-            "base_url": base_url,
-            "transport": transport,
-            "limit": requests,
-            "prompt": {"id_column": "id"},
-            "params": {"max_tokens": 64},
-            "limits": {"concurrency": concurrency},
-        }
+def write_job(
+    path: Path, *, prompts: Path, base_url: str, concurrency: int, transport: str
+) -> None:
+    path.write_text(
+        f'input = "{prompts}"\n'
+        f'output = "{path.with_suffix(".parquet")}"\n'
+        f'base_url = "{base_url}"\n'
+        f'transport = "{transport}"\n'
+        'model = "deepseek-chat"\n'
+        "[prompt]\n"
+        'id_column = "id"\n'
+        "[limits]\n"
+        f"concurrency = {concurrency}\n"
     )
+
+
+def measure(
+    name: str, argv: list[str], *, requests: int, core: set[int] | None, fake_pid: int
+) -> Figures:
+    fake_before = cpu_seconds(fake_pid)
     start = time.perf_counter()
-    summary = run_job(job, restart=True, settings=PoolSettings())
-    elapsed = time.perf_counter() - start
-    assert summary.rows_ok == requests, summary
-    return elapsed
-
-
-async def bare_loop(base_url: str, *, transport: str, concurrency: int, requests: int) -> float:
-    """Only client.post calls: the transport's own ceiling, no runner around it."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    if transport == "aiohttp":
-        from httpx_aiohttp import AiohttpTransport
-
-        client = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=60)
-    else:
-        client = httpx.AsyncClient(limits=limits, timeout=60)
-    body = orjson.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]})
-    remaining = requests
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            response = await client.post(f"{base_url}/chat/completions", content=body)
-            orjson.loads(response.content)
-
-    async with client:
-        start = time.perf_counter()
-        async with anyio.create_task_group() as group:
-            for _ in range(concurrency):
-                group.start_soon(worker)
-        return time.perf_counter() - start
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=pinned(core)
+    )  # type: ignore[arg-type]
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        assert process.stderr is not None
+        raise SystemExit(f"{name} failed:\n{process.stderr.read().decode()}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return Figures(name, requests, wall, cpu, cpu_seconds(fake_pid) - fake_before)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--transports", nargs="+", default=["aiohttp", "httpx"])
+    parser.add_argument("--requests", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--httpx-requests",
+        type=int,
+        default=10_000,
+        help="requests for transport = 'httpx' (0: leave it out)",
+    )
     args = parser.parse_args()
-    logs.configure(verbosity=-1)
 
+    fake_core, client_core = cores()
     port = free_port()
-    fake = start_fake(port)
+    fake = start_fake(port, fake_core)
     base_url = f"http://127.0.0.1:{port}"
+    load = os.getloadavg()[0]
+    rows: list[Figures] = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            prompts = Path(tmp) / "prompts.jsonl"
-            write_prompts(prompts, args.requests)
-            print(
-                f"{args.requests} requests per run, zero-latency fake in its own process, "
-                f"{os.cpu_count()} cores"
-            )
-            print(
-                f"{'transport':<10}{'conc':>6}{'runner req/s':>14}{'us/req':>9}"
-                f"{'bare client req/s':>19}{'bare us/req':>13}"
-            )
-            for concurrency in args.concurrency:
-                for transport in args.transports:
-                    n = args.requests if transport == "aiohttp" else args.requests // 4
-                    wall = run_runner(
-                        base_url,
-                        prompts,
-                        Path(tmp) / "out.parquet",
-                        transport=transport,
-                        concurrency=concurrency,
-                        requests=n,
-                    )
-                    bare = anyio.run(
-                        partial(
-                            bare_loop,
-                            base_url,
-                            transport=transport,
-                            concurrency=concurrency,
-                            requests=n,
-                        )
-                    )
-                    print(
-                        f"{transport:<10}{concurrency:>6}{n / wall:>14.0f}"
-                        f"{wall / n * 1e6:>9.0f}{n / bare:>19.0f}{bare / n * 1e6:>13.0f}"
-                    )
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            cases = [(n, "aiohttp") for n in args.requests]
+            if args.httpx_requests:
+                cases.append((args.httpx_requests, "httpx"))
+            for n, transport in cases:
+                prompts = tmp / f"prompts-{n}.jsonl"
+                if not prompts.exists():
+                    write_prompts(prompts, n)
+                job = tmp / f"job-{n}-{transport}.toml"
+                write_job(
+                    job,
+                    prompts=prompts,
+                    base_url=base_url,
+                    concurrency=args.concurrency,
+                    transport=transport,
+                )
+                batchrun = [sys.executable, "-m", "batchrun", "run", str(job), "-q"]
+                label = "batchrun" if transport == "aiohttp" else "batchrun, transport=httpx"
+                rows.append(
+                    measure(label, batchrun, requests=n, core=client_core, fake_pid=fake.pid)
+                )
+                if transport != "aiohttp":
+                    continue
+                bare = [
+                    sys.executable,
+                    str(HERE / "bare_aiohttp.py"),
+                    base_url,
+                    str(prompts),
+                    str(tmp / "bare.jsonl"),
+                    "--concurrency",
+                    str(args.concurrency),
+                ]
+                rows.append(
+                    measure("bare aiohttp", bare, requests=n, core=client_core, fake_pid=fake.pid)
+                )
     finally:
         fake.terminate()
         fake.wait(timeout=10)
+
+    pinning = "fake and client pinned to separate cores" if fake_core else "no pinning"
+    print(
+        f"zero-latency fake, concurrency {args.concurrency}, {os.cpu_count()} cores, {pinning}, "
+        f"load average {load:.2f} at start"
+    )
+    print(
+        f"{'client':<27}{'requests':>9}{'wall s':>8}{'req/s':>8}{'CPU ms/req':>12}"
+        f"{'fake busy':>11}{'vs bare':>9}"
+    )
+    bare_rate = {row.requests: row.rate for row in rows if row.name == "bare aiohttp"}
+    for row in rows:
+        ratio = row.rate / bare_rate[row.requests] if row.requests in bare_rate else None
+        print(
+            f"{row.name:<27}{row.requests:>9,}{row.wall:>8.2f}{row.rate:>8,.0f}"
+            f"{row.cpu / row.requests * 1e3:>12.3f}{row.fake_cpu / row.wall:>10.0%}"
+            f"{'' if ratio is None else f'{ratio:.2f}':>9}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,13 +10,18 @@ import pytest
 
 from batchrun.client import Client, parse_retry_after
 from batchrun.errors import RetryableError
+from batchrun.fake import FakeServer
 
 pytestmark = pytest.mark.anyio
 
 
 def client_answering(handler: Callable[[httpx.Request], httpx.Response]) -> Client:
-    client = Client("http://127.0.0.1:9", api_key=None, max_connections=1, transport="httpx")
-    client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = Client(
+        "http://127.0.0.1:9",
+        api_key=None,
+        max_connections=1,
+        transport=httpx.MockTransport(handler),
+    )
     return client
 
 
@@ -107,3 +112,64 @@ def test_parse_retry_after_reads_vendor_headers(
     """Vendor delay headers and x-ratelimit-reset-* are read like Retry-After."""
     got = parse_retry_after(httpx.Headers(headers))
     assert got == (pytest.approx(seconds) if seconds is not None else None)
+
+
+# --- what the client sends, over the real HTTP path ------------------------------------------
+
+CHAT = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hello"}]}
+#: the aiohttp transport runs on asyncio only
+on_asyncio = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+@on_asyncio
+async def test_requests_go_through_the_proxy_the_environment_names(
+    fake: FakeServer, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY is honoured: a host that does not resolve is reached through the proxy."""
+    no_proxy_env.setenv("HTTP_PROXY", fake.base_url)  # the fake answers absolute-form targets
+    async with Client("http://api.example.invalid", api_key=None, max_connections=1) as client:
+        completion = await client.send(CHAT)
+    assert completion.content and fake.stats()["requests"] == 1
+
+
+@on_asyncio
+async def test_no_proxy_exempts_its_hosts(
+    fake: FakeServer, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """A host NO_PROXY names is reached directly, not through HTTP_PROXY."""
+    no_proxy_env.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    no_proxy_env.setenv("NO_PROXY", "127.0.0.1")
+    async with Client(fake.base_url, api_key=None, max_connections=1) as client:
+        completion = await client.send(CHAT)
+    assert completion.content
+
+
+@on_asyncio
+async def test_the_httpx_transport_still_sends(fake: FakeServer) -> None:
+    """transport = 'httpx' (httpx's own pool) gets answers from the fake as the default does."""
+    async with Client(fake.base_url, api_key=None, max_connections=2, transport="httpx") as client:
+        completion = await client.send({**CHAT, "stream": False})
+        streamed = await client.send({**CHAT, "stream": True})
+    assert completion.content and streamed.content == completion.content
+
+
+async def test_cookies_an_answer_sets_are_not_sent_back() -> None:
+    """The client keeps no cookie jar: a Set-Cookie never comes back in a later request."""
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("cookie"))
+        return httpx.Response(200, content=ok_body(), headers={"set-cookie": "session=abc"})
+
+    async with client_answering(handler) as client:
+        for _ in range(2):
+            await client.send({"model": "m", "messages": []})
+    assert seen == [None, None]

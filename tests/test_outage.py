@@ -110,8 +110,12 @@ async def test_dns_failure_is_a_connect_failure() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("[Errno -2] Name or service not known", request=request)
 
-    client = Client("http://no-such-host.invalid", api_key=None, max_connections=1)
-    client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = Client(
+        "http://no-such-host.invalid",
+        api_key=None,
+        max_connections=1,
+        transport=httpx.MockTransport(handler),
+    )
     async with client:
         with pytest.raises(ConnectFailed) as caught:
             await client.send({"model": "m", "messages": []})
@@ -323,8 +327,12 @@ async def test_plain_text_500s_to_keyless_first_requests_mean_a_key_is_wanted(
         assert "authorization" not in request.headers
         return httpx.Response(500, content=content)
 
-    client = Client("http://127.0.0.1:9", api_key=None, max_connections=1, transport="httpx")
-    client._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    client = Client(
+        "http://127.0.0.1:9",
+        api_key=None,
+        max_connections=1,
+        transport=httpx.MockTransport(handler),
+    )
     errors = []
     async with client:
         for _ in range(3):
