@@ -43,6 +43,8 @@ class RunStatistics:
     #: rows answered whose cost is not known (their model has no price)
     rows_unpriced: int
     elapsed_s: float
+    #: write calls to the journal: each holds the rows finished in one event-loop turn
+    journal_writes: int = 0
 
     @property
     def rows_remaining(self) -> int:
@@ -86,6 +88,7 @@ class Tally:
     cost_usd: float = 0.0
     rows_worst_case: int = 0
     rows_unpriced: int = 0
+    journal_writes: int = 0
     errors_by_class: Counter[str] = field(default_factory=Counter)
     retries_by_class: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -132,6 +135,7 @@ class Tally:
             rows_worst_case=self.rows_worst_case,
             rows_unpriced=self.rows_unpriced,
             elapsed_s=time.monotonic() - self.started,
+            journal_writes=self.journal_writes,
         )
 
 
@@ -171,6 +175,7 @@ def combine(
         rows_worst_case=sum(p.rows_worst_case for p in parts),
         rows_unpriced=sum(p.rows_unpriced for p in parts),
         elapsed_s=elapsed_s,
+        journal_writes=sum(p.journal_writes for p in parts),
         **tokens,
     )
 

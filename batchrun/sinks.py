@@ -1,12 +1,13 @@
 """The output schema (defined here and nowhere else), the journal, part files, and compaction.
 
 Each result row is appended, as it completes, to a journal segment in `OUTPUT.parts/`
-(`journal-NNNNNN.jsonl`, one JSON line, one unbuffered write), so a killed run loses nothing
-it was answered for. Every few hundred rows or seconds the buffered rows become
-`part-NNNNNN.parquet` (same N), written under a temporary name, fsynced and renamed; then the
-journal segment is deleted. A run that starts folds leftover segments into parts first
-(`recover_journals`). When every row has a result, the parts are compacted into OUTPUT in
-input order.
+(`journal-NNNNNN.jsonl`, one JSON line a row, unbuffered), so a killed run loses nothing it
+counted as done: the pool queues the rows that finish in one event-loop turn and journals them
+with one write before it counts them (`PartWriter.queue`, `write_queued`). Every few hundred
+rows or seconds the buffered rows become `part-NNNNNN.parquet` (same N), written under a
+temporary name, fsynced and renamed; then the journal segment is deleted. A run that starts
+folds leftover segments into parts first (`recover_journals`). When every row has a result,
+the parts are compacted into OUTPUT in input order.
 """
 
 from __future__ import annotations
@@ -214,9 +215,11 @@ class PartWriter:
     """Journals result rows as they come, and writes them out as numbered part files.
 
     `add` appends the row to the current journal segment (one `os.write`, no fsync: the OS
-    has it, so a killed process loses nothing) and buffers it; `take` hands the buffer over
-    and starts the next segment, so that the caller can write the part in a worker thread
-    with `write_part`, which then deletes the segment.
+    has it, so a killed process loses nothing) and buffers it. `queue` encodes a row without
+    writing it, and `write_queued` journals every queued row in one write and buffers them:
+    the pool queues the rows finished in one event-loop turn and counts them once written.
+    `take` hands the buffer over and starts the next segment, so that the caller can write
+    the part in a worker thread with `write_part`, which then deletes the segment.
     """
 
     def __init__(
@@ -233,35 +236,69 @@ class PartWriter:
             name: kind for name, kind in carried.items() if str(kind) == "large_string"
         }
         self._rows: list[dict[str, Any]] = []
+        self._queued: list[dict[str, Any]] = []
+        self._queued_lines: list[bytes] = []
         self._next = max(_next_segment(directory), first_segment)
         self._journal: int | None = None  # descriptor of journal segment `_next`, once opened
+        #: write calls made to the journal so far (each holds one or more whole lines)
+        self.writes = 0
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, row: dict[str, Any]) -> None:
-        """Journal a result row and buffer it for the next part.
-
-        Registered secrets are redacted first: a server may echo the key inside an answer.
-
-        Raises:
-            OSError: the journal could not be written (the row is then neither journalled
-                nor buffered).
-        """
+    def _line(self, row: dict[str, Any]) -> bytes:
+        """The row's journal line. Registered secrets are redacted first, in place: a server
+        may echo the key inside an answer."""
         if has_secrets():
             for name, value in row.items():  # in place, like the carried values below
                 row[name] = scrub(value)
         for name, kind in self._json_carried.items():
             row[name] = _carried_value(row.get(name), kind)
-        line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        return orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+
+    def _write(self, data: bytes) -> None:
         if self._journal is None:
             self._journal = os.open(
                 journal_path(self.directory, self._next),
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                 0o644,
             )
-        _write_all(self._journal, line)
+        _write_all(self._journal, data)
+        self.writes += 1
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Journal a result row at once and buffer it for the next part.
+
+        Raises:
+            OSError: the journal could not be written (the row is then neither journalled
+                nor buffered).
+        """
+        line = self._line(row)
+        self._write(line)
         self._rows.append(row)
+
+    def queue(self, row: dict[str, Any]) -> None:
+        """Encode a result row for the journal; the next `write_queued` writes it."""
+        self._queued_lines.append(self._line(row))
+        self._queued.append(row)
+
+    def write_queued(self) -> list[dict[str, Any]]:
+        """Journal every queued row with one write and buffer them for the next part.
+
+        Returns:
+            The rows journalled, oldest first (none if nothing was queued).
+
+        Raises:
+            OSError: the journal could not be written (the queued rows are then neither
+                journalled nor buffered, and the queue is empty).
+        """
+        rows, lines = self._queued, self._queued_lines
+        if not rows:
+            return rows
+        self._queued, self._queued_lines = [], []
+        self._write(lines[0] if len(lines) == 1 else b"".join(lines))
+        self._rows += rows
+        return rows
 
     def take(self) -> tuple[Path, list[dict[str, Any]]] | None:
         """The buffered rows and the path to write them to, or None if there are none."""

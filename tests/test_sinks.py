@@ -81,6 +81,32 @@ def test_journal_rows_round_trip_to_the_part_schema(tmp_path: Path) -> None:
     assert from_journal.equals(pa.Table.from_pylist(rows, schema=writer.schema))
 
 
+def test_queued_rows_are_journalled_together_in_one_write(tmp_path: Path) -> None:
+    """Rows queued together reach the journal in one write call, a line each, and only then
+    are they buffered for the part."""
+    writer = PartWriter(tmp_path, carried={})
+    for index in range(3):
+        writer.queue(result(index))
+    assert (len(writer), writer.writes, list_journals(tmp_path)) == (0, 0, [])
+    written = writer.write_queued()
+    writer.close()
+    assert [row["_index"] for row in written] == [0, 1, 2]
+    assert (len(writer), writer.writes) == (3, 1)
+    [journal] = list_journals(tmp_path)
+    assert [row["_index"] for row in read_journal(journal)] == [0, 1, 2]
+    assert writer.write_queued() == [] and writer.writes == 1  # nothing queued: no write
+
+
+def test_a_failed_journal_write_drops_the_queued_rows(tmp_path: Path) -> None:
+    """When the journal cannot be written, the queued rows are neither buffered nor queued
+    again: the caller never counts them."""
+    writer = PartWriter(tmp_path / "gone", carried={})
+    writer.queue(result(0))
+    with pytest.raises(OSError):
+        writer.write_queued()
+    assert (len(writer), writer.write_queued()) == (0, [])
+
+
 def test_a_written_part_replaces_its_journal_segment(tmp_path: Path) -> None:
     """take() ends a segment and the next add starts another; writing the part drops it."""
     writer = PartWriter(tmp_path, carried={})
