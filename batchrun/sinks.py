@@ -16,7 +16,7 @@ import base64
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -475,6 +475,9 @@ def keep_latest(frame: Any) -> Any:
 
 #: compaction writes the output this many input positions at a time, one row group each
 COMPACT_CHUNK_ROWS = 20_000
+#: parts holding at most this many rows are compacted in memory with pyarrow alone: a small
+#: run never imports polars (a third of a 20-row run's start-up); larger ones stream
+SMALL_COMPACT_ROWS = 20_000
 
 
 def output_files(output: Path) -> list[Path]:
@@ -561,12 +564,84 @@ def compact(
     Memory stays flat whatever the size: the output is written one range of input
     positions at a time, reading only the parts that hold results in that range.
     """
-    import polars as pl
     import pyarrow.parquet as pq
 
     parts = list_parts(directory)
     if not parts:
         return 0
+    chunks = _small_chunks(parts, schema, rows) or _streamed_chunks(parts, schema, rows)
+
+    written = 0
+    with _atomic_output(output) as tmp:
+        if file_rows is None or rows <= file_rows:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as out:
+                for table in chunks(0, rows):
+                    out.write_table(table)
+                    written += table.num_rows
+            return written
+        tmp.mkdir()
+        # file k holds input positions [k * file_rows, (k + 1) * file_rows): every file is
+        # full but the last, and the files' name order is the input order
+        for number, start in enumerate(range(0, rows, file_rows)):
+            path = _output_file_path(tmp, number)
+            with pq.ParquetWriter(path, schema, compression="zstd") as out:
+                for table in chunks(start, min(start + file_rows, rows)):
+                    out.write_table(table)
+                    written += table.num_rows
+            _fsync(path)
+        _fsync(tmp)
+    return written
+
+
+#: yields the output's rows for input positions [start, stop), a range at a time
+Chunks = Callable[[int, int], Iterator["pa.Table"]]
+
+
+def _small_chunks(parts: list[Path], schema: pa.Schema, rows: int) -> Chunks | None:
+    """`Chunks` from parts read whole, when they hold at most `SMALL_COMPACT_ROWS` rows
+    (None when they hold more): the latest row of each position below `rows`, in order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if len(parts) > 100 or rows > SMALL_COMPACT_ROWS:
+        return None
+    files = [pq.ParquetFile(path) for path in parts]
+    if sum(file.metadata.num_rows for file in files) > SMALL_COMPACT_ROWS:
+        return None
+    # as in the streamed path, parts of a narrower run are cast to the output's types
+    wanted = schema.append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
+    tables = []
+    for path, file in zip(parts, files, strict=True):
+        table = file.read(columns=wanted.names).cast(wanted)
+        number = pa.array([segment_number(path)] * table.num_rows, pa.int64())
+        tables.append(table.append_column("_segment", number))
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.less(table[INDEX_COLUMN], rows))
+    # a stable sort: within a segment the later row stays last; each position's last row wins
+    order = [(INDEX_COLUMN, "ascending"), ("_segment", "ascending")]
+    table = table.take(pc.sort_indices(table, sort_keys=order))
+    positions = table[INDEX_COLUMN].to_pylist()
+    ends = [i for i, here in enumerate(positions[:-1]) if here != positions[i + 1]]
+    table = table.take([*ends, len(positions) - 1] if positions else [])
+    latest = table.select(schema.names).cast(schema)
+    index = table[INDEX_COLUMN]
+
+    def chunks(start: int, stop: int) -> Iterator[pa.Table]:
+        part = latest
+        if start > 0 or stop < rows:
+            part = latest.filter(pc.and_(pc.greater_equal(index, start), pc.less(index, stop)))
+        if part.num_rows:
+            yield part
+
+    return chunks
+
+
+def _streamed_chunks(parts: list[Path], schema: pa.Schema, rows: int) -> Chunks:
+    """`Chunks` that read only the parts holding results in each range: memory stays flat
+    whatever the size."""
+    import polars as pl
+
     index = pl.col(INDEX_COLUMN)
     spans = (
         pl.scan_parquet(parts, include_file_paths="_part")
@@ -599,26 +674,7 @@ def compact(
             chunk = keep_latest(in_range).select(schema.names).collect()
             yield chunk.to_arrow().cast(schema)
 
-    written = 0
-    with _atomic_output(output) as tmp:
-        if file_rows is None or rows <= file_rows:
-            with pq.ParquetWriter(tmp, schema, compression="zstd") as out:
-                for table in chunks(0, rows):
-                    out.write_table(table)
-                    written += table.num_rows
-            return written
-        tmp.mkdir()
-        # file k holds input positions [k * file_rows, (k + 1) * file_rows): every file is
-        # full but the last, and the files' name order is the input order
-        for number, start in enumerate(range(0, rows, file_rows)):
-            path = _output_file_path(tmp, number)
-            with pq.ParquetWriter(path, schema, compression="zstd") as out:
-                for table in chunks(start, min(start + file_rows, rows)):
-                    out.write_table(table)
-                    written += table.num_rows
-            _fsync(path)
-        _fsync(tmp)
-    return written
+    return chunks
 
 
 @contextlib.contextmanager

@@ -147,12 +147,17 @@ def test_recovery_folds_leftover_segments_once(tmp_path: Path) -> None:
     after.close()
 
 
+@pytest.mark.parametrize(
+    ("small_rows", "row_groups"),
+    [pytest.param(0, 2, id="streamed"), pytest.param(100, 1, id="in-memory")],
+)
 def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_rows: int, row_groups: int
 ) -> None:
-    """Compacted a few positions at a time, out-of-order parts give each position once,
-    its latest result winning, in input order, one row group per chunk."""
+    """Out-of-order parts give each position once, its latest result winning, in input
+    order: streamed a few positions at a time (a row group each), or read whole when small."""
     monkeypatch.setattr(sinks, "COMPACT_CHUNK_ROWS", 3)
+    monkeypatch.setattr(sinks, "SMALL_COMPACT_ROWS", small_rows)
     writer = PartWriter(tmp_path, carried={})
     batches = [
         [result(4), result(0, status="error"), result(2)],
@@ -170,7 +175,7 @@ def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
     schema = output_schema({})
     assert compact(tmp_path, output, schema=schema, rows=6) == 6
     table = pq.read_table(output)
-    assert table.schema == schema and pq.read_metadata(output).num_row_groups == 2
+    assert table.schema == schema and pq.read_metadata(output).num_row_groups == row_groups
     assert table["id"].to_pylist() == [f"r{i}" for i in range(6)]
     assert set(table["status"].to_pylist()) == {"ok"}
 
@@ -188,8 +193,14 @@ def test_journal_of_a_narrower_run_folds_into_the_wider_schema(tmp_path: Path) -
     assert (row["id"], row["score"]) == ("7", "3")
 
 
-def test_compaction_casts_parts_to_the_output_types(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "small_rows", [pytest.param(0, id="streamed"), pytest.param(100, id="in-memory")]
+)
+def test_compaction_casts_parts_to_the_output_types(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_rows: int
+) -> None:
     """Parts of a narrower run are cast to the output's types when compacted."""
+    monkeypatch.setattr(sinks, "SMALL_COMPACT_ROWS", small_rows)
     narrow = PartWriter(tmp_path, carried={"id": pa.int64(), "score": pa.string()})
     narrow.add(result(0, id=1, score=None))
     narrow.write_part(*narrow.take())  # type: ignore[misc]
