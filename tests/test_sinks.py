@@ -148,16 +148,15 @@ def test_recovery_folds_leftover_segments_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("small_rows", "row_groups"),
-    [pytest.param(0, 2, id="streamed"), pytest.param(100, 1, id="in-memory")],
+    ("chunk_rows", "row_groups"),
+    [pytest.param(3, 2, id="in-chunks"), pytest.param(100, 1, id="at-once")],
 )
 def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_rows: int, row_groups: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int, row_groups: int
 ) -> None:
     """Out-of-order parts give each position once, its latest result winning, in input
-    order: streamed a few positions at a time (a row group each), or read whole when small."""
-    monkeypatch.setattr(sinks, "COMPACT_CHUNK_ROWS", 3)
-    monkeypatch.setattr(sinks, "SMALL_COMPACT_ROWS", small_rows)
+    order, compacted a few positions at a time (a row group each) or all at once."""
+    monkeypatch.setattr(sinks, "COMPACT_CHUNK_ROWS", chunk_rows)
     writer = PartWriter(tmp_path, carried={})
     batches = [
         [result(4), result(0, status="error"), result(2)],
@@ -193,14 +192,24 @@ def test_journal_of_a_narrower_run_folds_into_the_wider_schema(tmp_path: Path) -
     assert (row["id"], row["score"]) == ("7", "3")
 
 
-@pytest.mark.parametrize(
-    "small_rows", [pytest.param(0, id="streamed"), pytest.param(100, id="in-memory")]
-)
-def test_compaction_casts_parts_to_the_output_types(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_rows: int
-) -> None:
+def test_compaction_reads_positions_of_parts_written_without_statistics(tmp_path: Path) -> None:
+    """A part whose footer has no statistics is read to find its positions, not skipped."""
+    writer = PartWriter(tmp_path, carried={})
+    for index in (2, 0):
+        writer.add(result(index))
+    path, rows = writer.take()  # type: ignore[misc]
+    table = pa.Table.from_pylist(rows, schema=writer.schema)
+    pq.write_table(table, path, write_statistics=False)
+    writer.add(result(1))
+    writer.write_part(*writer.take())  # type: ignore[misc]
+    assert pq.read_metadata(path).row_group(0).column(0).statistics is None
+    out = tmp_path / "out.parquet"
+    assert compact(tmp_path, out, schema=output_schema({}), rows=3) == 3
+    assert pq.read_table(out)["id"].to_pylist() == ["r0", "r1", "r2"]
+
+
+def test_compaction_casts_parts_to_the_output_types(tmp_path: Path) -> None:
     """Parts of a narrower run are cast to the output's types when compacted."""
-    monkeypatch.setattr(sinks, "SMALL_COMPACT_ROWS", small_rows)
     narrow = PartWriter(tmp_path, carried={"id": pa.int64(), "score": pa.string()})
     narrow.add(result(0, id=1, score=None))
     narrow.write_part(*narrow.take())  # type: ignore[misc]
