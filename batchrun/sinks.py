@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from batchrun.logs import has_secrets, scrub
+from batchrun.logs import has_secrets, scrub, secret_in
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -248,14 +248,17 @@ class PartWriter:
         return len(self._rows)
 
     def _line(self, row: dict[str, Any]) -> bytes:
-        """The row's journal line. Registered secrets are redacted first, in place: a server
-        may echo the key inside an answer."""
-        if has_secrets():
-            for name, value in row.items():  # in place, like the carried values below
-                row[name] = scrub(value)
+        """The row's journal line. Registered secrets are redacted, in the row too: a server
+        may echo the key inside an answer. The encoded line is searched for them first, so
+        a row without one is not scrubbed field by field."""
         for name, kind in self._json_carried.items():
             row[name] = _carried_value(row.get(name), kind)
-        return orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        if has_secrets() and secret_in(line):
+            for name, value in row.items():  # in place, like the carried values above
+                row[name] = scrub(value)
+            line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        return line
 
     def _write(self, data: bytes) -> None:
         if self._journal is None:

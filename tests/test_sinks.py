@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun import sinks
+from batchrun import logs, sinks
 from batchrun.sinks import (
     PartWriter,
     compact,
@@ -95,6 +95,32 @@ def test_queued_rows_are_journalled_together_in_one_write(tmp_path: Path) -> Non
     [journal] = list_journals(tmp_path)
     assert [row["_index"] for row in read_journal(journal)] == [0, 1, 2]
     assert writer.write_queued() == [] and writer.writes == 1  # nothing queued: no write
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        pytest.param("sk-journal-5e4d3c2b1a", id="plain"),
+        pytest.param('tok"en\\ключ-42', id="json-escaped"),
+    ],
+)
+def test_a_secret_echoed_in_a_row_is_redacted_in_the_journal_and_the_part(
+    tmp_path: Path, secret: str
+) -> None:
+    """A registered secret inside a row's text (quoted and escaped in JSON, or not) reaches
+    neither the journal line nor the row kept for the part."""
+    logs.register_secret(secret)
+    writer = PartWriter(tmp_path, carried={"meta": pa.large_string()})
+    writer.add(result(0, content=f"the key is {secret}", meta={"echo": [secret]}))
+    writer.add(result(1, content="nothing to hide"))
+    writer.close()
+    [journal] = list_journals(tmp_path)
+    text = journal.read_bytes()
+    assert secret.encode() not in text and b"[redacted]" in text
+    rows = read_journal(journal)
+    assert rows[0]["content"] == "the key is [redacted]" and secret not in rows[0]["meta"]
+    assert rows[1]["content"] == "nothing to hide"
+    assert secret not in str(writer.take())
 
 
 def test_a_failed_journal_write_drops_the_queued_rows(tmp_path: Path) -> None:
