@@ -660,7 +660,7 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
     wanted = schema.append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
     tables = []
     for span in holding:
-        table = pq.read_table(span.path, columns=wanted.names).select(wanted.names)
+        table = pq.ParquetFile(span.path).read(columns=wanted.names).select(wanted.names)
         table = table.cast(wanted)
         index = table[INDEX_COLUMN]
         if span.low < low or span.high >= high:
