@@ -313,13 +313,13 @@ class Checkpoint:
     def resume_state(self, *, rows: int) -> ResumeState:
         """What is done among the first `rows` positions, reading only the position and status
         columns of each part, oldest first, so that a later result wins."""
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         latest = bytearray(rows)
         parts = list_parts(self.directory)
         if not parts:
             return ResumeState(latest, 0, 0)
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
         spent = 0.0
         # a hundred parts at a time keeps memory flat; each dataset keeps its parts' order,
         # so a later result for a position wins

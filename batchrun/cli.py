@@ -228,8 +228,9 @@ def run(
             for line in describe(estimate_job(job)):
                 click.echo(line)
             return
-        from batchrun.pool import PoolSettings
-        from batchrun.runner import run_job
+        with logs.without_rich():  # httpx's command line would import rich and pygments
+            from batchrun.pool import PoolSettings
+            from batchrun.runner import run_job
 
         live = progress is not False and sys.stderr.isatty()
         display = "live" if live else "lines"

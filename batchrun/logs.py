@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 REDACTED = "[redacted]"
 _secrets: set[str] = set()
+#: each secret as UTF-8 and as JSON text escapes it, to look for in encoded rows
+_secret_bytes: set[bytes] = set()
 
 #: events about one row's retries: on a terminal with the live display up they would scroll
 #: above it (whose retries line counts them), so there they show only with -v; a log file
@@ -41,12 +43,24 @@ MIN_SECRET_LENGTH = 8
 def register_secret(value: str | None) -> None:
     """Never log this value (short values are ignored: they would redact ordinary words)."""
     if value and len(value) >= MIN_SECRET_LENGTH:
+        import json
+
         _secrets.add(value)
+        _secret_bytes.add(value.encode("utf-8", "surrogatepass"))
+        _secret_bytes.add(
+            json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8", "surrogatepass")
+        )
 
 
 def has_secrets() -> bool:
     """Whether any secret is registered (a cheap test before scrubbing a row)."""
     return bool(_secrets)
+
+
+def secret_in(data: bytes) -> bool:
+    """Whether a registered secret occurs in UTF-8 or JSON text: a search in C, where
+    scrubbing a row looks at every field in Python."""
+    return any(secret in data for secret in _secret_bytes)
 
 
 def redact(text: str) -> str:
@@ -119,6 +133,27 @@ class CurrentStderr:
         return sys.stderr.isatty()
 
 
+#: packages that structlog and httpx import when installed, for pretty tracebacks and
+#: httpx's own command line, neither of which a run uses
+_UNUSED_EXTRAS = ("rich", "pygments")
+
+
+@contextlib.contextmanager
+def without_rich() -> Iterator[None]:
+    """Imports made in the block see rich and pygments as not installed (unless something
+    imported them already): structlog and httpx then skip them, 75 modules and ~100 ms of
+    every run's start-up. Both stay importable after the block (the live display uses rich)."""
+    hidden = [name for name in _UNUSED_EXTRAS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # what makes `import rich` fail
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, ...) is None:
+                del sys.modules[name]
+
+
 def configure(
     *,
     verbosity: int = 0,
@@ -130,8 +165,9 @@ def configure(
 
     With `log_file`, events go to that file as JSON lines instead of to stderr.
     """
-    # lazy import: structlog adds ~200 ms, and the redaction above is used where no log is
-    import structlog
+    # lazy import: structlog adds ~150 ms, and the redaction above is used where no log is
+    with without_rich():
+        import structlog
 
     out: Any = stream or CurrentStderr()
     if log_file is not None:
@@ -143,7 +179,10 @@ def configure(
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # plain tracebacks: format_exc_info has rendered them as text already
+        else structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     )
     # the terminal's log at default verbosity: retry lines would scroll above the display
     quiet = [drop_retries_under_display] if log_file is None and verbosity < 1 else []

@@ -127,6 +127,7 @@ class Pool:
     stop_reason: RunStopped | None = None
     _stop_event: anyio.Event = field(default_factory=anyio.Event)
     _flush_wanted: anyio.Event = field(default_factory=anyio.Event)
+    _journal_wanted: anyio.Event = field(default_factory=anyio.Event)
     _flush_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def __post_init__(self) -> None:
@@ -197,6 +198,7 @@ class Pool:
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flush_periodically)
+                outer.start_soon(self._journal_each_turn)
                 if self.settings.display == "live":
                     outer.start_soon(live_display, self.tally, self.limiter, self.gate)
                 elif self.settings.display == "lines":
@@ -315,13 +317,31 @@ class Pool:
                     self._keep(end.result)
 
     def _keep(self, result: dict[str, Any]) -> None:
-        """Hand a finished row to the writer (its journal has it at once) and count it."""
+        """Queue a finished row for the journal; it counts as done once written, with every
+        row finished in the same event-loop turn (`_journal_each_turn`)."""
+        self.writer.queue(result)
+        self._journal_wanted.set()
+
+    async def _journal_each_turn(self) -> None:
+        """Journal the rows queued in a turn of the event loop with one write: woken by the
+        first row queued, this task runs after the tasks already woken in that turn."""
+        while True:
+            await self._journal_wanted.wait()
+            self._journal_wanted = anyio.Event()
+            self._write_journal()
+
+    def _write_journal(self) -> None:
+        """Journal the queued rows, then count them as done."""
         try:
-            self.writer.add(result)
+            rows = self.writer.write_queued()
         except OSError as exc:  # a full disk, a folder turned read-only: what is journalled stays
             self.stop(cannot_write(self.writer.directory, exc))
             return
-        self.tally.record_row(result)
+        if not rows:
+            return
+        self.tally.journal_writes += 1
+        for row in rows:
+            self.tally.record_row(row)
         if len(self.writer) >= self.settings.flush_rows:
             self._flush_wanted.set()
 
@@ -373,6 +393,7 @@ class Pool:
     async def flush(self) -> None:
         """Write buffered results to a new part file."""
         async with self._flush_lock:
+            self._write_journal()  # rows queued this turn go in this part
             taken = self.writer.take()
             if taken is None:
                 return

@@ -53,6 +53,8 @@ class RunStatistics:
     rows_prior_error: int = 0
     #: of those, how many this run has given a new result
     rows_redone: int = 0
+    #: write calls to the journal: each holds the rows finished in one event-loop turn
+    journal_writes: int = 0
 
     @property
     def rows_remaining(self) -> int:
@@ -112,6 +114,7 @@ class Tally:
     cost_usd: float = 0.0
     rows_worst_case: int = 0
     rows_unpriced: int = 0
+    journal_writes: int = 0
     errors_by_class: Counter[str] = field(default_factory=Counter)
     retries_by_class: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -177,6 +180,7 @@ class Tally:
             waiting=self.waiting,
             rows_prior_error=self.rows_prior_error,
             rows_redone=self.rows_redone,
+            journal_writes=self.journal_writes,
         )
 
 
@@ -229,6 +233,7 @@ def combine(
         waiting=next((p.waiting for p in parts if p.waiting), None),
         rows_prior_error=rows_prior_error,
         rows_redone=sum(p.rows_redone for p in parts),
+        journal_writes=sum(p.journal_writes for p in parts),
         **tokens,
     )
 

@@ -1,12 +1,13 @@
 """The output schema (defined here and nowhere else), the journal, part files, and compaction.
 
 Each result row is appended, as it completes, to a journal segment in `OUTPUT.parts/`
-(`journal-NNNNNN.jsonl`, one JSON line, one unbuffered write), so a killed run loses nothing
-it was answered for. Every few hundred rows or seconds the buffered rows become
-`part-NNNNNN.parquet` (same N), written under a temporary name, fsynced and renamed; then the
-journal segment is deleted. A run that starts folds leftover segments into parts first
-(`recover_journals`). When every row has a result, the parts are compacted into OUTPUT in
-input order.
+(`journal-NNNNNN.jsonl`, one JSON line a row, unbuffered), so a killed run loses nothing it
+counted as done: the pool queues the rows that finish in one event-loop turn and journals them
+with one write before it counts them (`PartWriter.queue`, `write_queued`). Every few hundred
+rows or seconds the buffered rows become `part-NNNNNN.parquet` (same N), written under a
+temporary name, fsynced and renamed; then the journal segment is deleted. A run that starts
+folds leftover segments into parts first (`recover_journals`). When every row has a result,
+the parts are compacted into OUTPUT in input order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from batchrun.logs import has_secrets, scrub
+from batchrun.logs import has_secrets, scrub, secret_in
 
 if TYPE_CHECKING:
     import polars as pl
@@ -216,9 +218,11 @@ class PartWriter:
     """Journals result rows as they come, and writes them out as numbered part files.
 
     `add` appends the row to the current journal segment (one `os.write`, no fsync: the OS
-    has it, so a killed process loses nothing) and buffers it; `take` hands the buffer over
-    and starts the next segment, so that the caller can write the part in a worker thread
-    with `write_part`, which then deletes the segment.
+    has it, so a killed process loses nothing) and buffers it. `queue` encodes a row without
+    writing it, and `write_queued` journals every queued row in one write and buffers them:
+    the pool queues the rows finished in one event-loop turn and counts them once written.
+    `take` hands the buffer over and starts the next segment, so that the caller can write
+    the part in a worker thread with `write_part`, which then deletes the segment.
     """
 
     def __init__(
@@ -235,35 +239,72 @@ class PartWriter:
             name: kind for name, kind in carried.items() if str(kind) == "large_string"
         }
         self._rows: list[dict[str, Any]] = []
+        self._queued: list[dict[str, Any]] = []
+        self._queued_lines: list[bytes] = []
         self._next = max(_next_segment(directory), first_segment)
         self._journal: int | None = None  # descriptor of journal segment `_next`, once opened
+        #: write calls made to the journal so far (each holds one or more whole lines)
+        self.writes = 0
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, row: dict[str, Any]) -> None:
-        """Journal a result row and buffer it for the next part.
-
-        Registered secrets are redacted first: a server may echo the key inside an answer.
-
-        Raises:
-            OSError: the journal could not be written (the row is then neither journalled
-                nor buffered).
-        """
-        if has_secrets():
-            for name, value in row.items():  # in place, like the carried values below
-                row[name] = scrub(value)
+    def _line(self, row: dict[str, Any]) -> bytes:
+        """The row's journal line. Registered secrets are redacted, in the row too: a server
+        may echo the key inside an answer. The encoded line is searched for them first, so
+        a row without one is not scrubbed field by field."""
         for name, kind in self._json_carried.items():
             row[name] = _carried_value(row.get(name), kind)
         line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        if has_secrets() and secret_in(line):
+            for name, value in row.items():  # in place, like the carried values above
+                row[name] = scrub(value)
+            line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        return line
+
+    def _write(self, data: bytes) -> None:
         if self._journal is None:
             self._journal = os.open(
                 journal_path(self.directory, self._next),
                 os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                 0o644,
             )
-        _write_all(self._journal, line)
+        _write_all(self._journal, data)
+        self.writes += 1
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Journal a result row at once and buffer it for the next part.
+
+        Raises:
+            OSError: the journal could not be written (the row is then neither journalled
+                nor buffered).
+        """
+        line = self._line(row)
+        self._write(line)
         self._rows.append(row)
+
+    def queue(self, row: dict[str, Any]) -> None:
+        """Encode a result row for the journal; the next `write_queued` writes it."""
+        self._queued_lines.append(self._line(row))
+        self._queued.append(row)
+
+    def write_queued(self) -> list[dict[str, Any]]:
+        """Journal every queued row with one write and buffer them for the next part.
+
+        Returns:
+            The rows journalled, oldest first (none if nothing was queued).
+
+        Raises:
+            OSError: the journal could not be written (the queued rows are then neither
+                journalled nor buffered, and the queue is empty).
+        """
+        rows, lines = self._queued, self._queued_lines
+        if not rows:
+            return rows
+        self._queued, self._queued_lines = [], []
+        self._write(lines[0] if len(lines) == 1 else b"".join(lines))
+        self._rows += rows
+        return rows
 
     def take(self) -> tuple[Path, list[dict[str, Any]]] | None:
         """The buffered rows and the path to write them to, or None if there are none."""
@@ -431,6 +472,21 @@ def scan_part(path: Path, types: dict[str, pl.DataType]) -> pl.LazyFrame:
     return frame.select(list(types)).cast(pl.Schema(types))
 
 
+def read_part(path: Path, schema: pa.Schema) -> pa.Table:
+    """One part file's columns of `schema`, in its order and cast to its types; a column the
+    part lacks (written before the column was added, like `rate_limited`) is null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)  # one footer read: its schema, then the columns
+    present = set(file.schema_arrow.names)
+    table = file.read(columns=[name for name in schema.names if name in present])
+    for field in schema:
+        if field.name not in present:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
+
+
 def part_number(column: str = "_part") -> Any:
     """A polars expression: the N of the `part-N.parquet` path in `column`."""
     import polars as pl
@@ -542,48 +598,26 @@ def compact(
             `.OUTPUT.tmp-PID/` and renamed into place whole; None: always one file.
 
     Memory stays flat whatever the size: the output is written one range of input
-    positions at a time, reading only the parts that hold results in that range.
+    positions at a time, reading only the parts that hold results in that range (known from
+    each part's footer), with pyarrow alone: no polars, whose import and thread pools cost
+    a small run a third of its start-up and a large one 100 MB.
     """
-    import polars as pl
     import pyarrow.parquet as pq
 
     parts = list_parts(directory)
     if not parts:
         return 0
-    index = pl.col(INDEX_COLUMN)
-    spans = (
-        # only the position is read; parts of older code may lack a newer column
-        pl.scan_parquet(
-            parts, include_file_paths="_part", missing_columns="insert", extra_columns="ignore"
-        )
-        .filter(index < rows)
-        .group_by("_part")
-        .agg(index.min().alias("low"), index.max().alias("high"))
-        .with_columns(part_number().alias("_segment"))
-        .sort("_segment")
-        .collect()
-    )
-    # parts written by a `--limit` run may hold narrower types than the whole input has
-    # (a carried column null in the first rows, ints before floats, ids that later turn
-    # mixed), and parts of older code may lack a newer column: each part is read as the
-    # output's columns and types before they meet
-    target = dict(pl.from_arrow(schema.empty_table()).schema)  # type: ignore[union-attr]
-    target[INDEX_COLUMN] = pl.Int64()
+    spans = [span for span in _part_spans(parts) if span.low < rows]
 
     def chunks(start: int, stop: int) -> Iterator[pa.Table]:
         """The output's rows for input positions [start, stop), a range at a time."""
         for low in range(start, stop, COMPACT_CHUNK_ROWS):
             high = min(low + COMPACT_CHUNK_ROWS, stop)
-            holding = spans.filter((pl.col("low") < high) & (pl.col("high") >= low))
-            if holding.is_empty():
-                continue
-            frames = [
-                scan_part(path, target).with_columns(pl.lit(number, pl.Int64).alias("_segment"))
-                for path, number in holding.select("_part", "_segment").iter_rows()
-            ]
-            in_range = pl.concat(frames).filter((index >= low) & (index < high))
-            chunk = keep_latest(in_range).select(schema.names).collect()
-            yield chunk.to_arrow().cast(schema)
+            holding = [span for span in spans if span.low < high and span.high >= low]
+            if holding:
+                table = _latest_rows(holding, schema, low, high)
+                if table.num_rows:
+                    yield table
 
     written = 0
     with _atomic_output(output) as tmp:
@@ -605,6 +639,76 @@ def compact(
             _fsync(path)
         _fsync(tmp)
     return written
+
+
+@dataclass(frozen=True, slots=True)
+class _PartSpan:
+    """A part file, its number, and the lowest and highest input position it holds."""
+
+    path: Path
+    segment: int
+    low: int
+    high: int
+
+
+def _part_spans(parts: list[Path]) -> list[_PartSpan]:
+    """The span of each part that holds rows."""
+    spans = []
+    for path in parts:
+        positions = _index_bounds(path)
+        if positions:
+            spans.append(_PartSpan(path, segment_number(path), min(positions), max(positions)))
+    return spans
+
+
+def _index_bounds(path: Path) -> list[int]:
+    """The lowest and highest input position of each row group of a part, from the
+    statistics in its footer; all its positions when a writer left no statistics."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path)
+    bounds = []
+    for number in range(meta.num_row_groups):
+        group = meta.row_group(number)
+        columns = (group.column(i) for i in range(group.num_columns))
+        stats = next((c.statistics for c in columns if c.path_in_schema == INDEX_COLUMN), None)
+        if stats is None or not stats.has_min_max:
+            return list(pq.read_table(path, columns=[INDEX_COLUMN])[INDEX_COLUMN].to_pylist())
+        bounds += [stats.min, stats.max]
+    return bounds
+
+
+def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: int) -> pa.Table:
+    """The output's rows for input positions [low, high): each position's latest row, in
+    input order, cast to the output's types.
+
+    Parts written by a `--limit` run may hold narrower types than the whole input has (a
+    carried column null in the first rows, ints before floats, ids that later turn mixed):
+    each part is cast to the output's types before they meet. The latest row is the one of
+    the highest part number, and within a part the last (a row's paid answers are
+    journaled before its final row, in the same segment).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = schema.append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
+    tables = []
+    for span in holding:
+        table = read_part(span.path, wanted)
+        index = table[INDEX_COLUMN]
+        if span.low < low or span.high >= high:
+            table = table.filter(pc.and_(pc.greater_equal(index, low), pc.less(index, high)))
+        segment = pa.array([span.segment] * table.num_rows, pa.int64())
+        tables.append(table.append_column("_segment", segment))
+    table = pa.concat_tables(tables)
+    # a stable sort: rows of one position stay in segment order, and in file order within one
+    order = [(INDEX_COLUMN, "ascending"), ("_segment", "ascending")]
+    table = table.take(pc.sort_indices(table, sort_keys=order))
+    positions = table[INDEX_COLUMN].to_pylist()
+    last = [i for i, here in enumerate(positions[:-1]) if here != positions[i + 1]]
+    if positions:
+        last.append(len(positions) - 1)
+    return table.take(last).select(schema.names).cast(schema)
 
 
 @contextlib.contextmanager

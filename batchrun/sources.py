@@ -550,11 +550,25 @@ def _carried_types(job: Job, seen_types: dict[str, set[type]]) -> dict[str, pa.D
     return {name: _arrow_type_of(seen_types[name]) for name in carry}
 
 
-def _check_unique_ids(job: Job, hashes: array.array[int], ids: RowIds) -> None:
-    """Raise if two rows share an id, naming both; `hashes` holds each row's id hash.
+#: up to this many rows, repeated id hashes are found with a Python set (about 5 MB here)
+#: rather than by sorting with polars, whose import alone costs a small run 0.2 s
+SMALL_ID_CHECK_ROWS = 100_000
 
-    Sorting finds repeated hashes in a few MB where a hash table would take a hundred.
+
+def _repeated_hashes(hashes: array.array[int]) -> set[int]:
+    """The hashes that occur more than once.
+
+    Sorting finds them in a few MB where a hash table would take a hundred for a million
+    rows; a small input takes the hash table.
     """
+    if len(hashes) <= SMALL_ID_CHECK_ROWS:
+        seen: set[int] = set()
+        repeated: set[int] = set()
+        for value in hashes:
+            if value in seen:
+                repeated.add(value)
+            seen.add(value)
+        return repeated
     import polars as pl
     import pyarrow as pa
 
@@ -562,8 +576,15 @@ def _check_unique_ids(job: Job, hashes: array.array[int], ids: RowIds) -> None:
     ordered = pl.Series(values).sort()
     same = ordered.slice(1) == ordered.slice(0, len(ordered) - 1)
     if not same.any():
+        return set()
+    return set(ordered.slice(1).filter(same).to_list())
+
+
+def _check_unique_ids(job: Job, hashes: array.array[int], ids: RowIds) -> None:
+    """Raise if two rows share an id, naming both; `hashes` holds each row's id hash."""
+    suspects = _repeated_hashes(hashes)
+    if not suspects:
         return
-    suspects = set(ordered.slice(1).filter(same).to_list())
     path = job.input
     unit = "lines" if detect_format(path) == "jsonl" else "rows"
     first_seen: dict[str, int] = {}

@@ -27,14 +27,26 @@ TOKENS_PER_PROMPT_FIELD = 64
 
 def text_tokens(text: str) -> float:
     """Estimated tokens of one piece of text."""
-    if text.isascii():
+    if text.isascii():  # O(1) in CPython: a flag of the string object
         return len(text) * ASCII_TOKENS_PER_CHAR
-    other = sum(1 for char in text if ord(char) > 127)
+    # the characters past ASCII are the ones an ASCII encoding drops: counted in C, not by a
+    # generator over every character
+    other = len(text) - len(text.encode("ascii", "ignore"))
     return (len(text) - other) * ASCII_TOKENS_PER_CHAR + other * OTHER_TOKENS_PER_CHAR
+
+
+def _utf8_length(text: str) -> int:
+    """The UTF-8 length of text, without encoding it when it is ASCII (one byte a char)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+_PROMPT_FIELD_SET = frozenset(PROMPT_FIELDS)
 
 
 def _prompt_fields(body: dict[str, Any]) -> list[str]:
     """The JSON text of each body field that goes into the prompt besides the messages."""
+    if _PROMPT_FIELD_SET.isdisjoint(body):  # most bodies: a look at each key, in C
+        return []
     return [
         json.dumps(body[name], ensure_ascii=False, separators=(",", ":"))
         for name in PROMPT_FIELDS
@@ -84,12 +96,12 @@ def prompt_tokens_at_most(body: dict[str, Any]) -> int:
     """
     total = 0
     for text in _prompt_fields(body):
-        total += TOKENS_PER_PROMPT_FIELD + len(text.encode("utf-8"))
+        total += TOKENS_PER_PROMPT_FIELD + _utf8_length(text)
     for message in body.get("messages") or ():
         total += TOKENS_PER_MESSAGE
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
-            total += len(content.encode("utf-8"))
+            total += _utf8_length(content)
         elif content is not None:
-            total += len(str(content).encode("utf-8"))
+            total += _utf8_length(str(content))
     return max(1, total)

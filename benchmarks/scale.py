@@ -28,17 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
-from throughput import free_port, start_fake  # the sibling benchmark
 
 from batchrun.checkpoint import Checkpoint
 from batchrun.job import build_job
-from batchrun.sinks import compact, output_schema, part_path, part_schema
-from batchrun.sources import scan_input
 
-LIMIT_RSS_MB = 400
+# Everything else is imported where it is used: a measured step carries only the imports a
+# `batchrun` command doing that step carries (polars and pyarrow build the data, in the
+# parent, and the sibling `throughput` benchmark, which starts the fake, imports the pool).
+
+LIMIT_RSS_MB = 300
 PART_ROWS = 500
 
 
@@ -77,6 +75,8 @@ def child(mode: str, args: list[str]) -> None:
     elif mode == "imports":  # the floor under every figure: this script's imports
         import batchrun.pool  # noqa: F401
     elif mode == "scan":
+        from batchrun.sources import scan_input
+
         start = time.perf_counter()
         result["rows"] = scan_input(build_job(job_data(Path(args[0]), Path(args[1])))).rows
     elif mode == "skipset":
@@ -85,6 +85,8 @@ def child(mode: str, args: list[str]) -> None:
         state = checkpoint.resume_state(rows=int(args[1]))
         result["rows_ok"] = state.rows_ok
     elif mode == "compact":
+        from batchrun.sinks import compact, output_schema
+
         output = Path(args[0])
         start = time.perf_counter()
         schema = output_schema({})
@@ -127,6 +129,9 @@ def job_data(prompts: Path, output: Path, base_url: str = "http://127.0.0.1:9") 
 
 def write_prompts(folder: Path, rows: int) -> tuple[Path, Path]:
     """The prompt set as Parquet (pyarrow's default row groups) and as JSONL."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
     frame = pl.DataFrame({"id": pl.int_range(rows, eager=True)}).select(
         pl.format("r{}", "id").alias("id"),
         pl.format("Say something about {}.", "id").alias("prompt"),
@@ -139,6 +144,12 @@ def write_prompts(folder: Path, rows: int) -> tuple[Path, Path]:
 
 def write_done_parts(directory: Path, rows: int) -> None:
     """Part files for input rows [0, rows), all ok, as a run would have written them."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchrun.sinks import part_path, part_schema
+
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC)
     now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # the parts hold ms
@@ -209,6 +220,7 @@ def main() -> None:
         child(sys.argv[2], sys.argv[3:])
         return
     args = parser.parse_args()
+    from throughput import free_port, start_fake  # the sibling benchmark
 
     port = free_port()
     fake = start_fake(port)

@@ -24,6 +24,21 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
+@pytest.fixture(scope="module")
+def ray_address(request: pytest.FixtureRequest) -> Iterator[str]:
+    """One local Ray instance for all the Ray test modules, bound to 127.0.0.1 and quiet: a
+    start costs seconds, so it is shut down only after the last module that uses it."""
+    ray = pytest.importorskip("ray")  # the `ray` extra; CI installs it
+    from batchrun.ray_engine import start_local
+
+    if not ray.is_initialized():
+        start_local(ray, num_cpus=4, log_to_driver=False, logging_level="ERROR")
+    yield str(ray.get_runtime_context().gcs_address)
+    users = [item for item in request.session.items if "ray_address" in item.fixturenames]
+    if not users or users[-1].module is request.module:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def fake_session() -> Iterator[FakeServer]:
     with FakeServer(FakeConfig()) as server:

@@ -250,6 +250,25 @@ def test_cli_import_leaves_heavy_modules_out() -> None:
     assert done.stdout.strip() == ""
 
 
+def test_small_run_imports_only_what_it_uses(tmp_path: Path, fake: FakeServer) -> None:
+    """A 20-row `batchrun run` imports no polars, and neither rich nor pygments (which
+    structlog and httpx would pull in), yet rich still imports afterwards."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"q{i}"} for i in range(20)])
+    argv = ["batchrun", "run", "--input", str(tmp_path / "in.jsonl"), "--base-url", fake.base_url]
+    code = (
+        f"import sys\nsys.argv = {argv!r} + ['-q', '--no-progress']\n"
+        "from batchrun.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+        "print(','.join(m for m in ('polars', 'rich', 'pygments') if m in sys.modules))\n"
+        "import rich.console\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "complete: 20 ok" in done.stderr and done.stdout.strip() == ""
+
+
 PUBLIC = [
     "AuthError",
     "BalanceError",

@@ -4,7 +4,6 @@ against the fake on 127.0.0.1, leasing from one `BudgetActor`."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,15 @@ from batchrun.job import Limits, build_job
 from batchrun.limits import Outcome
 from batchrun.ratelimit import Scope
 from batchrun.ray_budget import LeasedRateLimiter, scope_key, start_budget, stop_budget
-from batchrun.ray_engine import start_local
 from tests.conftest import fast_job_data, write_jsonl
 
 ray = pytest.importorskip("ray")
 
+#: one local Ray instance on 127.0.0.1, shared with the other Ray modules (conftest)
+pytestmark = pytest.mark.usefixtures("ray_address")
+
 SCOPE = Scope("http://127.0.0.1:1", "", "deepseek-chat")
 _names = iter(range(1_000_000))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance() -> Iterator[None]:
-    """One local Ray instance for the module, bound to 127.0.0.1, quiet."""
-    start_local(ray, num_cpus=4, log_to_driver=False, logging_level="ERROR", configure_logging=True)
-    yield
-    ray.shutdown()
 
 
 def budget(limits: Limits, *, max_cost: float | None = None, **options: Any) -> Any:

@@ -1,8 +1,7 @@
-"""`--engine ray` on one local Ray instance (127.0.0.1) shared by the module, against the fake."""
+"""`--engine ray` on the shared local Ray instance (127.0.0.1), against the fake."""
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,6 @@ from batchrun.errors import AuthError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
-from batchrun.ray_engine import start_local
 from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import list_parts, parts_dir, shard_dirs
 from batchrun.status import read_status
@@ -39,16 +36,6 @@ pytestmark = pytest.mark.timeout(120)
 
 #: columns that say when and how fast, which two runs never share
 _TIMING = {"latency_s", "queued_s", "started_at", "finished_at", "response_id"}
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """One local Ray instance for the module, bound to 127.0.0.1."""
-    start_local(ray, num_cpus=4, log_to_driver=False, logging_level=logging.ERROR)
-    try:
-        yield str(ray.get_runtime_context().gcs_address)
-    finally:
-        ray.shutdown()
 
 
 def _rows(count: int) -> list[dict[str, Any]]:

@@ -127,6 +127,16 @@ def test_sigkill_at_random_moments_loses_nothing_and_repays_only_in_flight_reque
     assert not parts_dir(tmp_path / "out.parquet").exists()
 
 
+def test_rows_answered_together_share_one_journal_write(tmp_path: Path, fake: FakeServer) -> None:
+    """Rows that finish in the same event-loop turn go to the journal in one write: 40
+    answers that come back together take fewer writes than rows, and every row counts."""
+    fake.update(latency=0.05)
+    summary = run(tmp_path, fake, prompts(40), limits={"concurrency": 40})
+    stats = summary.statistics
+    assert summary.complete and stats is not None and stats.rows_done == 40
+    assert 1 <= stats.journal_writes < 40
+
+
 def test_sigint_and_sigterm_stop_gracefully_then_the_run_resumes(
     tmp_path: Path, fake: FakeServer
 ) -> None:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun import sinks
+from batchrun import logs, sinks
 from batchrun.sinks import (
     PartWriter,
     compact,
@@ -81,6 +81,58 @@ def test_journal_rows_round_trip_to_the_part_schema(tmp_path: Path) -> None:
     assert from_journal.equals(pa.Table.from_pylist(rows, schema=writer.schema))
 
 
+def test_queued_rows_are_journalled_together_in_one_write(tmp_path: Path) -> None:
+    """Rows queued together reach the journal in one write call, a line each, and only then
+    are they buffered for the part."""
+    writer = PartWriter(tmp_path, carried={})
+    for index in range(3):
+        writer.queue(result(index))
+    assert (len(writer), writer.writes, list_journals(tmp_path)) == (0, 0, [])
+    written = writer.write_queued()
+    writer.close()
+    assert [row["_index"] for row in written] == [0, 1, 2]
+    assert (len(writer), writer.writes) == (3, 1)
+    [journal] = list_journals(tmp_path)
+    assert [row["_index"] for row in read_journal(journal)] == [0, 1, 2]
+    assert writer.write_queued() == [] and writer.writes == 1  # nothing queued: no write
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        pytest.param("sk-journal-5e4d3c2b1a", id="plain"),
+        pytest.param('tok"en\\ключ-42', id="json-escaped"),
+    ],
+)
+def test_a_secret_echoed_in_a_row_is_redacted_in_the_journal_and_the_part(
+    tmp_path: Path, secret: str
+) -> None:
+    """A registered secret inside a row's text (quoted and escaped in JSON, or not) reaches
+    neither the journal line nor the row kept for the part."""
+    logs.register_secret(secret)
+    writer = PartWriter(tmp_path, carried={"meta": pa.large_string()})
+    writer.add(result(0, content=f"the key is {secret}", meta={"echo": [secret]}))
+    writer.add(result(1, content="nothing to hide"))
+    writer.close()
+    [journal] = list_journals(tmp_path)
+    text = journal.read_bytes()
+    assert secret.encode() not in text and b"[redacted]" in text
+    rows = read_journal(journal)
+    assert rows[0]["content"] == "the key is [redacted]" and secret not in rows[0]["meta"]
+    assert rows[1]["content"] == "nothing to hide"
+    assert secret not in str(writer.take())
+
+
+def test_a_failed_journal_write_drops_the_queued_rows(tmp_path: Path) -> None:
+    """When the journal cannot be written, the queued rows are neither buffered nor queued
+    again: the caller never counts them."""
+    writer = PartWriter(tmp_path / "gone", carried={})
+    writer.queue(result(0))
+    with pytest.raises(OSError):
+        writer.write_queued()
+    assert (len(writer), writer.write_queued()) == (0, [])
+
+
 def test_a_written_part_replaces_its_journal_segment(tmp_path: Path) -> None:
     """take() ends a segment and the next add starts another; writing the part drops it."""
     writer = PartWriter(tmp_path, carried={})
@@ -121,12 +173,16 @@ def test_recovery_folds_leftover_segments_once(tmp_path: Path) -> None:
     after.close()
 
 
+@pytest.mark.parametrize(
+    ("chunk_rows", "row_groups"),
+    [pytest.param(3, 2, id="in-chunks"), pytest.param(100, 1, id="at-once")],
+)
 def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int, row_groups: int
 ) -> None:
-    """Compacted a few positions at a time, out-of-order parts give each position once,
-    its latest result winning, in input order, one row group per chunk."""
-    monkeypatch.setattr(sinks, "COMPACT_CHUNK_ROWS", 3)
+    """Out-of-order parts give each position once, its latest result winning, in input
+    order, compacted a few positions at a time (a row group each) or all at once."""
+    monkeypatch.setattr(sinks, "COMPACT_CHUNK_ROWS", chunk_rows)
     writer = PartWriter(tmp_path, carried={})
     batches = [
         [result(4), result(0, status="error"), result(2)],
@@ -144,7 +200,7 @@ def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
     schema = output_schema({})
     assert compact(tmp_path, output, schema=schema, rows=6) == 6
     table = pq.read_table(output)
-    assert table.schema == schema and pq.read_metadata(output).num_row_groups == 2
+    assert table.schema == schema and pq.read_metadata(output).num_row_groups == row_groups
     assert table["id"].to_pylist() == [f"r{i}" for i in range(6)]
     assert set(table["status"].to_pylist()) == {"ok"}
 
@@ -160,6 +216,22 @@ def test_journal_of_a_narrower_run_folds_into_the_wider_schema(tmp_path: Path) -
     (part,) = list_parts(tmp_path)
     row = pq.read_table(part).to_pylist()[0]
     assert (row["id"], row["score"]) == ("7", "3")
+
+
+def test_compaction_reads_positions_of_parts_written_without_statistics(tmp_path: Path) -> None:
+    """A part whose footer has no statistics is read to find its positions, not skipped."""
+    writer = PartWriter(tmp_path, carried={})
+    for index in (2, 0):
+        writer.add(result(index))
+    path, rows = writer.take()  # type: ignore[misc]
+    table = pa.Table.from_pylist(rows, schema=writer.schema)
+    pq.write_table(table, path, write_statistics=False)
+    writer.add(result(1))
+    writer.write_part(*writer.take())  # type: ignore[misc]
+    assert pq.read_metadata(path).row_group(0).column(0).statistics is None
+    out = tmp_path / "out.parquet"
+    assert compact(tmp_path, out, schema=output_schema({}), rows=3) == 3
+    assert pq.read_table(out)["id"].to_pylist() == ["r0", "r1", "r2"]
 
 
 def test_compaction_casts_parts_to_the_output_types(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchrun import sources
 from batchrun.errors import InputError
 from batchrun.job import Job, build_job
 from batchrun.sources import (
@@ -375,6 +376,22 @@ def test_bad_messages_name_line_and_column(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])
     error = scan_error(path)
     assert (error.line, error.column) == (1, "messages")
+
+
+@pytest.mark.parametrize("small", [pytest.param(100, id="set"), pytest.param(0, id="sorted")])
+def test_duplicate_id_found_by_set_and_by_sort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small: int
+) -> None:
+    """A small input's ids are checked with a set and a large one's by sorting: both name
+    the repeated id and its lines."""
+    monkeypatch.setattr(sources, "SMALL_ID_CHECK_ROWS", small)
+    rows = [{"id": f"r{3 if i == 9 else i}", "prompt": "p"} for i in range(12)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    assert "duplicate id 'r3' in lines 4 and 10" in str(
+        scan_error(path, prompt={"id_column": "id"})
+    )
+    write_jsonl(path, [{"id": f"r{i}", "prompt": "p"} for i in range(12)])
+    assert scan_input(job_for(path, prompt={"id_column": "id"})).rows == 12
 
 
 def test_duplicate_id_names_both_lines(tmp_path: Path) -> None:
