@@ -128,6 +128,8 @@ class Pool:
     _stop_event: anyio.Event = field(default_factory=anyio.Event)
     _flush_wanted: anyio.Event = field(default_factory=anyio.Event)
     _journal_wanted: anyio.Event = field(default_factory=anyio.Event)
+    #: set once the rows queued before it was made are written (or their write failed)
+    _journal_written: anyio.Event = field(default_factory=anyio.Event)
     _flush_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def __post_init__(self) -> None:
@@ -315,6 +317,9 @@ class Pool:
                     self.stop(end.stop)
                 if end.result is not None:  # paid answers of a row cut short are kept too
                     self._keep(end.result)
+                    # no new request before this row is written: what a failed write or a
+                    # kill can cost stays the requests in flight, one a worker
+                    await self._journal_written.wait()
 
     def _keep(self, result: dict[str, Any]) -> None:
         """Queue a finished row for the journal; it counts as done once written, with every
@@ -328,7 +333,9 @@ class Pool:
         while True:
             await self._journal_wanted.wait()
             self._journal_wanted = anyio.Event()
+            written, self._journal_written = self._journal_written, anyio.Event()
             self._write_journal()
+            written.set()
 
     def _write_journal(self) -> None:
         """Journal the queued rows, then count them as done."""
