@@ -29,7 +29,7 @@ from batchrun.errors import (
 from batchrun.limits import parse_duration
 from batchrun.logs import MIN_SECRET_LENGTH
 from batchrun.sse import StreamAccumulator, StreamBroken
-from batchrun.transport import AiohttpTransport, close_body, read_body
+from batchrun.transport import AiohttpTransport, WholeBody, close_body, read_body
 
 if TYPE_CHECKING:
     import ssl
@@ -373,18 +373,16 @@ class Client:
         if headers is None:  # bodies of a run come in few lengths: each set is made once
             headers = httpx.Headers(self._headers)
             headers["content-length"] = str(length)
+            headers.encoding = self._header_encoding  # worked out once, not per request
             if len(self._headers_by_length) < 4096:
                 self._headers_by_length[length] = headers
         request = httpx.Request(
-            "POST",
-            self._url,
-            headers=headers,
-            stream=httpx.ByteStream(payload),
-            extensions=self._extensions,
+            "POST", self._url, stream=httpx.ByteStream(payload), extensions=self._extensions
         )
+        # the set itself rather than a copy of it (what `headers=` makes): the transports
+        # read a request's headers and never change those of a body already read
+        request.headers = headers
         request.read()  # the body is in memory already: transports may take it as bytes
-        # the copy forgets what the run's headers are encoded in: worked out once, not again
-        request.headers.encoding = self._header_encoding
         return request
 
     def _redact(self, message: str) -> str:
@@ -480,7 +478,11 @@ class Client:
                 "the 200 answer is not valid JSON", status=status, error_class="bad_response"
             ) from None
         completion = _completion_from_body(data, status)
-        completion.headers = response.headers
+        stream = response.stream
+        # the limiter reads a few headers of every answer: from the transport's own mapping
+        completion.headers = (
+            stream.header_map() if isinstance(stream, WholeBody) else response.headers
+        )
         self._answered = True
         return _check_finish(completion)
 

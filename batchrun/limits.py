@@ -396,6 +396,9 @@ class Limiter:
                 await self._acquire_slot()
             finally:
                 self._waiting -= 1
+            took = self._take_unqueued(tokens)
+            if took is not None:
+                break
             try:
                 async with self._dispatch:  # one task at a time waits on the buckets, in order
                     took = await self._wait_for_budget(tokens)
@@ -463,45 +466,66 @@ class Limiter:
         if self.adaptive.limit != before:
             self._slots.total_tokens = self.adaptive.limit
 
+    def _take_unqueued(self, tokens: int) -> tuple[float, bool] | None:
+        """Take the request's budget at once if no task waits on the buckets and it may go
+        now: no lock and no coroutine in the common case (issue 12). None: nothing taken,
+        wait in line (`_wait_for_budget`)."""
+        if (
+            self._dispatch.locked()
+            or self._in_flight >= self._slots.total_tokens
+            or (self.tokens is not None and tokens > self.tokens.limit)  # warned in line
+        ):
+            return None
+        now = anyio.current_time()
+        return self._take(tokens, now) if self._delay(tokens, now) <= 0 else None
+
+    def _delay(self, tokens: int, now: float) -> float:
+        """Seconds until a request of `tokens` may go (<= 0: now)."""
+        delay = self._paused_until - now
+        if self._backoff.one_at_a_time and self._backoff.probe_out:
+            # one probe at a time: wait for its answer, or until it has been out long
+            # enough that it was plainly admitted (a refusal comes back at once)
+            delay = max(delay, self._backoff.probe_sent_at + PROBE_PATIENCE - now)
+        if self.requests is not None:
+            delay = max(delay, self.requests.wait_time(1, now))
+        if self.tokens is not None:
+            delay = max(delay, self.tokens.wait_time(tokens, now))
+        return delay
+
+    def _take(self, tokens: int, now: float) -> tuple[float, bool]:
+        """Take a request and its tokens from the buckets: the tokens taken, and whether it
+        is an episode's probe."""
+        taken = 0.0
+        if self.requests is not None:
+            self.requests.take(1, now)
+        if self.tokens is not None:
+            # never more than the bucket holds: the rest is charged from real usage
+            taken = min(float(tokens), self.tokens.capacity)
+            self.tokens.take(taken, now)
+        probe = self._backoff.one_at_a_time
+        if probe:
+            self._backoff.probe_out = True
+            self._backoff.probe_sent_at = now
+        return taken, probe
+
     async def _wait_for_budget(self, tokens: int) -> tuple[float, bool] | None:
         """Wait until the request may go, then take its request and tokens; returns the
         tokens taken and whether it is an episode's probe, or None (nothing taken) when
         concurrency shrank meanwhile."""
-        warned = False
+        if self.tokens is not None and tokens > self.tokens.limit:
+            log.warning(
+                "request_larger_than_tpm",
+                tokens=tokens,
+                tpm=self.tokens.limit,
+                note="sent alone once the token bucket is full",
+            )
         while True:
             if self._in_flight >= self._slots.total_tokens:
                 return None
             now = anyio.current_time()
-            delay = self._paused_until - now
-            if self._backoff.one_at_a_time and self._backoff.probe_out:
-                # one probe at a time: wait for its answer, or until it has been out long
-                # enough that it was plainly admitted (a refusal comes back at once)
-                delay = max(delay, self._backoff.probe_sent_at + PROBE_PATIENCE - now)
-            if self.requests is not None:
-                delay = max(delay, self.requests.wait_time(1, now))
-            if self.tokens is not None:
-                delay = max(delay, self.tokens.wait_time(tokens, now))
-                if not warned and tokens > self.tokens.limit:
-                    warned = True
-                    log.warning(
-                        "request_larger_than_tpm",
-                        tokens=tokens,
-                        tpm=self.tokens.limit,
-                        note="sent alone once the token bucket is full",
-                    )
+            delay = self._delay(tokens, now)
             if delay <= 0:
-                taken = 0.0
-                if self.requests is not None:
-                    self.requests.take(1, now)
-                if self.tokens is not None:
-                    # never more than the bucket holds: the rest is charged from real usage
-                    taken = min(float(tokens), self.tokens.capacity)
-                    self.tokens.take(taken, now)
-                probe = self._backoff.one_at_a_time
-                if probe:
-                    self._backoff.probe_out = True
-                    self._backoff.probe_sent_at = now
-                return taken, probe
+                return self._take(tokens, now)
             # woken early when budget comes back (a settle, a cancel, an episode's end)
             with anyio.move_on_after(delay):
                 await self._budget_changed.wait()

@@ -12,8 +12,9 @@ is done is written, and the stop is raised for the CLI to report.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -60,7 +61,8 @@ class _RetryLog:
     """Counts and logs a worker's retries, naming the row it is on."""
 
     tally: Tally
-    row_id: str = ""
+    #: the id of the row the worker is on, worked out only when a retry is logged
+    row_id: Callable[[], str] = str
 
     def before_sleep(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -68,7 +70,7 @@ class _RetryLog:
         self.tally.retries_by_class[error_class] += 1
         log.info(
             "request_retried",
-            row_id=self.row_id,
+            row_id=self.row_id(),
             attempt=state.attempt_number,
             error_class=error_class,
             http_status=getattr(error, "status", None),
@@ -311,7 +313,7 @@ class Pool:
                     return
                 if self.stopping:
                     continue
-                retries.row_id = self.rows.row_id(work)
+                retries.row_id = partial(self.rows.row_id, work)
                 end = await self.rows.make(work, policy)
                 if end.stop is not None:
                     self.stop(end.stop)

@@ -123,6 +123,9 @@ class LocalRateLimiter:
             its attempt short).
     """
 
+    #: `settle` and `cancel` never suspend: the attempt meter runs them without a shield
+    settles_at_once = True
+
     def __init__(self, limiter: Limiter, *, lease_seconds: float) -> None:
         self.limiter = limiter
         self.lease_seconds = lease_seconds

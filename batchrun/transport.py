@@ -34,10 +34,20 @@ def _reraise_mapped() -> NoReturn:
 
 
 class WholeBody(httpx.AsyncByteStream):
-    """A response stream that can also hand over the whole body in one call."""
+    """A response stream that can also hand over the whole body in one call, and the
+    answer's headers as the transport parsed them."""
 
     async def read(self) -> bytes:
         raise NotImplementedError
+
+    def header_map(self) -> Mapping[str, str]:
+        """The answer's headers, case-insensitive: the transport's own mapping, cheaper to
+        read than the `httpx.Headers` built from them (issue 12)."""
+        raise NotImplementedError
+
+    def encoded(self) -> bool:
+        """Whether the body is compressed (then httpx must decode it)."""
+        return "content-encoding" in self.header_map()
 
 
 class _Body(WholeBody):
@@ -51,6 +61,9 @@ class _Body(WholeBody):
             return await self._response.read()
         except Exception:
             _reraise_mapped()
+
+    def header_map(self) -> Mapping[str, str]:
+        return self._response.headers
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -68,7 +81,7 @@ async def read_body(response: httpx.Response) -> bytes:
     """The whole body of an answer: in one call from this transport's answers unless it is
     compressed, else through httpx (its decoders)."""
     stream = response.stream
-    if isinstance(stream, WholeBody) and "content-encoding" not in response.headers:
+    if isinstance(stream, WholeBody) and not stream.encoded():
         return await stream.read()
     return await response.aread()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from trio.testing import MockClock
@@ -10,7 +12,7 @@ from batchrun.errors import LeaseExpired
 from batchrun.limits import Limiter, SpendCap
 from batchrun.meter import AttemptMeter
 from batchrun.prices import PriceTable
-from batchrun.ratelimit import LocalRateLimiter
+from batchrun.ratelimit import Lease, LocalRateLimiter
 
 TRIO = pytest.mark.parametrize(
     "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio")]
@@ -65,3 +67,28 @@ async def test_an_attempt_stopped_before_sending_gives_back_its_request(
     async with meter.attempt(request) as attempt:
         attempt.sending()
     assert anyio.current_time() == start and meter.limiter.statistics().in_flight == 0
+
+
+class _SlowSettling(LocalRateLimiter):
+    """A limiter whose settle waits (as a cluster-wide one does)."""
+
+    async def settle(self, lease: Lease, **details: Any) -> None:
+        await anyio.sleep(0.5)
+        await super().settle(lease, **details)
+
+
+@TRIO
+async def test_a_settle_that_waits_is_shielded_from_the_cancellation(
+    anyio_backend: object,
+) -> None:
+    """A limiter whose settle suspends still gets the lease of a cancelled attempt back."""
+    local = _SlowSettling(Limiter(concurrency=2, adaptive=False), lease_seconds=5.0)
+    local.settles_at_once = False
+    meter = AttemptMeter(
+        limiter=local, spend=SpendCap(None), prices=PriceTable.load(), endpoint="http://x"
+    )
+    with anyio.move_on_after(1.0):
+        async with meter.attempt(meter.request(BODY)) as attempt:
+            attempt.sending()
+            await anyio.sleep(10.0)
+    assert local.statistics().in_flight == 0
