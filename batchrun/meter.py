@@ -96,8 +96,10 @@ class Attempt:
         meter, request = self._meter, self.request
         schedule = meter.schedule
         while True:
-            if schedule is not None:  # off-peak runs: no budget is held while waiting
-                await schedule.wait_off_peak(request.model)
+            # off-peak runs: no budget is held while waiting; and a wait is no silence of the
+            # server, so the 429s met on resuming are asked again as after any answer
+            if schedule is not None and await schedule.wait_off_peak(request.model):
+                meter.last_answer = max(meter.last_answer, anyio.current_time())
             await meter.spend.reserve(request.worst_usd)
             try:
                 self.lease = await meter.limiter.reserve(

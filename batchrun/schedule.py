@@ -85,8 +85,9 @@ class OffPeakSchedule:
         price = self.prices.price_for(model, at)
         return price is not None and price.is_peak(at)
 
-    async def wait_off_peak(self, model: str) -> None:
-        """Return once `model` is off-peak (at once if it is), or when the run stops."""
+    async def wait_off_peak(self, model: str) -> bool:
+        """Return once `model` is off-peak (at once if it is), or when the run stops: whether
+        the request was held back."""
         waited = False
         while not self._stop.is_set():
             now = self.clock.now()
@@ -94,7 +95,7 @@ class OffPeakSchedule:
             if wait is None:
                 if waited and self._waiting == 0:  # the last request held back goes
                     log.info("off_peak_resumed", model=model, at=now.isoformat())
-                return
+                return waited
             note = wait.note(now)
             if self._announced != wait.until:
                 self._announced = wait.until
@@ -108,6 +109,7 @@ class OffPeakSchedule:
                 self._waiting -= 1
                 if self._waiting == 0:
                     self._tally.waiting = None
+        return waited
 
 
 def peak_calendars(prices: PriceTable, models: Iterable[str], at: datetime) -> list[PeakHours]:

@@ -241,3 +241,27 @@ def test_display_pool_line_says_it_waits_for_off_peak() -> None:
     console = Console(record=True, width=120)
     console.print(render(stats, None))
     assert f"0 in flight, limit -, {note}" in console.export_text()
+
+
+def test_429s_after_a_long_off_peak_wait_are_asked_again(tmp_path: Path, fake: FakeServer) -> None:
+    """A wait for off-peak longer than `outage_timeout` is no silence of the server: the 429s
+    met when sending resumes are asked again, as after any answer, not made error rows."""
+    (tmp_path / "prices.toml").write_text(FLASH_LIKE)
+    prompts = [f"[[fault:429*2@0.01]] q{i}" for i in range(2)]
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts])
+    limits = {"concurrency": 2, "max_attempts": 2, "outage_timeout": 0.3}
+    data = fast_job_data(
+        tmp_path, fake.base_url, model="fake-flash", prices=str(tmp_path / "prices.toml"),
+        schedule="off-peak", limits=limits,
+    )  # fmt: skip
+    job = build_job(data)
+    clock = ManualClock(TUESDAY.replace(hour=3))
+    thread, outcome = _in_thread(job, PoolSettings(clock=clock))
+    _until(lambda: clock.sleepers == 2, "both workers to wait")
+    time.sleep(0.6)  # longer than outage_timeout, with no answer meanwhile
+    clock.set(TUESDAY.replace(hour=4))
+    thread.join(timeout=10)
+    summary = outcome[0]
+    assert isinstance(summary, RunSummary), summary
+    assert summary.rows_ok == 2
+    assert [row["rate_limited"] for row in _rows(tmp_path)] == [2, 2]
