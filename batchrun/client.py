@@ -19,6 +19,7 @@ import orjson
 from batchrun.errors import (
     AuthError,
     BalanceError,
+    ConfigError,
     ConnectFailed,
     KeyWanted,
     NotAnEndpoint,
@@ -276,9 +277,18 @@ def _environment_proxy(url: httpx.URL) -> httpx.Proxy | None:
 
     proxies = urllib.request.getproxies()
     proxy = proxies.get(url.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(url.host):
+    # NO_PROXY may name the host alone or host:port (a local server on localhost:8000)
+    if not proxy or urllib.request.proxy_bypass(f"{url.host}:{url.port}" if url.port else url.host):
         return None
-    return httpx.Proxy(proxy if "://" in proxy else f"http://{proxy}")
+    proxy = proxy if "://" in proxy else f"http://{proxy}"
+    if not proxy.startswith(("http://", "https://")):
+        # sent as an HTTP proxy, a SOCKS one would see plain requests (the key with them)
+        raise ConfigError(
+            f"the environment names the proxy {proxy.split('://')[0]}://... (HTTP_PROXY, "
+            "HTTPS_PROXY or ALL_PROXY): only HTTP proxies are supported; set NO_PROXY for "
+            f"{url.host} or use an HTTP proxy"
+        )
+    return httpx.Proxy(proxy)
 
 
 def _verify(url: httpx.URL, proxy: httpx.Proxy | None) -> ssl.SSLContext:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from batchrun.client import Client, parse_retry_after
-from batchrun.errors import RetryableError
+from batchrun.errors import ConfigError, RetryableError
 from batchrun.fake import FakeServer
 
 pytestmark = pytest.mark.anyio
@@ -173,3 +173,22 @@ async def test_cookies_an_answer_sets_are_not_sent_back() -> None:
         for _ in range(2):
             await client.send({"model": "m", "messages": []})
     assert seen == [None, None]
+
+
+@on_asyncio
+async def test_no_proxy_with_a_port_exempts_that_server(
+    fake: FakeServer, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """NO_PROXY=host:port (a local server) is reached directly, as httpx's client did."""
+    no_proxy_env.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
+    no_proxy_env.setenv("NO_PROXY", f"127.0.0.1:{fake.port}")
+    async with Client(fake.base_url, api_key=None, max_connections=1) as client:
+        completion = await client.send(CHAT)
+    assert completion.content
+
+
+def test_a_socks_proxy_is_refused_not_spoken_to_as_http(no_proxy_env: pytest.MonkeyPatch) -> None:
+    """ALL_PROXY=socks5://... is refused with a message naming it, before anything is sent."""
+    no_proxy_env.setenv("ALL_PROXY", "socks5://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="socks5://... .*only HTTP proxies"):
+        Client("http://api.example.invalid", api_key=None, max_connections=1)
