@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from batchrun import __version__
-from batchrun.errors import EXIT_USAGE, BatchrunError, Interrupted, RunStopped
+from batchrun.errors import EXIT_USAGE, BatchrunError, ConfigError, Interrupted, RunStopped
 from batchrun.fake.command import fake_server_command
 
 
@@ -50,6 +50,19 @@ def _results_of(path: Path) -> Any:
     if results.partial is not None:
         click.echo(results.partial.describe(), file=sys.stderr)
     return results
+
+
+def _finished_meanwhile(results: Any, exc: OSError) -> BatchrunError:
+    """What to say when a checkpoint's file went while it was read: the run finished and
+    compacted it (else the error itself, as a damaged checkpoint)."""
+    from batchrun.sinks import parts_dir
+
+    if results.partial is not None and not parts_dir(results.output).exists():
+        return ConfigError(
+            "the run finished while this read its checkpoint: run this again to read the output",
+            path=results.output,
+        )
+    return ConfigError(f"cannot read the checkpoint: {exc}", path=results.output)
 
 
 def _cost_line(stats: Any) -> str:
@@ -348,10 +361,13 @@ def export_command(output: Path, fmt: str, out: Path | None) -> None:
 
     try:
         results = _results_of(output)
-        if out is None:
-            export_output(results, sys.stdout.buffer, fmt=fmt)
-        else:
-            export_to_file(results, out, fmt=fmt)
+        try:
+            if out is None:
+                export_output(results, sys.stdout.buffer, fmt=fmt)
+            else:
+                export_to_file(results, out, fmt=fmt)
+        except FileNotFoundError as exc:
+            raise _finished_meanwhile(results, exc) from None
     except BatchrunError as exc:
         _exit_error(exc)
 
@@ -376,14 +392,17 @@ def report_command(output: Path, as_json: bool, html_file: Path | None) -> None:
 
             require_plotly()  # before the file is read: say what to install at once
         results = _results_of(output)
-        figures = read_report(results)
-        if html_file is not None:
-            from batchrun.report import scan_rows
-            from batchrun.report_html import write_html
+        try:
+            figures = read_report(results)
+            if html_file is not None:
+                from batchrun.report import scan_rows
+                from batchrun.report_html import write_html
 
-            title = f"batchrun report: {results.output.name}"
-            partial = None if results.partial is None else results.partial.describe()
-            write_html(figures, scan_rows(results), html_file, title=title, partial=partial)
+                title = f"batchrun report: {results.output.name}"
+                partial = None if results.partial is None else results.partial.describe()
+                write_html(figures, scan_rows(results), html_file, title=title, partial=partial)
+        except FileNotFoundError as exc:
+            raise _finished_meanwhile(results, exc) from None
     except BatchrunError as exc:
         _exit_error(exc)
     write_report(figures, as_json=as_json, file=sys.stdout)

@@ -289,7 +289,8 @@ def open_results(output: Path) -> Results:
     """The rows of `output`: the written output if the job is finished, else its checkpoint.
 
     A checkpoint beside a written output is read instead when it covers more rows than are
-    done (a run stopped after an earlier `--limit` run wrote the output).
+    done (a run stopped after an earlier `--limit` run wrote the output) or while a run is
+    writing it (retrying the output's error rows).
 
     Raises:
         ConfigError: there is neither an output nor a checkpoint, or they do not read.
@@ -308,7 +309,8 @@ def open_results(output: Path) -> Results:
                 raise
             # the run finished and removed its checkpoint while we read it
         else:
-            if not files or partial.unfinished:
+            # a live run (one retrying error rows beside a written output too) is the job's
+            if not files or partial.unfinished or partial.active_pid is not None:
                 return Results(output, _output_schema(rows), partial, _checkpoint=rows)
         files = output_files(output)  # a run may have written it meanwhile
     if not files:

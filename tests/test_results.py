@@ -163,3 +163,28 @@ def test_finished_output_says_nothing_partial(tmp_path: Path, fake: FakeServer) 
 
 def _number(row_id: str) -> int:
     return int(row_id.removeprefix("r"))
+
+
+def test_a_run_retrying_error_rows_is_read_from_its_checkpoint(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """While a run holds the job (retrying the error rows of a written output), export reads
+    its checkpoint and says a run is going on, not the output it is about to replace."""
+    from batchrun.checkpoint import Checkpoint
+
+    prompts = [f"q{i} [[fault:400]]" if i % 2 else f"q{i}" for i in range(6)]
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in prompts])
+    job_file = tmp_path / "job.toml"
+    job_file.write_text(to_toml(fast_job_data(tmp_path, fake.base_url)), encoding="utf-8")
+    assert invoke("run", str(job_file), "-q").exit_code == 1  # finished, with error rows
+    output = tmp_path / "out.parquet"
+    assert output.exists() and parts_dir(output).exists()  # error rows keep the checkpoint
+    assert invoke("export", str(output), "--format", "jsonl").output.count("\n") == 6
+    live = Checkpoint(output)
+    live.acquire_lock()  # as a run retrying the errors would
+    try:
+        during = invoke("export", str(output), "--format", "jsonl")
+    finally:
+        live.release_lock()
+    line, done, total = partial_line(during)
+    assert (done, total) == (6, 6) and "a run is going on" in line
