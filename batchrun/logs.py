@@ -45,11 +45,13 @@ def register_secret(value: str | None) -> None:
     if value and len(value) >= MIN_SECRET_LENGTH:
         import json
 
-        _secrets.add(value)
-        _secret_bytes.add(value.encode("utf-8", "surrogatepass"))
-        _secret_bytes.add(
-            json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8", "surrogatepass")
-        )
+        # as it is, as JSON text escapes it, and escaped again: a carried object is JSON text
+        # (the secret escaped once in a field) inside a JSON line (escaped twice in the line)
+        forms = [value]
+        for _ in range(2):
+            forms.append(json.dumps(forms[-1], ensure_ascii=False)[1:-1])
+        _secrets.update(forms[:2])  # what a field's text may hold
+        _secret_bytes.update(form.encode("utf-8", "surrogatepass") for form in forms)
 
 
 def has_secrets() -> bool:

@@ -123,6 +123,20 @@ def test_a_secret_echoed_in_a_row_is_redacted_in_the_journal_and_the_part(
     assert secret not in str(writer.take())
 
 
+@pytest.mark.parametrize("secret", ["sk-nested-5e4d3c2b1a", 'tok"en\\key-42'])
+def test_a_secret_only_in_a_nested_carried_column_is_redacted(tmp_path: Path, secret: str) -> None:
+    """A secret only inside a carried object (JSON text within the JSON line, so escaped
+    twice when it holds quotes or backslashes) reaches neither the journal nor the part."""
+    logs.register_secret(secret)
+    writer = PartWriter(tmp_path, carried={"meta": pa.large_string()})
+    writer.add(result(0, content="nothing here", meta={"echo": [secret]}))
+    writer.close()
+    [journal] = list_journals(tmp_path)
+    [row] = read_journal(journal)
+    assert secret not in row["meta"] and "[redacted]" in row["meta"]
+    assert secret not in str(writer.take())
+
+
 def test_a_failed_journal_write_drops_the_queued_rows(tmp_path: Path) -> None:
     """When the journal cannot be written, the queued rows are neither buffered nor queued
     again: the caller never counts them."""
