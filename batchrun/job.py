@@ -353,6 +353,13 @@ class Job(_Strict):
     def _url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        from urllib.parse import urlsplit
+
+        if "@" in urlsplit(value).netloc:  # it would reach logs, checkpoints and outputs
+            raise ValueError(
+                "must not hold a user name or password: the key comes from the environment "
+                "variable api_key_env names"
+            )
         return value
 
     def fingerprint(self) -> dict[str, Any]:

@@ -122,6 +122,14 @@ def test_out_of_range_value_names_key(tmp_path: Path, text: str, key: str) -> No
         load_job(write_job(tmp_path, text))
 
 
+def test_a_base_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
+    """A user name or password in base_url is refused, naming the key, without repeating it."""
+    text = MINIMAL + "base_url = 'http://user:pa55word@127.0.0.1:8000/v1'\n"
+    with pytest.raises(ConfigError, match="key 'base_url'.*user name or password") as caught:
+        load_job(write_job(tmp_path, text))
+    assert "pa55word" not in str(caught.value)
+
+
 def test_missing_input_names_key(tmp_path: Path) -> None:
     """A job without input says the key is missing."""
     with pytest.raises(ConfigError, match="missing key 'input'"):
