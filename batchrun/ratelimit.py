@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
@@ -123,8 +123,14 @@ class LocalRateLimiter:
             its attempt short).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a subclass may await in its settle or cancel: it says so itself if it does not
+        if "settles_at_once" not in cls.__dict__:
+            cls.settles_at_once = False
+
     #: `settle` and `cancel` never suspend: the attempt meter runs them without a shield
-    settles_at_once = True
+    settles_at_once: bool = True
 
     def __init__(self, limiter: Limiter, *, lease_seconds: float) -> None:
         self.limiter = limiter

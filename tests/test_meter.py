@@ -83,7 +83,7 @@ async def test_a_settle_that_waits_is_shielded_from_the_cancellation(
 ) -> None:
     """A limiter whose settle suspends still gets the lease of a cancelled attempt back."""
     local = _SlowSettling(Limiter(concurrency=2, adaptive=False), lease_seconds=5.0)
-    local.settles_at_once = False
+    assert not local.settles_at_once  # a subclass is not taken to settle at once
     meter = AttemptMeter(
         limiter=local, spend=SpendCap(None), prices=PriceTable.load(), endpoint="http://x"
     )
