@@ -89,6 +89,12 @@ class Attempt:
             time.perf_counter(),
         )
 
+    def resent(self) -> None:
+        """The request goes again after waiting for the endpoint to come back (an outage):
+        it is priced at the hour it really leaves."""
+        self._cleared_at = None
+        self.sent_at = self._meter.clock.now()
+
     def received(self, answer: Completion) -> None:
         self.answer = answer
 

@@ -354,16 +354,21 @@ class Pool:
         if len(self.writer) >= self.settings.flush_rows:
             self._flush_wanted.set()
 
-    async def _send(self, body: dict[str, Any], position: int) -> Completion:
+    async def _send(
+        self, body: dict[str, Any], position: int, resent: Callable[[], None]
+    ) -> Completion:
         """`client.send` through the endpoint gate: while the endpoint is down, a failure to
         reach it is not the row's, so the request waits its turn and goes again within the
-        same attempt."""
+        same attempt (`resent` then notes the time it really leaves)."""
         gate = self.gate
         while True:
+            waits = gate.down
             try:
                 probing = await gate.wait_turn()
             except GateClosed:
                 raise Abandoned from None
+            if waits:
+                resent()
             failure: RetryableError | NotAnEndpoint
             sent_at = anyio.current_time()
             try:

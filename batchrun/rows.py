@@ -129,7 +129,7 @@ class RowMaker:
     scan: InputSummary
     meter: AttemptMeter
     tally: Tally
-    send: Callable[[dict[str, Any], int], Awaitable[Completion]]
+    send: Callable[[dict[str, Any], int, Callable[[], None]], Awaitable[Completion]]
     journal: Callable[[dict[str, Any]], None]
     keep: Callable[[dict[str, Any]], None]
     stopping: Callable[[], bool]
@@ -238,7 +238,8 @@ class RowMaker:
                 self.tally.requests += 1
                 self.tally.in_flight += 1
                 try:
-                    attempt.received(await self.send(request.body, state.work.position))
+                    answer = await self.send(request.body, state.work.position, attempt.resent)
+                    attempt.received(answer)
                 finally:
                     self.tally.in_flight -= 1
         finally:

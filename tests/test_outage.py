@@ -396,3 +396,43 @@ def test_display_says_since_when_the_endpoint_is_unreachable() -> None:
     console = Console(record=True, width=120)
     console.print(render(stats, None, DownGate()))
     assert "endpoint unreachable since 14:02, retrying" in console.export_text()
+
+
+def test_a_request_sent_again_after_an_outage_is_priced_when_it_leaves(tmp_path: Path) -> None:
+    """An outage from peak into off-peak: a request that waited for the endpoint and went
+    again after 04:00 is priced off-peak and its row starts at 04:00, when it really left."""
+    from tests.conftest import ManualClock
+    from tests.test_schedule import FLASH_LIKE, OFF_PEAK, TUESDAY, _by_hand
+
+    (tmp_path / "prices.toml").write_text(FLASH_LIKE)
+    clock = ManualClock(TUESDAY.replace(hour=3, minute=59))
+    with FakeServer(FakeConfig(latency=0.05)) as server:
+        limits = {"concurrency": 4, "outage_timeout": 20, "initial_backoff": 0.05}
+        job = job_for(
+            tmp_path, server.base_url, rows=24, model="fake-flash",
+            prices=str(tmp_path / "prices.toml"), limits=limits,
+        )  # fmt: skip
+
+        before: list[int] = []
+
+        def outage() -> None:
+            wait_for_requests(server, 6, None)
+            server.stop()  # the requests that meet the closed port wait at the gate
+            before.append(len(server.requests()))
+            time.sleep(0.3)
+            clock.set(TUESDAY.replace(hour=4))
+            server.start()
+
+        thread = threading.Thread(target=outage, daemon=True)
+        thread.start()
+        summary = run_job(job, settings=PoolSettings(clock=clock, flush_rows=2))
+        thread.join()
+        sent = [body["messages"][-1]["content"] for body in server.requests()]
+    assert summary.rows_ok == 24
+    after = set(sent[before[0] :])
+    texts = [p["prompt"] for p in prompts(24)]
+    rows = read_output(tmp_path)
+    assert any(row["started_at"].hour == 3 for row in rows)  # the run began at peak
+    for i in (i for i, text in enumerate(texts) if text in after):
+        assert rows[i]["started_at"].hour == 4
+        assert rows[i]["cost_usd"] == pytest.approx(_by_hand(rows[i], OFF_PEAK))
