@@ -296,8 +296,9 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _label(figures: VariantFigures) -> str:
-    """A variant's name on the charts: its name and swept values ("v3 deepseek-chat 0.7")."""
-    values = [str(v) for v in figures.sweep.values() if v is not None]
+    """A variant's name on the charts: its name and swept values, each with its key
+    ("v3 thinking=True temperature=0.7")."""
+    values = [f"{k}={v}" for k, v in figures.sweep.items() if v is not None]
     text = " ".join([figures.variant, *values])
     return text if len(text) <= 40 else text[:39] + "…"
 

@@ -178,7 +178,7 @@ def test_charts_render_in_chromium(sweep: SweepPage, tmp_path: Path) -> None:
     drawn_text = " ".join(text for texts in after.chart_text.values() for text in texts)
     for variant in sweep.variants:
         assert variant in after.cells
-        assert re.search(rf"\b{variant} (False|True) ", drawn_text), variant  # thinking swept
+        assert re.search(rf"\b{variant} thinking=(False|True) ", drawn_text), variant
     assert "bad_request" in after.chart_text["chart-3"]  # the error classes' chart
 
 
