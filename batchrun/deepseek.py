@@ -16,20 +16,15 @@ CURRENT_MODEL = "deepseek-flash"
 #: DeepSeek's own endpoint (it may be given with /v1 or not)
 BASE_URL = "https://api.deepseek.com"
 HOST = urlsplit(BASE_URL).hostname
-#: the models that think unless told `thinking = false` (the legacy Flash names included)
-THINKING_MODELS = frozenset(
-    {"deepseek-flash", "deepseek-v4-flash", "deepseek-v4-flash-vision-exp", "deepseek-v4-pro"}
-)
+#: DeepSeek-V4.1-Flash under its name and the legacy names it still accepts (and bills as Flash)
+FLASH_NAMES = ("deepseek-flash", "deepseek-v4-flash", "deepseek-v4-flash-vision-exp")
+PRO = "deepseek-v4-pro"
+#: the models that think unless told `thinking = false`
+THINKING_MODELS = frozenset({*FLASH_NAMES, PRO})
 #: the most a current model may answer, reasoning included ("output up to 384K")
 MAX_OUTPUT_TOKENS = 384 * 1024
-#: requests in flight per account and model, beyond which DeepSeek answers 429 at once; the
-#: legacy Flash names are Flash
-CONCURRENCY_LIMITS = {
-    "deepseek-flash": 2500,
-    "deepseek-v4-flash": 2500,
-    "deepseek-v4-flash-vision-exp": 2500,
-    "deepseek-v4-pro": 500,
-}
+#: requests in flight per account and model, beyond which DeepSeek answers 429 at once
+CONCURRENCY_LIMITS = {**dict.fromkeys(FLASH_NAMES, 2500), PRO: 500}
 #: names DeepSeek's own endpoint retired on 2026-07-24 -> what to use now
 RETIRED_MODELS = {
     "deepseek-chat": "deepseek-flash with thinking = false",

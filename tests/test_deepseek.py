@@ -415,3 +415,16 @@ def test_batch_lines_keep_their_own_thinking_shape(tmp_path: Path, fake: FakeSer
     sent = fake.requests()
     assert [(b["thinking"], b["reasoning_effort"]) for b in sent] == [(thinking, "xhigh")]
     assert output(tmp_path)[0]["reasoning_content"] is None
+
+
+def test_the_price_table_bills_every_flash_name_as_flash() -> None:
+    """The price table's aliases and `deepseek.FLASH_NAMES` name the same models."""
+    from datetime import UTC, datetime
+
+    from batchrun.deepseek import FLASH_NAMES
+    from batchrun.prices import PriceTable
+
+    table, at = PriceTable.load(), datetime(2026, 12, 5, tzinfo=UTC)
+    flash = table.price_for("deepseek-flash", at)
+    assert flash is not None
+    assert all(table.price_for(name, at) == flash for name in FLASH_NAMES)
