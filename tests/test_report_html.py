@@ -24,6 +24,7 @@ from batchrun.job import build_job, read_job_data
 from batchrun.report import read_report, scan_rows
 from batchrun.report_html import error_classes, latencies, render_html, throughput
 from batchrun.runner import run_job
+from scripts.report_screenshot import CHROMIUM_FLAGS
 from tests.test_report import SWEEP_ROWS, write_output
 
 EVAL_SWEEP = Path(__file__).parent.parent / "jobs" / "eval_sweep.toml"
@@ -31,19 +32,6 @@ CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None,
     reason="no chromium on PATH: the browser tests need Debian's `chromium` (.ci/run installs it)",
-)
-#: flags that run Chromium headless here, as root, with nothing reaching past the machine
-#: (every host name resolves to nothing, so a page that fetched a script would show no chart)
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--host-resolver-rules=MAP * ~NOTFOUND",
 )
 
 
