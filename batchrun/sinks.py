@@ -472,19 +472,25 @@ def scan_part(path: Path, types: dict[str, pl.DataType]) -> pl.LazyFrame:
     return frame.select(list(types)).cast(pl.Schema(types))
 
 
-def read_part(path: Path, schema: pa.Schema) -> pa.Table:
+def read_part(path: Path, schema: pa.Schema, *, metadata: Any = None) -> pa.Table:
     """One part file's columns of `schema`, in its order and cast to its types; a column the
-    part lacks (written before the column was added, like `rate_limited`) is null."""
+    part lacks (written before the column was added, like `rate_limited`) is null.
+
+    Args:
+        metadata: the part's footer, if read already (`pq.read_metadata`).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    file = pq.ParquetFile(path)  # one footer read: its schema, then the columns
+    file = pq.ParquetFile(path, metadata=metadata)  # one footer read: its schema, the columns
     present = set(file.schema_arrow.names)
-    table = file.read(columns=[name for name in schema.names if name in present])
+    # a part of a few hundred rows: pyarrow's thread pool costs more than it saves
+    table = file.read(columns=[name for name in schema.names if name in present], use_threads=False)
     for field in schema:
         if field.name not in present:
             table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
-    return table.select(schema.names).cast(schema)
+    table = table.select(schema.names)
+    return table if table.schema.equals(schema) else table.cast(schema)
 
 
 def part_number(column: str = "_part") -> Any:
@@ -656,24 +662,29 @@ class _PartSpan:
     segment: int
     low: int
     high: int
+    #: its footer (`pq.FileMetaData`), read once for the bounds and again for the rows
+    metadata: Any
 
 
 def _part_spans(parts: list[Path]) -> list[_PartSpan]:
     """The span of each part that holds rows."""
+    import pyarrow.parquet as pq
+
     spans = []
     for path in parts:
-        positions = _index_bounds(path)
+        meta = pq.read_metadata(path)
+        positions = _index_bounds(path, meta)
         if positions:
-            spans.append(_PartSpan(path, segment_number(path), min(positions), max(positions)))
+            low, high = min(positions), max(positions)
+            spans.append(_PartSpan(path, segment_number(path), low, high, meta))
     return spans
 
 
-def _index_bounds(path: Path) -> list[int]:
+def _index_bounds(path: Path, meta: Any) -> list[int]:
     """The lowest and highest input position of each row group of a part, from the
-    statistics in its footer; all its positions when a writer left no statistics."""
+    statistics in its footer `meta`; all its positions when a writer left no statistics."""
     import pyarrow.parquet as pq
 
-    meta = pq.read_metadata(path)
     bounds = []
     for number in range(meta.num_row_groups):
         group = meta.row_group(number)
@@ -701,7 +712,7 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
     wanted = schema.append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
     tables = []
     for span in holding:
-        table = read_part(span.path, wanted)
+        table = read_part(span.path, wanted, metadata=span.metadata)
         index = table[INDEX_COLUMN]
         if span.low < low or span.high >= high:
             table = table.filter(pc.and_(pc.greater_equal(index, low), pc.less(index, high)))
@@ -762,7 +773,7 @@ def _latest_rows_in_python(
     parts: list[dict[str, list[Any]]] = []
     latest: dict[int, tuple[int, int]] = {}  # position -> (part, row), the later overwriting
     for number, span in enumerate(holding):
-        file = pq.ParquetFile(span.path)
+        file = pq.ParquetFile(span.path, metadata=span.metadata)
         present = file.schema_arrow
         names = [name for name in schema.names if name in present.names]
         if any(present.field(name).type != schema.field(name).type for name in names):
