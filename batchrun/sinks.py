@@ -472,17 +472,13 @@ def scan_part(path: Path, types: dict[str, pl.DataType]) -> pl.LazyFrame:
     return frame.select(list(types)).cast(pl.Schema(types))
 
 
-def read_part(path: Path, schema: pa.Schema, *, metadata: Any = None) -> pa.Table:
+def read_part(path: Path, schema: pa.Schema) -> pa.Table:
     """One part file's columns of `schema`, in its order and cast to its types; a column the
-    part lacks (written before the column was added, like `rate_limited`) is null.
-
-    Args:
-        metadata: the part's footer, if read already (`pq.read_metadata`).
-    """
+    part lacks (written before the column was added, like `rate_limited`) is null."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    file = pq.ParquetFile(path, metadata=metadata)  # one footer read: its schema, the columns
+    file = pq.ParquetFile(path)  # one footer read: its schema, then the columns
     present = set(file.schema_arrow.names)
     # a part of a few hundred rows: pyarrow's thread pool costs more than it saves
     table = file.read(columns=[name for name in schema.names if name in present], use_threads=False)
@@ -662,29 +658,25 @@ class _PartSpan:
     segment: int
     low: int
     high: int
-    #: its footer (`pq.FileMetaData`), read once for the bounds and again for the rows
-    metadata: Any
 
 
 def _part_spans(parts: list[Path]) -> list[_PartSpan]:
     """The span of each part that holds rows."""
-    import pyarrow.parquet as pq
-
+    # the footers are not kept for the reads: 2,000 of them (a 1M-row run) hold ~60 MB
     spans = []
     for path in parts:
-        meta = pq.read_metadata(path)
-        positions = _index_bounds(path, meta)
+        positions = _index_bounds(path)
         if positions:
-            low, high = min(positions), max(positions)
-            spans.append(_PartSpan(path, segment_number(path), low, high, meta))
+            spans.append(_PartSpan(path, segment_number(path), min(positions), max(positions)))
     return spans
 
 
-def _index_bounds(path: Path, meta: Any) -> list[int]:
+def _index_bounds(path: Path) -> list[int]:
     """The lowest and highest input position of each row group of a part, from the
-    statistics in its footer `meta`; all its positions when a writer left no statistics."""
+    statistics in its footer; all its positions when a writer left no statistics."""
     import pyarrow.parquet as pq
 
+    meta = pq.read_metadata(path)
     bounds = []
     for number in range(meta.num_row_groups):
         group = meta.row_group(number)
@@ -712,7 +704,7 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
     wanted = schema.append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
     tables = []
     for span in holding:
-        table = read_part(span.path, wanted, metadata=span.metadata)
+        table = read_part(span.path, wanted)
         index = table[INDEX_COLUMN]
         if span.low < low or span.high >= high:
             table = table.filter(pc.and_(pc.greater_equal(index, low), pc.less(index, high)))
@@ -773,7 +765,7 @@ def _latest_rows_in_python(
     parts: list[dict[str, list[Any]]] = []
     latest: dict[int, tuple[int, int]] = {}  # position -> (part, row), the later overwriting
     for number, span in enumerate(holding):
-        file = pq.ParquetFile(span.path, metadata=span.metadata)
+        file = pq.ParquetFile(span.path)
         present = file.schema_arrow
         names = [name for name in schema.names if name in present.names]
         if any(present.field(name).type != schema.field(name).type for name in names):
