@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from batchrun.cli import cli
 from batchrun.errors import AuthError, BalanceError, ConfigError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
-from batchrun.pool import PoolSettings
+from batchrun.pool import Pool, PoolSettings
 from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import list_parts, parts_dir
 from tests.conftest import fast_job_data, write_jsonl
@@ -63,6 +64,27 @@ def read_output(tmp_path: Path) -> list[dict[str, Any]]:
 
 def prompts(n: int, prefix: str = "question") -> list[dict[str, Any]]:
     return [{"id": f"r{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
+
+
+def test_the_collector_spares_what_is_loaded_while_the_pool_runs_only(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the pool runs, the objects loaded before it (modules, the job, the client) are
+    frozen out of the collector's passes; once run_job returns nothing is, so a program
+    that calls it keeps its collector as it was."""
+    frozen: list[int] = []
+    pool_run = Pool.run
+
+    async def run_watched(self: Pool) -> None:
+        frozen.append(gc.get_freeze_count())
+        await pool_run(self)
+
+    monkeypatch.setattr(Pool, "run", run_watched)
+    assert gc.get_freeze_count() == 0
+    summary = run(tmp_path, fake, prompts(3))
+    assert summary.rows_ok == 3
+    assert frozen and frozen[0] > 10_000  # pyarrow, httpx, aiohttp, pydantic and the rest
+    assert gc.get_freeze_count() == 0
 
 
 def test_jsonl_prompts_give_one_ok_row_each_in_input_order(
