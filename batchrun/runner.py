@@ -188,6 +188,20 @@ def run_job(
         RunStopped: the run stopped early (bad key, no balance, interrupted); its
             `summary` attribute says what is done. Running again resumes.
     """
+    with collector_set_for_the_run():  # the scan, the pool and compaction
+        return _run_job(
+            job, restart=restart, settings=settings, rate_limiter=rate_limiter, spend_cap=spend_cap
+        )
+
+
+def _run_job(
+    job: Job,
+    *,
+    restart: bool,
+    settings: Any,
+    rate_limiter: Callable[[Limits], RateLimiter] | None,
+    spend_cap: SpendBudget | None,
+) -> RunSummary:
     from batchrun.pool import PoolSettings
 
     if job.engine == "ray":  # before anything is read: a missing extra is exit 2 at once
@@ -393,35 +407,47 @@ def _run_with_checkpoint(
     return summary
 
 
-#: allocations between the collector's youngest-generation passes while the pool runs
+#: allocations between the collector's youngest-generation passes while a run works
 #: (Python's default: 700)
-POOL_GC_THRESHOLD = 10_000
+RUN_GC_THRESHOLD = 10_000
+
+_collector_lock = threading.Lock()
+#: `collector_set_for_the_run` blocks open (a run's, and its pool's inside it)
+_collector_holds = 0
 
 
 @contextlib.contextmanager
-def collector_set_for_the_pool() -> Iterator[None]:
+def collector_set_for_the_run() -> Iterator[None]:
     """While the block runs, leave the objects alive now out of the cyclic garbage
     collector's passes (`gc.freeze`), and pass over the young objects every
-    `POOL_GC_THRESHOLD` allocations rather than every 700; both are undone when it ends.
+    `RUN_GC_THRESHOLD` allocations rather than every 700; both are undone when the
+    outermost block ends. A block inside another freezes what was loaded meanwhile (the
+    pool's, once the client has imported aiohttp).
 
     Once a run's modules are imported (aiohttp, pyarrow, pydantic, httpx: a few hundred
     thousand objects), every full collection walks them all, and a run's allocations set off
     several: on a 10k-request run the full collections took ~0.3 s of CPU, ~0.04 s with the
-    modules frozen. A request's own objects (dicts, bytes, rows) are freed by their reference
-    counts, so the ~900 passes the default sets off on a 10k run find little; ten as many
-    allocations between passes cut them to ~10 (about 0.85 of the run's CPU with both,
-    paired, issue 12), and cycles are still collected, a little later. Nothing frozen is
-    lost: these objects live as long as the modules do, and any that turn to garbage
+    modules frozen. A row's own objects (dicts, bytes, result rows) are freed by their
+    reference counts, so the ~900 passes the default sets off on a 10k run find little; ten
+    as many allocations between passes cut them to ~10 (about 0.85 of the run's CPU with
+    both, paired, issue 12), and cycles are still collected, a little later. Nothing frozen
+    is lost: these objects live as long as the modules do, and any that turn to garbage
     meanwhile are collected after the block.
     """
+    global _collector_holds
     thresholds = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(thresholds[0], POOL_GC_THRESHOLD), *thresholds[1:])
+    with _collector_lock:
+        gc.freeze()
+        gc.set_threshold(max(thresholds[0], RUN_GC_THRESHOLD), *thresholds[1:])
+        _collector_holds += 1
     try:
         yield
     finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        with _collector_lock:
+            _collector_holds -= 1
+            gc.set_threshold(*thresholds)
+            if _collector_holds == 0:
+                gc.unfreeze()
 
 
 def run_pool(
@@ -483,7 +509,7 @@ def run_pool(
                 settings=settings,
                 start=start,
             )
-            with collector_set_for_the_pool():  # the client has imported aiohttp
+            with collector_set_for_the_run():  # the client has imported aiohttp: freeze it too
                 await pool.run()
             return pool.stop_reason
 

@@ -17,7 +17,7 @@ from batchrun.errors import AuthError, BalanceError, ConfigError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
 from batchrun.pool import Pool, PoolSettings
-from batchrun.runner import POOL_GC_THRESHOLD, RunSummary, run_job
+from batchrun.runner import RUN_GC_THRESHOLD, RunSummary, run_job
 from batchrun.sinks import list_parts, parts_dir
 from tests.conftest import fast_job_data, write_jsonl
 
@@ -66,12 +66,13 @@ def prompts(n: int, prefix: str = "question") -> list[dict[str, Any]]:
     return [{"id": f"r{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
 
 
-def test_the_collector_is_set_for_the_pool_while_it_runs_only(
+def test_the_collector_is_set_for_the_run_while_it_runs_only(
     tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While the pool runs, the objects loaded before it (modules, the job, the client) are
-    frozen out of the collector's passes and the young generation is collected less often;
-    once run_job returns both are as they were, for a program that calls it."""
+    frozen out of the collector's passes and the young generation is collected less often
+    (the scan and compaction too, with what they load); once run_job returns both are as
+    they were, for a program that calls it."""
     seen: list[tuple[int, int]] = []
     pool_run = Pool.run
 
@@ -86,7 +87,7 @@ def test_the_collector_is_set_for_the_pool_while_it_runs_only(
     assert summary.rows_ok == 3
     (frozen, threshold) = seen[0]
     assert frozen > 10_000  # pyarrow, httpx, aiohttp, pydantic and the rest
-    assert threshold == max(POOL_GC_THRESHOLD, before[0])
+    assert threshold == max(RUN_GC_THRESHOLD, before[0])
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
 
 
