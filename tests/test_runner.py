@@ -13,11 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 from batchrun.cli import cli
+from batchrun.collector import RUN_GC_THRESHOLD
 from batchrun.errors import AuthError, BalanceError, ConfigError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
 from batchrun.pool import Pool, PoolSettings
-from batchrun.runner import RUN_GC_THRESHOLD, RunSummary, run_job
+from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import list_parts, parts_dir
 from tests.conftest import fast_job_data, write_jsonl
 
