@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from batchrun import __version__
+from batchrun import __version__, collector
 from batchrun.errors import EXIT_USAGE, BatchrunError, ConfigError, Interrupted, RunStopped
 from batchrun.fake.command import fake_server_command
 
@@ -426,6 +426,14 @@ def main() -> None:
     Not click's standalone mode: that turns Ctrl-C into "Aborted!" and exit 1, where a run
     stopped by Ctrl-C at any moment exits 3 saying how to resume.
     """
+    collector.collect_less_often()
+    try:
+        _main()
+    finally:
+        collector.spare_at_exit()
+
+
+def _main() -> None:
     try:
         code = cli.main(standalone_mode=False)
     except click.ClickException as exc:

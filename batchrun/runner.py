@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchrun.checkpoint import Checkpoint
+from batchrun.collector import collector_set_for_the_run
 from batchrun.errors import (
     EXIT_OK,
     EXIT_ROW_ERRORS,
@@ -187,6 +188,20 @@ def run_job(
         RunStopped: the run stopped early (bad key, no balance, interrupted); its
             `summary` attribute says what is done. Running again resumes.
     """
+    with collector_set_for_the_run():  # the scan, the pool and compaction
+        return _run_job(
+            job, restart=restart, settings=settings, rate_limiter=rate_limiter, spend_cap=spend_cap
+        )
+
+
+def _run_job(
+    job: Job,
+    *,
+    restart: bool,
+    settings: Any,
+    rate_limiter: Callable[[Limits], RateLimiter] | None,
+    spend_cap: SpendBudget | None,
+) -> RunSummary:
     from batchrun.pool import PoolSettings
 
     if job.engine == "ray":  # before anything is read: a missing extra is exit 2 at once
@@ -451,7 +466,8 @@ def run_pool(
                 settings=settings,
                 start=start,
             )
-            await pool.run()
+            with collector_set_for_the_run():  # the client has imported aiohttp: freeze it too
+                await pool.run()
             return pool.stop_reason
 
     # asyncio resets SIGTERM to the default (kill) when the pool lets go of it; what the

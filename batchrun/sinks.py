@@ -480,11 +480,13 @@ def read_part(path: Path, schema: pa.Schema) -> pa.Table:
 
     file = pq.ParquetFile(path)  # one footer read: its schema, then the columns
     present = set(file.schema_arrow.names)
-    table = file.read(columns=[name for name in schema.names if name in present])
+    # a part of a few hundred rows: pyarrow's thread pool costs more than it saves
+    table = file.read(columns=[name for name in schema.names if name in present], use_threads=False)
     for field in schema:
         if field.name not in present:
             table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
-    return table.select(schema.names).cast(schema)
+    table = table.select(schema.names)
+    return table if table.schema.equals(schema) else table.cast(schema)
 
 
 def part_number(column: str = "_part") -> Any:
@@ -514,6 +516,10 @@ def keep_latest(frame: Any) -> Any:
 
 #: compaction writes the output this many input positions at a time, one row group each
 COMPACT_CHUNK_ROWS = 20_000
+#: up to this many rows, an output's rows are gathered as Python values
+#: (`_latest_rows_in_python`) rather than with Arrow's kernels, whose module alone
+#: (pyarrow.compute) costs a small run ~45 ms to import; past it the kernels are cheaper
+SMALL_COMPACT_ROWS = 2_000
 
 
 def output_files(output: Path) -> list[Path]:
@@ -608,6 +614,7 @@ def compact(
     if not parts:
         return 0
     spans = [span for span in _part_spans(parts) if span.low < rows]
+    small = rows <= SMALL_COMPACT_ROWS
 
     def chunks(start: int, stop: int) -> Iterator[pa.Table]:
         """The output's rows for input positions [start, stop), a range at a time."""
@@ -615,7 +622,9 @@ def compact(
             high = min(low + COMPACT_CHUNK_ROWS, stop)
             holding = [span for span in spans if span.low < high and span.high >= low]
             if holding:
-                table = _latest_rows(holding, schema, low, high)
+                table = _latest_rows_in_python(holding, schema, low, high) if small else None
+                if table is None:  # not small, or a part needs a cast: Arrow's kernels
+                    table = _latest_rows(holding, schema, low, high)
                 if table.num_rows:
                     yield table
 
@@ -653,6 +662,7 @@ class _PartSpan:
 
 def _part_spans(parts: list[Path]) -> list[_PartSpan]:
     """The span of each part that holds rows."""
+    # the footers are not kept for the reads: 2,000 of them (a 1M-row run) hold ~60 MB
     spans = []
     for path in parts:
         positions = _index_bounds(path)
@@ -709,6 +719,71 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
     if positions:
         last.append(len(positions) - 1)
     return table.take(last).select(schema.names).cast(schema)
+
+
+def _python_exact(kind: pa.DataType) -> bool:
+    """Whether a column of this type comes back unchanged from Python values: the types
+    results and JSONL inputs have (timestamps to the microsecond, as `datetime` holds them);
+    a Parquet input's other types (nanoseconds, decimals, nested) go through the kernels."""
+    import pyarrow as pa
+
+    types = pa.types
+    if types.is_timestamp(kind):
+        return bool(kind.unit != "ns" and kind.tz in (None, "UTC"))
+    return bool(
+        types.is_null(kind)
+        or types.is_boolean(kind)
+        or types.is_integer(kind)
+        or types.is_float32(kind)
+        or types.is_float64(kind)
+        or types.is_string(kind)
+        or types.is_large_string(kind)
+        or types.is_binary(kind)
+        or types.is_large_binary(kind)
+        or types.is_date32(kind)
+    )
+
+
+def _latest_rows_in_python(
+    holding: list[_PartSpan], schema: pa.Schema, low: int, high: int
+) -> pa.Table | None:
+    """`_latest_rows` for a small output, without Arrow's kernels (issue 12): the rows are
+    picked as Python values and built into the output's columns, so a small run never
+    imports pyarrow.compute.
+
+    It applies when every column's type comes back exactly from Python values
+    (`_python_exact`) and every part already has the output's types; otherwise (a part of a
+    narrower `--limit` run, which needs a cast) it returns None and the caller takes
+    `_latest_rows`. The latest row wins as there: of the highest part, and within a part the
+    last.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not all(_python_exact(field.type) for field in schema):
+        return None
+    parts: list[dict[str, list[Any]]] = []
+    latest: dict[int, tuple[int, int]] = {}  # position -> (part, row), the later overwriting
+    for number, span in enumerate(holding):
+        file = pq.ParquetFile(span.path)
+        present = file.schema_arrow
+        names = [name for name in schema.names if name in present.names]
+        if any(present.field(name).type != schema.field(name).type for name in names):
+            return None
+        columns = file.read(columns=[*names, INDEX_COLUMN], use_threads=False).to_pydict()
+        positions = columns.pop(INDEX_COLUMN)
+        for name in schema.names:  # a column the part lacks (written before it was added)
+            columns.setdefault(name, [None] * len(positions))
+        for row, position in enumerate(positions):
+            if low <= position < high:
+                latest[position] = (number, row)
+        parts.append(columns)
+    picks = [latest[position] for position in sorted(latest)]
+    arrays = []
+    for field in schema:
+        values = [part[field.name] for part in parts]
+        arrays.append(pa.array([values[part][row] for part, row in picks], type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 @contextlib.contextmanager

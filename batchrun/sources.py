@@ -313,7 +313,7 @@ def input_identity(path: Path, *, cancel: threading.Event | None = None) -> dict
     """
     stat = path.stat()
     digest = hashlib.sha256()
-    buffer = bytearray(8 << 20)
+    buffer = bytearray(min(8 << 20, max(stat.st_size, 1 << 16)))  # a small file, a small buffer
     view = memoryview(buffer)
     with path.open("rb", buffering=0) as file:
         while read := file.readinto(buffer):

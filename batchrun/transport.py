@@ -114,7 +114,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         verify: ssl.SSLContext,
         proxy: httpx.Proxy | None = None,
     ) -> None:
-        import aiohttp  # here, not at the top: `import batchrun.client` stays light
+        # here, not at the top: `import batchrun.client` stays light; and without the CA
+        # roots aiohttp would load at import (our own context is handed to it)
+        from batchrun.lazy_aiohttp import import_aiohttp
+
+        import_aiohttp()
+        import aiohttp
 
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry

@@ -223,7 +223,7 @@ def main() -> None:
     from throughput import free_port, start_fake  # the sibling benchmark
 
     port = free_port()
-    fake = start_fake(port)
+    fake = start_fake(port, None)  # not pinned: the steps run one at a time
     base_url = f"http://127.0.0.1:{port}"
     rows, limit = args.rows, args.limit
     print(

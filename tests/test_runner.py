@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from batchrun.cli import cli
+from batchrun.collector import RUN_GC_THRESHOLD
 from batchrun.errors import AuthError, BalanceError, ConfigError
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
-from batchrun.pool import PoolSettings
+from batchrun.pool import Pool, PoolSettings
 from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import list_parts, parts_dir
 from tests.conftest import fast_job_data, write_jsonl
@@ -63,6 +65,31 @@ def read_output(tmp_path: Path) -> list[dict[str, Any]]:
 
 def prompts(n: int, prefix: str = "question") -> list[dict[str, Any]]:
     return [{"id": f"r{i}", "prompt": f"{prefix} {i}"} for i in range(n)]
+
+
+def test_the_collector_is_set_for_the_run_while_it_runs_only(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the pool runs, the objects loaded before it (modules, the job, the client) are
+    frozen out of the collector's passes and the young generation is collected less often
+    (the scan and compaction too, with what they load); once run_job returns both are as
+    they were, for a program that calls it."""
+    seen: list[tuple[int, int]] = []
+    pool_run = Pool.run
+
+    async def run_watched(self: Pool) -> None:
+        seen.append((gc.get_freeze_count(), gc.get_threshold()[0]))
+        await pool_run(self)
+
+    monkeypatch.setattr(Pool, "run", run_watched)
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    summary = run(tmp_path, fake, prompts(3))
+    assert summary.rows_ok == 3
+    (frozen, threshold) = seen[0]
+    assert frozen > 10_000  # pyarrow, httpx, aiohttp, pydantic and the rest
+    assert threshold == max(RUN_GC_THRESHOLD, before[0])
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
 
 
 def test_jsonl_prompts_give_one_ok_row_each_in_input_order(

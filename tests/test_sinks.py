@@ -36,6 +36,15 @@ CARRIED = {
 }
 
 
+@pytest.fixture(params=["python", "kernels"])
+def compaction(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each compaction test both ways: a small output's rows gathered in Python, and with
+    Arrow's kernels (what an output past `SMALL_COMPACT_ROWS` takes)."""
+    if request.param == "kernels":
+        monkeypatch.setattr(sinks, "SMALL_COMPACT_ROWS", 0)
+    return str(request.param)
+
+
 def result(index: int, **fields: Any) -> dict[str, Any]:
     """A result row as the pool hands it to the writer."""
     started = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -192,7 +201,11 @@ def test_recovery_folds_leftover_segments_once(tmp_path: Path) -> None:
     [pytest.param(3, 2, id="in-chunks"), pytest.param(100, 1, id="at-once")],
 )
 def test_compaction_in_chunks_keeps_the_latest_result_in_input_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int, row_groups: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk_rows: int,
+    row_groups: int,
+    compaction: str,
 ) -> None:
     """Out-of-order parts give each position once, its latest result winning, in input
     order, compacted a few positions at a time (a row group each) or all at once."""
@@ -232,7 +245,9 @@ def test_journal_of_a_narrower_run_folds_into_the_wider_schema(tmp_path: Path) -
     assert (row["id"], row["score"]) == ("7", "3")
 
 
-def test_compaction_reads_positions_of_parts_written_without_statistics(tmp_path: Path) -> None:
+def test_compaction_reads_positions_of_parts_written_without_statistics(
+    tmp_path: Path, compaction: str
+) -> None:
     """A part whose footer has no statistics is read to find its positions, not skipped."""
     writer = PartWriter(tmp_path, carried={})
     for index in (2, 0):
@@ -248,7 +263,7 @@ def test_compaction_reads_positions_of_parts_written_without_statistics(tmp_path
     assert pq.read_table(out)["id"].to_pylist() == ["r0", "r1", "r2"]
 
 
-def test_compaction_casts_parts_to_the_output_types(tmp_path: Path) -> None:
+def test_compaction_casts_parts_to_the_output_types(tmp_path: Path, compaction: str) -> None:
     """Parts of a narrower run are cast to the output's types when compacted."""
     narrow = PartWriter(tmp_path, carried={"id": pa.int64(), "score": pa.string()})
     narrow.add(result(0, id=1, score=None))
@@ -262,3 +277,100 @@ def test_compaction_casts_parts_to_the_output_types(tmp_path: Path) -> None:
     table = pq.read_table(out)
     assert table.column("id").to_pylist() == ["1", "b"]
     assert table.column("score").to_pylist() == [None, 2.5]
+
+
+def write_parts(directory: Path, batches: list[list[dict[str, Any]]], carried: Any) -> None:
+    directory.mkdir(exist_ok=True)
+    for batch in batches:
+        writer = PartWriter(
+            directory, carried=carried, first_segment=len(list_parts(directory)) + 1
+        )
+        for row in batch:
+            writer.add(row)
+        writer.write_part(*writer.take())  # type: ignore[misc]
+        writer.close()
+
+
+def test_a_small_output_is_gathered_in_python_as_the_kernels_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small output whose parts hold its types is compacted without Arrow's kernels (the
+    kernel path is never called), into the very table the kernels make: latest result per
+    position, input order, a column an older part lacks as null, timestamps exact."""
+    carried = {"id": pa.string(), "n": pa.int64(), "day": pa.date32(), "local": pa.timestamp("us")}
+    rows = [
+        {
+            **result(i, rate_limited=0),
+            "n": i * 10,
+            "day": date(2024, 2, 29),
+            "local": datetime(2024, 1, 1, 0, 0, i),
+        }
+        for i in range(6)
+    ]
+    batches = [
+        [rows[4], {**rows[0], "status": "error"}, rows[2]],
+        [rows[1], {**rows[3], "status": "error", "n": None}, rows[5]],
+        [rows[3], {**rows[0], "content": "again"}],
+    ]
+    schema = output_schema(carried)
+    kernels, python = tmp_path / "kernels", tmp_path / "python"
+    for folder in (kernels, python):
+        write_parts(folder, batches, carried)
+    # the first part as written before `rate_limited` existed
+    for folder in (kernels, python):
+        first = list_parts(folder)[0]
+        pq.write_table(pq.read_table(first).drop_columns(["rate_limited"]), first)
+
+    monkeypatch.setattr(sinks, "SMALL_COMPACT_ROWS", 0)
+    assert compact(kernels, tmp_path / "kernels.parquet", schema=schema, rows=6) == 6
+    monkeypatch.undo()
+
+    def no_kernels(*args: Any) -> pa.Table:
+        raise AssertionError("the kernel path was taken")
+
+    monkeypatch.setattr(sinks, "_latest_rows", no_kernels)
+    assert compact(python, tmp_path / "python.parquet", schema=schema, rows=6) == 6
+    made = pq.read_table(tmp_path / "python.parquet")
+    assert made.equals(pq.read_table(tmp_path / "kernels.parquet"), check_metadata=True)
+    assert made["content"].to_pylist()[0] == "again" and made["n"].to_pylist()[3] == 30
+    assert made["status"].to_pylist() == ["ok"] * 6
+    assert made["rate_limited"].to_pylist() == [0, 0, None, 0, None, 0]  # 2, 4: first part
+    assert made["local"].to_pylist()[5] == datetime(2024, 1, 1, 0, 0, 5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("cast", id="a-part-needs-a-cast"),
+        pytest.param("nanoseconds", id="a-type-python-cannot-hold"),
+        pytest.param("large", id="past-the-small-size"),
+    ],
+)
+def test_the_kernels_compact_what_python_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Arrow's kernels still compact an output whose part needs a cast (a narrower run's),
+    one with a type Python values would change (nanoseconds), or one past the small size."""
+    carried: dict[str, pa.DataType] = {"id": pa.string()}
+    first: dict[str, pa.DataType] = carried
+    if case == "cast":
+        first = {"id": pa.int64()}
+    elif case == "nanoseconds":
+        carried = first = {"id": pa.string(), "at": pa.timestamp("ns")}
+    elif case == "large":
+        monkeypatch.setattr(sinks, "SMALL_COMPACT_ROWS", 1)
+    at = {"at": datetime(2024, 1, 1)} if case == "nanoseconds" else {}
+    write_parts(tmp_path, [[result(1, id=1 if case == "cast" else "r1", **at)]], first)
+    write_parts(tmp_path, [[result(0, **at)]], carried)
+    taken: list[int] = []
+    kernels = sinks._latest_rows
+
+    def spy(holding: Any, schema: pa.Schema, low: int, high: int) -> pa.Table:
+        taken.append(low)
+        return kernels(holding, schema, low, high)
+
+    monkeypatch.setattr(sinks, "_latest_rows", spy)
+    out = tmp_path / "out.parquet"
+    assert compact(tmp_path, out, schema=output_schema(carried), rows=2) == 2
+    assert taken == [0]
+    assert pq.read_table(out)["id"].to_pylist() == ["r0", "1" if case == "cast" else "r1"]
