@@ -6,7 +6,7 @@ replaces that, not this):
 
     reservation = await limiter.reserve(prompt_tokens=..., completion_cap=...)
     ... send ...
-    limiter.settle(reservation, outcome=..., prompt_tokens=..., completion_tokens=..., ...)
+    limiter.settle(reservation, Settlement(outcome, prompt_tokens=..., completion_tokens=...))
 
 What it learns from the server, each in a small object: `TokenBucket` (a budget's pace),
 `AdaptiveConcurrency` (how many in flight), `Backoff` (429s that give no delay: one shared,
@@ -45,6 +45,19 @@ class Outcome(Enum):
     RATE_LIMITED = "rate_limited"
     SERVER_ERROR = "server_error"
     OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a sent attempt ended and what it cost: what a lease is settled with."""
+
+    outcome: Outcome
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    #: the server's Retry-After on a 429, in seconds
+    retry_after: float | None = None
+    #: the answer's headers (the server's x-ratelimit figures)
+    headers: Mapping[str, str] | None = None
 
 
 # -- pure arithmetic --------------------------------------------------------------------------
@@ -551,16 +564,7 @@ class Limiter:
             self.tokens.give_back(reservation.taken_tokens, now)
         self._wake()
 
-    def settle(
-        self,
-        reservation: Reservation,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    def settle(self, reservation: Reservation, settlement: Settlement) -> None:
         """Give back the slot and correct the buckets with what the attempt really cost."""
         now = anyio.current_time()
         self._in_flight -= 1
@@ -569,14 +573,17 @@ class Limiter:
         self._unanswered.pop(reservation.send_number, None)
         if reservation.probe:
             self._backoff.probe_out = False
-        if headers is not None:
-            self._follow_headers(headers, now)
+        outcome = settlement.outcome
+        if settlement.headers is not None:
+            self._follow_headers(settlement.headers, now)
         if outcome is Outcome.RATE_LIMITED:
-            self._on_rate_limited(reservation, retry_after, now)
+            self._on_rate_limited(reservation, settlement.retry_after, now)
         else:
             if outcome is Outcome.OK:
                 self._learner.admitted += 1
-                self._on_ok(reservation, prompt_tokens, completion_tokens, now)
+                self._on_ok(
+                    reservation, settlement.prompt_tokens, settlement.completion_tokens, now
+                )
                 self._grow(reservation.send_number, now)
             elif outcome is Outcome.SERVER_ERROR and self.adaptive is not None:
                 self.adaptive.on_server_error(now)

@@ -26,7 +26,7 @@ from batchrun import tokens
 from batchrun.client import Completion
 from batchrun.clock import SYSTEM_CLOCK, Clock
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
-from batchrun.limits import Outcome, SpendBudget
+from batchrun.limits import Outcome, Settlement, SpendBudget
 from batchrun.prices import Charge, PriceTable
 from batchrun.ratelimit import Lease, RateLimiter, Scope
 from batchrun.schedule import OffPeakSchedule
@@ -260,11 +260,13 @@ class AttemptMeter:
         limited = error if isinstance(error, RateLimited) else None
         await self.limiter.settle(
             lease,
-            outcome=outcome,
-            prompt_tokens=answer.prompt_tokens if answer else None,
-            completion_tokens=answer.completion_tokens if answer else None,
-            retry_after=limited.retry_after if limited else None,
-            headers=answer.headers if answer else (limited.headers if limited else None),
+            Settlement(
+                outcome,
+                prompt_tokens=answer.prompt_tokens if answer else None,
+                completion_tokens=answer.completion_tokens if answer else None,
+                retry_after=limited.retry_after if limited else None,
+                headers=answer.headers if answer else (limited.headers if limited else None),
+            ),
         )
 
     def _charge(self, request: MeteredRequest, answer: Completion, at: datetime) -> Charge:

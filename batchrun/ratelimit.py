@@ -17,14 +17,13 @@ process can hand it out; what it took stays on the implementation's side.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
 
-from batchrun.limits import Limiter, LimiterStatistics, Outcome, Reservation
+from batchrun.limits import Limiter, LimiterStatistics, Outcome, Reservation, Settlement
 
 if TYPE_CHECKING:
     from batchrun.job import Limits
@@ -36,6 +35,7 @@ __all__ = [
     "Outcome",
     "RateLimiter",
     "Scope",
+    "Settlement",
     "key_digest",
 ]
 
@@ -83,16 +83,7 @@ class RateLimiter(Protocol):
         """Wait until a request in `scope` may be sent; cancelling the wait takes nothing."""
         ...
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         """Close a lease whose request was sent, with what it cost and how it ended."""
         ...
 
@@ -165,27 +156,11 @@ class LocalRateLimiter:
         self._leases[self._numbers] = reservation
         return Lease(scope, self._numbers, anyio.current_time() + self.lease_seconds)
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         reservation = self._leases.pop(lease.number, None)
         if reservation is None:
             return  # closed already
-        self.limiter.settle(
-            reservation,
-            outcome=outcome,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            retry_after=retry_after,
-            headers=headers,
-        )
+        self.limiter.settle(reservation, settlement)
 
     async def cancel(self, lease: Lease) -> None:
         reservation = self._leases.pop(lease.number, None)

@@ -42,6 +42,7 @@ from batchrun.limits import (
     AdaptiveConcurrency,
     LimiterStatistics,
     Outcome,
+    Settlement,
     SpendCap,
     TokenBucket,
     parse_duration,
@@ -488,33 +489,31 @@ class LeasedRateLimiter:
                 await self._call(key, stock, need, wait=False)
         return Lease(scope, self._numbers, anyio.current_time() + self.hold)
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         held = self._held.pop(lease.number, None)
         if held is None:
             return
         stock = self._stocks[held.key]
         self._close(stock, held)
-        owed = stock.owed
+        owed, outcome = stock.owed, settlement.outcome
         if outcome is Outcome.RATE_LIMITED:
             # the server did not count a refused request: its permit and tokens come back
             owed.permits_back += 1 if self.limits.rpm else 0
             owed.tokens_back += held.tokens
             stock.rate_limited += 1
             seconds = await self.handle.rate_limited.remote(
-                self.worker, held.key, retry_after=retry_after, in_flight=stock.in_flight
+                self.worker,
+                held.key,
+                retry_after=settlement.retry_after,
+                in_flight=stock.in_flight,
             )
             stock.paused_until = anyio.current_time() + float(seconds)
         elif outcome is Outcome.OK:
             owed.ok += 1
+            prompt_tokens, completion_tokens = (
+                settlement.prompt_tokens,
+                settlement.completion_tokens,
+            )
             if completion_tokens is not None:
                 self._completions.append(completion_tokens)
             if self.limits.tpm and prompt_tokens is not None:
@@ -523,8 +522,8 @@ class LeasedRateLimiter:
                 else:
                     used = prompt_tokens + held.completion_cap
                 owed.tokens_back += held.tokens - used
-        if headers is not None:
-            await self._follow_headers(held.key, stock, headers)
+        if settlement.headers is not None:
+            await self._follow_headers(held.key, stock, settlement.headers)
         self._settled(held.key, stock)
 
     async def cancel(self, lease: Lease) -> None:

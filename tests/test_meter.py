@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import anyio
 import pytest
 from trio.testing import MockClock
 
 from batchrun.errors import LeaseExpired
-from batchrun.limits import Limiter, SpendCap
+from batchrun.limits import Limiter, Settlement, SpendCap
 from batchrun.meter import AttemptMeter
 from batchrun.prices import PriceTable
 from batchrun.ratelimit import Lease, LocalRateLimiter
@@ -72,9 +70,9 @@ async def test_an_attempt_stopped_before_sending_gives_back_its_request(
 class _SlowSettling(LocalRateLimiter):
     """A limiter whose settle waits (as a cluster-wide one does)."""
 
-    async def settle(self, lease: Lease, **details: Any) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         await anyio.sleep(0.5)
-        await super().settle(lease, **details)
+        await super().settle(lease, settlement)
 
 
 @TRIO

@@ -3,7 +3,6 @@ limiter is a stub implementing the protocol, passed in."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
@@ -12,7 +11,7 @@ from trio.testing import MockClock
 
 from batchrun.fake import FakeServer
 from batchrun.job import Limits, build_job
-from batchrun.limits import Limiter, LimiterStatistics, Outcome
+from batchrun.limits import Limiter, LimiterStatistics, Outcome, Settlement
 from batchrun.pool import PoolSettings
 from batchrun.ratelimit import Lease, LocalRateLimiter, RateLimiter, Scope, key_digest
 from batchrun.runner import run_job
@@ -76,20 +75,11 @@ class StubLimiter:
         self.in_flight += 1
         return Lease(scope, len(self.scopes), anyio.current_time() + 60.0)
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         self.in_flight -= 1
-        self.settled.append(outcome)
-        if retry_after is not None:
-            await self.pause(lease.scope, retry_after)
+        self.settled.append(settlement.outcome)
+        if settlement.retry_after is not None:
+            await self.pause(lease.scope, settlement.retry_after)
             self._paused_at = anyio.current_time()
 
     async def cancel(self, lease: Lease) -> None:
