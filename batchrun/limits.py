@@ -305,6 +305,15 @@ COMPLETION_PRIOR = 256
 PROBE_PATIENCE = 2.0
 #: seconds after which a request not refused counts as admitted, for concurrency growth
 ADMITTED_AFTER = PROBE_PATIENCE
+#: the server's rate-limit headers per kind: limit, remaining, reset
+_RATELIMIT_HEADERS = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
 #: answers after which the completion estimate is refreshed only every 50
 EARLY_ANSWERS = 20
 
@@ -375,6 +384,8 @@ class Limiter:
         # fast_acquire: a free lock is taken without a trip through the event loop
         self._dispatch = anyio.Lock(fast_acquire=True)
         self._budget_changed = anyio.Event()
+        #: tasks waiting on `_budget_changed` (read on every settle: cheaper than asking it)
+        self._budget_waiters = 0
         self._paused_until = -math.inf
         self._backoff = Backoff(base=fallback_pause, maximum=max(max_pause, fallback_pause))
         self._learner = RateLearner()
@@ -409,7 +420,7 @@ class Limiter:
                 await self._acquire_slot()
             finally:
                 self._waiting -= 1
-            took = self._take_unqueued(tokens)
+            took = self._take_unqueued(tokens, anyio.current_time())
             if took is not None:
                 break
             try:
@@ -423,9 +434,36 @@ class Limiter:
             # concurrency shrank while this task waited: its slot is no longer one to use,
             # and it took nothing from the buckets
             self._slots.release()
+        return self._reserved(tokens, prompt_tokens, completion_cap, took, anyio.current_time())
+
+    def try_reserve(
+        self, *, prompt_tokens: int, completion_cap: int, now: float
+    ) -> Reservation | None:
+        """`reserve` when it would not wait: a free slot, nobody in line for a slot or the
+        buckets, no pause, and room in the buckets at `now` (`anyio.current_time()`). None:
+        nothing taken; call `reserve`. No await, no lock: the common case (issue 12).
+
+        Safe because it takes exactly what `reserve` takes on its first pass, and only when
+        no task waits (a waiting task is never overtaken)."""
+        tokens = prompt_tokens + self.completion_allowance(completion_cap)
+        if self._waiting:
+            return None
+        took = self._take_unqueued(tokens, now, acquire=True)
+        if took is None:
+            return None
+        return self._reserved(tokens, prompt_tokens, completion_cap, took, now)
+
+    def _reserved(
+        self,
+        tokens: int,
+        prompt_tokens: int,
+        completion_cap: int,
+        took: tuple[float, bool],
+        now: float,
+    ) -> Reservation:
+        """Count a request that holds its slot and has taken its budget."""
         self._in_flight += 1
         self._sends += 1
-        now = anyio.current_time()
         if self._learner.since is None:
             self._learner.since = now
         if self.adaptive is not None:
@@ -472,25 +510,33 @@ class Limiter:
             self._grow(send_number, now)
 
     def _grow(self, send_number: int, now: float) -> None:
-        if self.adaptive is None:
+        adaptive = self.adaptive
+        if adaptive is None or adaptive.value >= adaptive.maximum:  # nothing to grow
             return
-        before = self.adaptive.limit
-        self.adaptive.on_success(saturated=self._saturated(), now=now, send_number=send_number)
-        if self.adaptive.limit != before:
-            self._slots.total_tokens = self.adaptive.limit
+        before = adaptive.limit
+        adaptive.on_success(saturated=self._saturated(), now=now, send_number=send_number)
+        if adaptive.limit != before:
+            self._slots.total_tokens = adaptive.limit
 
-    def _take_unqueued(self, tokens: int) -> tuple[float, bool] | None:
+    def _take_unqueued(
+        self, tokens: int, now: float, *, acquire: bool = False
+    ) -> tuple[float, bool] | None:
         """Take the request's budget at once if no task waits on the buckets and it may go
         now: no lock and no coroutine in the common case (issue 12). None: nothing taken,
-        wait in line (`_wait_for_budget`)."""
+        wait in line (`_wait_for_budget`). `acquire`: take a free slot too (none is held)."""
         if (
             self._dispatch.locked()
             or self._in_flight >= self._slots.total_tokens
             or (self.tokens is not None and tokens > self.tokens.limit)  # warned in line
+            or self._delay(tokens, now) > 0
         ):
             return None
-        now = anyio.current_time()
-        return self._take(tokens, now) if self._delay(tokens, now) <= 0 else None
+        if acquire:
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:  # a task is in line for a slot
+                return None
+        return self._take(tokens, now)
 
     def _delay(self, tokens: int, now: float) -> float:
         """Seconds until a request of `tokens` may go (<= 0: now)."""
@@ -541,17 +587,22 @@ class Limiter:
                 return self._take(tokens, now)
             # woken early when budget comes back (a settle, a cancel, an episode's end)
             with anyio.move_on_after(delay):
-                await self._budget_changed.wait()
+                self._budget_waiters += 1
+                try:
+                    await self._budget_changed.wait()
+                finally:
+                    self._budget_waiters -= 1
 
     def _wake(self) -> None:
-        if self._budget_changed.statistics().tasks_waiting:  # no new Event a request for none
+        if self._budget_waiters:  # no new Event a request for none
             self._budget_changed.set()
             self._budget_changed = anyio.Event()
 
-    def cancel(self, reservation: Reservation) -> None:
+    def cancel(self, reservation: Reservation, *, now: float | None = None) -> None:
         """Give back everything an attempt reserved but never sent: its slot, its request and
-        its tokens. Nothing is learnt from it."""
-        now = anyio.current_time()
+        its tokens. Nothing is learnt from it. `now`: `anyio.current_time()`, if read."""
+        if now is None:
+            now = anyio.current_time()
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
@@ -564,9 +615,13 @@ class Limiter:
             self.tokens.give_back(reservation.taken_tokens, now)
         self._wake()
 
-    def settle(self, reservation: Reservation, settlement: Settlement) -> None:
-        """Give back the slot and correct the buckets with what the attempt really cost."""
-        now = anyio.current_time()
+    def settle(
+        self, reservation: Reservation, settlement: Settlement, *, now: float | None = None
+    ) -> None:
+        """Give back the slot and correct the buckets with what the attempt really cost.
+        `now`: `anyio.current_time()`, if the caller has read it."""
+        if now is None:
+            now = anyio.current_time()
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
@@ -701,7 +756,8 @@ class Limiter:
             ("requests", "requests", self._rpm_configured),
             ("tokens", "tokens", self._tpm_configured),
         ):
-            limit_text = headers.get(f"x-ratelimit-limit-{kind}")
+            limit_name, remaining_name, reset_name = _RATELIMIT_HEADERS[kind]
+            limit_text = headers.get(limit_name)
             if limit_text is None:
                 continue
             try:
@@ -719,9 +775,9 @@ class Limiter:
                 log.info(
                     "budget_follows_server", kind=kind, limit=server_limit, configured=configured
                 )
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            remaining = headers.get(remaining_name)
             if remaining is not None and remaining.strip() in ("0", "0.0"):
-                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+                reset = parse_duration(headers.get(reset_name, ""))
                 if reset:
                     self.pause(reset, now=now)
 
