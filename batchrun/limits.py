@@ -835,6 +835,17 @@ class SpendCap:
         self._requests = 0
         self._settled: anyio.Event | None = None
 
+    def try_reserve(self, worst: float) -> bool:
+        """`reserve` when `worst` fits now (or there is no cap): True, and it is reserved.
+        False: nothing reserved; `reserve` waits or raises."""
+        if self.cap is None:
+            return True
+        if self.spent + self.in_flight + worst > self.cap + 1e-12:
+            return False
+        self.in_flight += worst
+        self._requests += 1
+        return True
+
     async def reserve(self, worst: float) -> None:
         """Wait until `worst` fits under the cap.
 

@@ -10,7 +10,8 @@ settling is shielded): the lease is settled with the outcome and the usage, or c
 nothing was sent; the spend cap learns the real charge. This module owns which outcome an
 error is for the limiter, and how an answer is charged.
 
-The common attempt (a limiter with budget at hand, no spend cap, no schedule, an answer)
+The common attempt (a limiter with budget at hand, room under a local spend cap, its model
+off-peak if the run waits for off-peak, an answer)
 takes its lease and settles it without an await, a cancel scope or an Event (issue 12):
 `Attempt._lease_at_once`, `AttemptMeter.settle_at_once`, and a deferred lease deadline
 (`AttemptMeter.attempt`). Anything that must wait takes the awaited path, as before.
@@ -30,7 +31,7 @@ from batchrun import tokens
 from batchrun.client import Completion
 from batchrun.clock import SYSTEM_CLOCK, Clock, loop_clock
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
-from batchrun.limits import Outcome, Settlement, SpendBudget
+from batchrun.limits import Outcome, Settlement, SpendBudget, SpendCap
 from batchrun.prices import Charge, PriceTable
 from batchrun.ratelimit import ImmediateRateLimiter, Lease, RateLimiter, Scope
 from batchrun.schedule import OffPeakSchedule
@@ -145,15 +146,26 @@ class Attempt:
 
     def _lease_at_once(self) -> bool:
         """The fast path of entering (issue 12): take the budgets without an await, no
-        Event, no lock. It applies with no off-peak schedule and no spend cap, when the
-        limiter `reserves_at_once` and has budget at hand with nobody waiting. It is safe
-        because the limiter takes exactly what `reserve` would on its first pass, and says
-        None (the awaited path is taken) whenever anything would wait."""
+        Event, no lock. It applies when the limiter `reserves_at_once` (and the spend cap,
+        if any, is local: `SpendCap.try_reserve`), its model is off-peak if the run waits
+        for off-peak, the spend cap has room, and the limiter has budget at hand with
+        nobody waiting. It is safe because each budget takes exactly what its awaited
+        `reserve` would on a first pass, and says no (then everything taken goes back and
+        the awaited path is taken) whenever anything would wait."""
         meter = self._meter
         reserve_now = meter.reserve_now
         if reserve_now is None:
             return False
-        request = self.request
+        request, schedule = self.request, meter.schedule
+        # the moment the request leaves, read once: the schedule's check and the price agree
+        cleared_at = meter.clock.now()
+        if schedule is not None and (
+            schedule.stopping or schedule.at_peak(request.model, cleared_at)
+        ):
+            return False
+        spend = meter.spend_now
+        if spend is not None and not spend.try_reserve(request.worst_usd):
+            return False
         lease = reserve_now(
             request.scope,
             prompt_tokens=request.prompt_tokens,
@@ -161,9 +173,10 @@ class Attempt:
             now=meter.time(),
         )
         if lease is None:
+            if spend is not None:
+                spend.settle(request.worst_usd, None)
             return False
-        self.lease = lease
-        self._cleared_at = meter.clock.now()
+        self.lease, self._cleared_at = lease, cleared_at
         return True
 
     async def _lease_waiting(self) -> None:
@@ -282,13 +295,13 @@ class AttemptMeter:
         immediate = cast(ImmediateRateLimiter, limiter)
         #: the limiter settles and cancels without a wait: `settle_at_once`, no shield
         self.settles_at_once: bool = getattr(limiter, "settles_at_once", False)
-        #: the fast path of `Attempt.__aenter__` (None: every attempt takes the awaited one):
-        #: only with nothing else to wait for (no schedule, no spend cap)
+        #: the spend cap's reservation without a wait, if it has a cap and can (`SpendCap`)
+        self.spend_now = spend if spend.cap is not None and isinstance(spend, SpendCap) else None
+        #: the fast path of `Attempt.__aenter__` (None: every attempt takes the awaited one)
         self.reserve_now = (
             immediate.try_reserve
             if getattr(limiter, "reserves_at_once", False)
-            and schedule is None
-            and spend.cap is None
+            and (spend.cap is None or self.spend_now is not None)
             else None
         )
         self._immediate = immediate

@@ -179,6 +179,8 @@ class InForce:
     rates: Rates
     #: what share of the cost is paid under an old-style daily discount (None: none applies)
     factor: float | None
+    #: in the price's peak hours (`Price.is_peak`)
+    peak: bool
     start: datetime
     #: the first instant the price or its rates may change (None: never)
     end: datetime | None
@@ -452,7 +454,9 @@ class PriceTable:
             return None
         off = price.off_peak
         factor = 1.0 - off.discount if off is not None and off.applies(at) else None
-        span = InForce(price, price.rates(at), factor, at, self._next_change(model, price, at))
+        peak = price.is_peak(at)
+        end = self._next_change(model, price, at)
+        span = InForce(price, price.rates(at), factor, peak, at, end)
         self._in_force[model] = span
         return span
 
@@ -460,7 +464,7 @@ class PriceTable:
         """The first instant after `at` where `model`'s price or rates may change: its next
         price entry, a peak window's edge, an old-style discount window's edge."""
         changes = [p.since for p in self._entries(model) or () if p.since > at][:1]
-        if price.peak_hours is not None and price.off_peak_prices is not None:
+        if price.peak_hours is not None:
             # beyond the calendar's horizon: look again in a day
             changes.append(price.peak_hours.next_change(at) or at + timedelta(days=1))
         if price.off_peak is not None:
@@ -532,7 +536,8 @@ class PriceTable:
         """The most a request could cost: every prompt token a cache miss, the whole cap used,
         at the peak price (a retry may be sent in a peak window). An unknown model counts as
         free here (its cost is unknown, not zero, in the output)."""
-        price = self.price_for(model, at)
-        if price is None:
+        span = self.in_force(model, at)
+        if span is None:
             return 0.0
+        price = span.price
         return (prompt_tokens * price.cache_miss + completion_cap * price.output) / PER_TOKENS

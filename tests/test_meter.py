@@ -159,16 +159,38 @@ async def test_an_attempt_waits_its_turn_behind_a_held_slot(anyio_backend: objec
 
 
 @TRIO
-async def test_a_paced_or_capped_attempt_takes_the_awaited_path(anyio_backend: object) -> None:
-    """An empty RPM bucket makes an attempt wait for its pace; a spend cap (whose reservation
-    may wait) turns the fast path off."""
+async def test_a_paced_attempt_takes_the_awaited_path(anyio_backend: object) -> None:
+    """An empty RPM bucket makes an attempt wait for its pace."""
     paced = make_meter(rpm=60)
     start = anyio.current_time()
     for _ in range(3):
         async with paced.attempt(paced.request(BODY), deferred_deadline=True) as attempt:
             attempt.sending()
     assert anyio.current_time() - start >= 1.0  # the bucket holds one request: paced after it
-    assert make_meter(cap=1.0).reserve_now is None
+
+
+@TRIO
+async def test_a_spend_cap_with_room_takes_the_fast_path(anyio_backend: object) -> None:
+    """Under a local spend cap, an attempt that fits reserves without an await; one that
+    fits only once the request in flight is settled waits for it (the awaited path)."""
+    worst = make_meter(cap=1.0).request(BODY).worst_usd
+    meter = make_meter(cap=worst * 1.5)
+    first = meter.attempt(meter.request(BODY), deferred_deadline=True)
+    assert _at_once(first.__aenter__()) is first
+    went: list[float] = []
+
+    async def second() -> None:
+        async with meter.attempt(meter.request(BODY), deferred_deadline=True):
+            went.append(anyio.current_time())
+
+    start = anyio.current_time()
+    async with anyio.create_task_group() as group:
+        group.start_soon(second)
+        await anyio.sleep(2.0)
+        assert not went and meter.limiter.statistics().in_flight == 1
+        await first.__aexit__(None, None, None)  # nothing sent: the reservation goes back
+    assert went == [start + 2.0]
+    assert meter.spend.in_flight == 0.0
 
 
 @TRIO
