@@ -5,6 +5,8 @@ protocol in `ratelimit.py`, whose local implementation wraps it; a cluster-wide 
 replaces that, not this):
 
     reservation = await limiter.reserve(prompt_tokens=..., completion_cap=...)
+    # or, when nothing need wait, at once (None: call `reserve`):
+    reservation = limiter.try_reserve(prompt_tokens=..., completion_cap=..., now=...)
     ... send ...
     limiter.settle(reservation, Settlement(outcome, prompt_tokens=..., completion_tokens=...))
 

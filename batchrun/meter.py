@@ -10,11 +10,11 @@ settling is shielded): the lease is settled with the outcome and the usage, or c
 nothing was sent; the spend cap learns the real charge. This module owns which outcome an
 error is for the limiter, and how an answer is charged.
 
-The common attempt (a limiter with budget at hand, room under a local spend cap, its model
-off-peak if the run waits for off-peak, an answer)
-takes its lease and settles it without an await, a cancel scope or an Event (issue 12):
-`Attempt._lease_at_once`, `AttemptMeter.settle_at_once`, and a deferred lease deadline
-(`AttemptMeter.attempt`). Anything that must wait takes the awaited path, as before.
+The common attempt (a local limiter with budget at hand, room under a local spend cap, the
+model off-peak if the run waits for off-peak) takes its lease and settles it without an
+await, a cancel scope or an Event (issue 12): `Attempt._lease_at_once`,
+`AttemptMeter.settle_at_once`, and a deferred lease deadline (`AttemptMeter.attempt`).
+Anything that must wait takes the awaited path, as before.
 """
 
 from __future__ import annotations

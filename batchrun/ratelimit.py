@@ -105,7 +105,9 @@ class RateLimiter(Protocol):
 class ImmediateRateLimiter(RateLimiter, Protocol):
     """A limiter that can also act without awaiting (`LocalRateLimiter`). The attempt meter
     calls `try_reserve` first where `reserves_at_once`, and `settle_now`/`cancel_now`
-    instead of `settle`/`cancel` where `settles_at_once`: no coroutine, no shield."""
+    instead of `settle`/`cancel` where `settles_at_once`: no coroutine, no shield. (A
+    subclass of `LocalRateLimiter` that overrides any of these is taken to do neither
+    unless it says so.)"""
 
     reserves_at_once: bool
     settles_at_once: bool
