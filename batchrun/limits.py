@@ -320,6 +320,36 @@ _RATELIMIT_HEADERS = {
 EARLY_ANSWERS = 20
 
 
+class CompletionEstimate:
+    """Completion tokens a request reserves: its cap when the server charges the cap
+    (`tpm_counts = "max_tokens"`); otherwise a prior, then the 95th percentile of what the
+    last 1,000 answers used, within the cap. The percentile moves with every answer at
+    first (the prior is left within a few), then every 50 answers: a sort of 1,000 numbers
+    per request would cost more than the rest of the limiter (issue 12)."""
+
+    def __init__(self, tpm_counts: str) -> None:
+        self._charges_cap = tpm_counts == "max_tokens"
+        self._seen: deque[int] = deque(maxlen=1000)
+        self._estimate: int | None = None
+        self._since_estimate = 0
+
+    def allowance(self, cap: int) -> int:
+        if self._charges_cap:
+            return cap
+        if self._estimate is None:
+            return min(cap, COMPLETION_PRIOR)
+        return min(cap, self._estimate)
+
+    def record(self, tokens: int) -> None:
+        """An answer used `tokens` completion tokens."""
+        self._seen.append(tokens)
+        self._since_estimate += 1
+        if len(self._seen) <= EARLY_ANSWERS or self._since_estimate >= 50:
+            ordered = sorted(self._seen)
+            self._estimate = ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)]
+            self._since_estimate = 0
+
+
 @dataclass(frozen=True)
 class LimiterStatistics:
     """A snapshot of the limiter, for progress displays and tests."""
@@ -398,20 +428,13 @@ class Limiter:
         self._sends = 0
         self._rate_limited = 0
         self._reserved_tokens = 0
-        self._completions: deque[int] = deque(maxlen=1000)
-        self._completion_estimate: int | None = None
-        self._seen_since_estimate = 0
+        self._completions = CompletionEstimate(tpm_counts)
 
     # -- reserve / settle -----------------------------------------------------------------
 
     def completion_allowance(self, cap: int) -> int:
-        """Completion tokens to reserve: the cap when the server charges it (`max_tokens`);
-        otherwise a prior, then a high percentile of what answers used, within the cap."""
-        if self.tpm_counts == "max_tokens":
-            return cap
-        if self._completion_estimate is None:
-            return min(cap, COMPLETION_PRIOR)
-        return min(cap, self._completion_estimate)
+        """Completion tokens to reserve for a request capped at `cap` (`CompletionEstimate`)."""
+        return self._completions.allowance(cap)
 
     async def reserve(self, *, prompt_tokens: int, completion_cap: int) -> Reservation:
         """Wait for a concurrency slot, the end of any pause, and room in the buckets."""
@@ -656,7 +679,7 @@ class Limiter:
         now: float,
     ) -> None:
         if completion_tokens is not None:
-            self._record_completion(completion_tokens)
+            self._completions.record(completion_tokens)
         if self.tokens is not None and prompt_tokens is not None:
             if self.tpm_counts == "usage":
                 used = prompt_tokens + (completion_tokens or 0)
@@ -742,15 +765,6 @@ class Limiter:
         else:
             return
         log.info("request_rate_learnt", rpm=round(per_window, 1), window=self.window)
-
-    def _record_completion(self, tokens: int) -> None:
-        self._completions.append(tokens)
-        self._seen_since_estimate += 1
-        # every answer moves the estimate at first, so the prior is left within a few
-        if len(self._completions) <= EARLY_ANSWERS or self._seen_since_estimate >= 50:
-            ordered = sorted(self._completions)
-            self._completion_estimate = ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)]
-            self._seen_since_estimate = 0
 
     def _follow_headers(self, headers: Mapping[str, str], now: float) -> None:
         """Let the server's own x-ratelimit figures correct a budget set too high."""

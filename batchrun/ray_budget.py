@@ -37,9 +37,9 @@ import anyio.lowlevel
 from batchrun.errors import CostCapReached
 from batchrun.limits import (
     BURST_SHARE,
-    COMPLETION_PRIOR,
     EXPECTED_LATENCY,
     AdaptiveConcurrency,
+    CompletionEstimate,
     LimiterStatistics,
     Outcome,
     Settlement,
@@ -452,7 +452,7 @@ class LeasedRateLimiter:
         self._stocks: dict[str, _Stock] = {}
         self._held: dict[int, _Held] = {}
         self._numbers = 0
-        self._completions: deque[int] = deque(maxlen=1000)
+        self._completions = CompletionEstimate(limits.tpm_counts)
         #: server limits already reported, per scope key and kind
         self._followed: dict[tuple[str, str], float] = {}
 
@@ -461,7 +461,7 @@ class LeasedRateLimiter:
     async def reserve(self, scope: Scope, *, prompt_tokens: int, completion_cap: int) -> Lease:
         key = scope_key(scope)
         stock = self._stocks.setdefault(key, _Stock())
-        need = prompt_tokens + self._completion_allowance(completion_cap)
+        need = prompt_tokens + self._completions.allowance(completion_cap)
         stock.waiting += 1
         try:
             while not self._ready(stock, need):
@@ -515,7 +515,7 @@ class LeasedRateLimiter:
                 settlement.completion_tokens,
             )
             if completion_tokens is not None:
-                self._completions.append(completion_tokens)
+                self._completions.record(completion_tokens)
             if self.limits.tpm and prompt_tokens is not None:
                 if self.limits.tpm_counts == "usage":
                     used = prompt_tokens + (completion_tokens or 0)
@@ -642,14 +642,6 @@ class LeasedRateLimiter:
             if reset:
                 left = await self.handle.pause.remote(key, reset)
                 stock.paused_until = anyio.current_time() + float(left)
-
-    def _completion_allowance(self, cap: int) -> int:
-        if self.limits.tpm_counts == "max_tokens":
-            return cap
-        if not self._completions:
-            return min(cap, COMPLETION_PRIOR)
-        ordered = sorted(self._completions)
-        return min(cap, ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)])
 
 
 def _number(text: str | None) -> float | None:
