@@ -5,8 +5,10 @@ protocol in `ratelimit.py`, whose local implementation wraps it; a cluster-wide 
 replaces that, not this):
 
     reservation = await limiter.reserve(prompt_tokens=..., completion_cap=...)
+    # or, when nothing need wait, at once (None: call `reserve`):
+    reservation = limiter.try_reserve(prompt_tokens=..., completion_cap=..., now=...)
     ... send ...
-    limiter.settle(reservation, outcome=..., prompt_tokens=..., completion_tokens=..., ...)
+    limiter.settle(reservation, Settlement(outcome, prompt_tokens=..., completion_tokens=...))
 
 What it learns from the server, each in a small object: `TokenBucket` (a budget's pace),
 `AdaptiveConcurrency` (how many in flight), `Backoff` (429s that give no delay: one shared,
@@ -45,6 +47,19 @@ class Outcome(Enum):
     RATE_LIMITED = "rate_limited"
     SERVER_ERROR = "server_error"
     OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """How a sent attempt ended and what it cost: what a lease is settled with."""
+
+    outcome: Outcome
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    #: the server's Retry-After on a 429, in seconds
+    retry_after: float | None = None
+    #: the answer's headers (the server's x-ratelimit figures)
+    headers: Mapping[str, str] | None = None
 
 
 # -- pure arithmetic --------------------------------------------------------------------------
@@ -292,8 +307,47 @@ COMPLETION_PRIOR = 256
 PROBE_PATIENCE = 2.0
 #: seconds after which a request not refused counts as admitted, for concurrency growth
 ADMITTED_AFTER = PROBE_PATIENCE
+#: the server's rate-limit headers per kind: limit, remaining, reset
+_RATELIMIT_HEADERS = {
+    kind: (
+        f"x-ratelimit-limit-{kind}",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens")
+}
 #: answers after which the completion estimate is refreshed only every 50
 EARLY_ANSWERS = 20
+
+
+class CompletionEstimate:
+    """Completion tokens a request reserves: its cap when the server charges the cap
+    (`tpm_counts = "max_tokens"`); otherwise a prior, then the 95th percentile of what the
+    last 1,000 answers used, within the cap. The percentile moves with every answer at
+    first (the prior is left within a few), then every 50 answers: a sort of 1,000 numbers
+    per request would cost more than the rest of the limiter (issue 12)."""
+
+    def __init__(self, tpm_counts: str) -> None:
+        self._charges_cap = tpm_counts == "max_tokens"
+        self._seen: deque[int] = deque(maxlen=1000)
+        self._estimate: int | None = None
+        self._since_estimate = 0
+
+    def allowance(self, cap: int) -> int:
+        if self._charges_cap:
+            return cap
+        if self._estimate is None:
+            return min(cap, COMPLETION_PRIOR)
+        return min(cap, self._estimate)
+
+    def record(self, tokens: int) -> None:
+        """An answer used `tokens` completion tokens."""
+        self._seen.append(tokens)
+        self._since_estimate += 1
+        if len(self._seen) <= EARLY_ANSWERS or self._since_estimate >= 50:
+            ordered = sorted(self._seen)
+            self._estimate = ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)]
+            self._since_estimate = 0
 
 
 @dataclass(frozen=True)
@@ -362,6 +416,8 @@ class Limiter:
         # fast_acquire: a free lock is taken without a trip through the event loop
         self._dispatch = anyio.Lock(fast_acquire=True)
         self._budget_changed = anyio.Event()
+        #: tasks waiting on `_budget_changed` (read on every settle: cheaper than asking it)
+        self._budget_waiters = 0
         self._paused_until = -math.inf
         self._backoff = Backoff(base=fallback_pause, maximum=max(max_pause, fallback_pause))
         self._learner = RateLearner()
@@ -372,20 +428,13 @@ class Limiter:
         self._sends = 0
         self._rate_limited = 0
         self._reserved_tokens = 0
-        self._completions: deque[int] = deque(maxlen=1000)
-        self._completion_estimate: int | None = None
-        self._seen_since_estimate = 0
+        self._completions = CompletionEstimate(tpm_counts)
 
     # -- reserve / settle -----------------------------------------------------------------
 
     def completion_allowance(self, cap: int) -> int:
-        """Completion tokens to reserve: the cap when the server charges it (`max_tokens`);
-        otherwise a prior, then a high percentile of what answers used, within the cap."""
-        if self.tpm_counts == "max_tokens":
-            return cap
-        if self._completion_estimate is None:
-            return min(cap, COMPLETION_PRIOR)
-        return min(cap, self._completion_estimate)
+        """Completion tokens to reserve for a request capped at `cap` (`CompletionEstimate`)."""
+        return self._completions.allowance(cap)
 
     async def reserve(self, *, prompt_tokens: int, completion_cap: int) -> Reservation:
         """Wait for a concurrency slot, the end of any pause, and room in the buckets."""
@@ -396,7 +445,7 @@ class Limiter:
                 await self._acquire_slot()
             finally:
                 self._waiting -= 1
-            took = self._take_unqueued(tokens)
+            took = self._take_unqueued(tokens, anyio.current_time())
             if took is not None:
                 break
             try:
@@ -410,9 +459,36 @@ class Limiter:
             # concurrency shrank while this task waited: its slot is no longer one to use,
             # and it took nothing from the buckets
             self._slots.release()
+        return self._reserved(tokens, prompt_tokens, completion_cap, took, anyio.current_time())
+
+    def try_reserve(
+        self, *, prompt_tokens: int, completion_cap: int, now: float
+    ) -> Reservation | None:
+        """`reserve` when it would not wait: a free slot, nobody in line for a slot or the
+        buckets, no pause, and room in the buckets at `now` (`anyio.current_time()`). None:
+        nothing taken; call `reserve`. No await, no lock: the common case (issue 12).
+
+        Safe because it takes exactly what `reserve` takes on its first pass, and only when
+        no task waits (a waiting task is never overtaken)."""
+        tokens = prompt_tokens + self.completion_allowance(completion_cap)
+        if self._waiting:
+            return None
+        took = self._take_unqueued(tokens, now, acquire=True)
+        if took is None:
+            return None
+        return self._reserved(tokens, prompt_tokens, completion_cap, took, now)
+
+    def _reserved(
+        self,
+        tokens: int,
+        prompt_tokens: int,
+        completion_cap: int,
+        took: tuple[float, bool],
+        now: float,
+    ) -> Reservation:
+        """Count a request that holds its slot and has taken its budget."""
         self._in_flight += 1
         self._sends += 1
-        now = anyio.current_time()
         if self._learner.since is None:
             self._learner.since = now
         if self.adaptive is not None:
@@ -459,25 +535,33 @@ class Limiter:
             self._grow(send_number, now)
 
     def _grow(self, send_number: int, now: float) -> None:
-        if self.adaptive is None:
+        adaptive = self.adaptive
+        if adaptive is None or adaptive.value >= adaptive.maximum:  # nothing to grow
             return
-        before = self.adaptive.limit
-        self.adaptive.on_success(saturated=self._saturated(), now=now, send_number=send_number)
-        if self.adaptive.limit != before:
-            self._slots.total_tokens = self.adaptive.limit
+        before = adaptive.limit
+        adaptive.on_success(saturated=self._saturated(), now=now, send_number=send_number)
+        if adaptive.limit != before:
+            self._slots.total_tokens = adaptive.limit
 
-    def _take_unqueued(self, tokens: int) -> tuple[float, bool] | None:
+    def _take_unqueued(
+        self, tokens: int, now: float, *, acquire: bool = False
+    ) -> tuple[float, bool] | None:
         """Take the request's budget at once if no task waits on the buckets and it may go
         now: no lock and no coroutine in the common case (issue 12). None: nothing taken,
-        wait in line (`_wait_for_budget`)."""
+        wait in line (`_wait_for_budget`). `acquire`: take a free slot too (none is held)."""
         if (
             self._dispatch.locked()
             or self._in_flight >= self._slots.total_tokens
             or (self.tokens is not None and tokens > self.tokens.limit)  # warned in line
+            or self._delay(tokens, now) > 0
         ):
             return None
-        now = anyio.current_time()
-        return self._take(tokens, now) if self._delay(tokens, now) <= 0 else None
+        if acquire:
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:  # a task is in line for a slot
+                return None
+        return self._take(tokens, now)
 
     def _delay(self, tokens: int, now: float) -> float:
         """Seconds until a request of `tokens` may go (<= 0: now)."""
@@ -528,17 +612,22 @@ class Limiter:
                 return self._take(tokens, now)
             # woken early when budget comes back (a settle, a cancel, an episode's end)
             with anyio.move_on_after(delay):
-                await self._budget_changed.wait()
+                self._budget_waiters += 1
+                try:
+                    await self._budget_changed.wait()
+                finally:
+                    self._budget_waiters -= 1
 
     def _wake(self) -> None:
-        if self._budget_changed.statistics().tasks_waiting:  # no new Event a request for none
+        if self._budget_waiters:  # no new Event a request for none
             self._budget_changed.set()
             self._budget_changed = anyio.Event()
 
-    def cancel(self, reservation: Reservation) -> None:
+    def cancel(self, reservation: Reservation, *, now: float | None = None) -> None:
         """Give back everything an attempt reserved but never sent: its slot, its request and
-        its tokens. Nothing is learnt from it."""
-        now = anyio.current_time()
+        its tokens. Nothing is learnt from it. `now`: `anyio.current_time()`, if read."""
+        if now is None:
+            now = anyio.current_time()
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
@@ -552,31 +641,29 @@ class Limiter:
         self._wake()
 
     def settle(
-        self,
-        reservation: Reservation,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
+        self, reservation: Reservation, settlement: Settlement, *, now: float | None = None
     ) -> None:
-        """Give back the slot and correct the buckets with what the attempt really cost."""
-        now = anyio.current_time()
+        """Give back the slot and correct the buckets with what the attempt really cost.
+        `now`: `anyio.current_time()`, if the caller has read it."""
+        if now is None:
+            now = anyio.current_time()
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
         self._slots.release()
         self._unanswered.pop(reservation.send_number, None)
         if reservation.probe:
             self._backoff.probe_out = False
-        if headers is not None:
-            self._follow_headers(headers, now)
+        outcome = settlement.outcome
+        if settlement.headers is not None:
+            self._follow_headers(settlement.headers, now)
         if outcome is Outcome.RATE_LIMITED:
-            self._on_rate_limited(reservation, retry_after, now)
+            self._on_rate_limited(reservation, settlement.retry_after, now)
         else:
             if outcome is Outcome.OK:
                 self._learner.admitted += 1
-                self._on_ok(reservation, prompt_tokens, completion_tokens, now)
+                self._on_ok(
+                    reservation, settlement.prompt_tokens, settlement.completion_tokens, now
+                )
                 self._grow(reservation.send_number, now)
             elif outcome is Outcome.SERVER_ERROR and self.adaptive is not None:
                 self.adaptive.on_server_error(now)
@@ -592,7 +679,7 @@ class Limiter:
         now: float,
     ) -> None:
         if completion_tokens is not None:
-            self._record_completion(completion_tokens)
+            self._completions.record(completion_tokens)
         if self.tokens is not None and prompt_tokens is not None:
             if self.tpm_counts == "usage":
                 used = prompt_tokens + (completion_tokens or 0)
@@ -679,22 +766,14 @@ class Limiter:
             return
         log.info("request_rate_learnt", rpm=round(per_window, 1), window=self.window)
 
-    def _record_completion(self, tokens: int) -> None:
-        self._completions.append(tokens)
-        self._seen_since_estimate += 1
-        # every answer moves the estimate at first, so the prior is left within a few
-        if len(self._completions) <= EARLY_ANSWERS or self._seen_since_estimate >= 50:
-            ordered = sorted(self._completions)
-            self._completion_estimate = ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)]
-            self._seen_since_estimate = 0
-
     def _follow_headers(self, headers: Mapping[str, str], now: float) -> None:
         """Let the server's own x-ratelimit figures correct a budget set too high."""
         for kind, bucket_attr, configured in (
             ("requests", "requests", self._rpm_configured),
             ("tokens", "tokens", self._tpm_configured),
         ):
-            limit_text = headers.get(f"x-ratelimit-limit-{kind}")
+            limit_name, remaining_name, reset_name = _RATELIMIT_HEADERS[kind]
+            limit_text = headers.get(limit_name)
             if limit_text is None:
                 continue
             try:
@@ -712,9 +791,9 @@ class Limiter:
                 log.info(
                     "budget_follows_server", kind=kind, limit=server_limit, configured=configured
                 )
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            remaining = headers.get(remaining_name)
             if remaining is not None and remaining.strip() in ("0", "0.0"):
-                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}", ""))
+                reset = parse_duration(headers.get(reset_name, ""))
                 if reset:
                     self.pause(reset, now=now)
 
@@ -771,6 +850,17 @@ class SpendCap:
         self.in_flight = 0.0
         self._requests = 0
         self._settled: anyio.Event | None = None
+
+    def try_reserve(self, worst: float) -> bool:
+        """`reserve` when `worst` fits now (or there is no cap): True, and it is reserved.
+        False: nothing reserved; `reserve` waits or raises."""
+        if self.cap is None:
+            return True
+        if self.spent + self.in_flight + worst > self.cap + 1e-12:
+            return False
+        self.in_flight += worst
+        self._requests += 1
+        return True
 
     async def reserve(self, worst: float) -> None:
         """Wait until `worst` fits under the cap.

@@ -9,27 +9,35 @@ On leaving the block the attempt is settled whatever happened, cancellation incl
 settling is shielded): the lease is settled with the outcome and the usage, or cancelled if
 nothing was sent; the spend cap learns the real charge. This module owns which outcome an
 error is for the limiter, and how an answer is charged.
+
+The common attempt (a local limiter with budget at hand, room under a local spend cap, the
+model off-peak if the run waits for off-peak) takes its lease and settles it without an
+await, a cancel scope or an Event (issue 12): `Attempt._lease_at_once`,
+`AttemptMeter.settle_at_once`, and a deferred lease deadline (`AttemptMeter.attempt`).
+Anything that must wait takes the awaited path, as before.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
 from batchrun import tokens
 from batchrun.client import Completion
-from batchrun.clock import SYSTEM_CLOCK, Clock
+from batchrun.clock import SYSTEM_CLOCK, Clock, loop_clock
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
-from batchrun.limits import Outcome, SpendBudget
+from batchrun.limits import Outcome, Settlement, SpendBudget, SpendCap
 from batchrun.prices import Charge, PriceTable
-from batchrun.ratelimit import Lease, RateLimiter, Scope
+from batchrun.ratelimit import ImmediateRateLimiter, Lease, RateLimiter, Scope
 from batchrun.schedule import OffPeakSchedule
+
+#: seconds a wait may run past its own deadline (raising, cleaning up) before it ends
+DEADLINE_SLACK = 1.0
 
 
 def outcome_of(error: BaseException | None, answer: Completion | None) -> Outcome:
@@ -61,12 +69,28 @@ class MeteredRequest:
 class Attempt:
     """One attempt's metering; an async context manager made by `AttemptMeter.attempt`."""
 
-    def __init__(self, meter: AttemptMeter, request: MeteredRequest) -> None:
+    __slots__ = (
+        "_cleared_at",
+        "_deadline",
+        "_deferred",
+        "_meter",
+        "answer",
+        "charge",
+        "lease",
+        "request",
+        "seconds",
+        "sent_at",
+        "started",
+    )
+
+    def __init__(self, meter: AttemptMeter, request: MeteredRequest, *, deferred: bool) -> None:
         self._meter = meter
         self.request = request
         self.lease: Lease | None = None
-        #: cancels the block at the lease's expiry
+        #: cancels the block at the lease's expiry (None: deferred, or not entered yet)
         self._deadline: anyio.CancelScope | None = None
+        #: the block puts its own waits under `deadline()`: see `AttemptMeter.attempt`
+        self._deferred = deferred
         #: wall-clock time and `perf_counter()` when the request left (None: never sent)
         self.sent_at: datetime | None = None
         #: the wall-clock time the attempt got its budgets (and the schedule let it go)
@@ -98,14 +122,72 @@ class Attempt:
     def received(self, answer: Completion) -> None:
         self.answer = answer
 
+    def outlasts(self, seconds: float) -> bool:
+        """Whether the lease is sure not to expire within `seconds` from now (and some
+        slack): a wait known to end by then needs no `deadline()`."""
+        assert self.lease is not None
+        return self.lease.expires_at - self._meter.time() > seconds + DEADLINE_SLACK
+
+    def deadline(self) -> LeaseDeadline:
+        """`with attempt.deadline():` cuts the block short at the lease's expiry, raising
+        `LeaseExpired`: for the waits of an attempt with a deferred deadline that are not
+        known to end before it (`outlasts`)."""
+        assert self.lease is not None
+        return LeaseDeadline(self.lease.expires_at)
+
     async def __aenter__(self) -> Attempt:
+        if not self._lease_at_once():
+            await self._lease_waiting()
+        if not self._deferred:
+            assert self.lease is not None
+            self._deadline = anyio.CancelScope(deadline=self.lease.expires_at)
+            self._deadline.__enter__()
+        return self
+
+    def _lease_at_once(self) -> bool:
+        """The fast path of entering (issue 12): take the budgets without an await, no
+        Event, no lock. It applies when the limiter `reserves_at_once` (and the spend cap,
+        if any, is local: `SpendCap.try_reserve`), its model is off-peak if the run waits
+        for off-peak, the spend cap has room, and the limiter has budget at hand with
+        nobody waiting. It is safe because each budget takes exactly what its awaited
+        `reserve` would on a first pass, and says no (then everything taken goes back and
+        the awaited path is taken) whenever anything would wait."""
+        meter = self._meter
+        reserve_now = meter.reserve_now
+        if reserve_now is None:
+            return False
+        request, schedule = self.request, meter.schedule
+        # the moment the request leaves, read once: the schedule's check and the price agree
+        cleared_at = meter.clock.now()
+        if schedule is not None and (
+            schedule.stopping or schedule.at_peak(request.model, cleared_at)
+        ):
+            return False
+        spend = meter.spend_now
+        if spend is not None and not spend.try_reserve(request.worst_usd):
+            return False
+        lease = reserve_now(
+            request.scope,
+            prompt_tokens=request.prompt_tokens,
+            completion_cap=request.completion_cap,
+            now=meter.time(),
+        )
+        if lease is None:
+            if spend is not None:
+                spend.settle(request.worst_usd, None)
+            return False
+        self.lease, self._cleared_at = lease, cleared_at
+        return True
+
+    async def _lease_waiting(self) -> None:
+        """Wait for the schedule, the spend cap and the limiter, then take the budgets."""
         meter, request = self._meter, self.request
         schedule = meter.schedule
         while True:
             # off-peak runs: no budget is held while waiting; and a wait is no silence of the
             # server, so the 429s met on resuming are asked again as after any answer
             if schedule is not None and await schedule.wait_off_peak(request.model):
-                meter.last_answer = max(meter.last_answer, anyio.current_time())
+                meter.last_answer = max(meter.last_answer, meter.time())
             await meter.spend.reserve(request.worst_usd)
             try:
                 self.lease = await meter.limiter.reserve(
@@ -124,15 +206,12 @@ class Attempt:
                 or schedule.stopping
                 or not schedule.at_peak(request.model, self._cleared_at)
             ):
-                break
+                return
             # peak began while the attempt waited for its budgets: give them back, wait again
             meter.spend.settle(request.worst_usd, None)
             with anyio.CancelScope(shield=True):
                 await meter.limiter.cancel(self.lease)
             self.lease = None
-        self._deadline = anyio.CancelScope(deadline=self.lease.expires_at)
-        self._deadline.__enter__()
-        return self
 
     async def __aexit__(
         self,
@@ -140,35 +219,46 @@ class Attempt:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        meter = self._meter
         deadline = self._deadline
+        if deadline is None and meter.settles_at_once:  # the common case: nothing to await
+            meter.settle_at_once(self, exc)
+            return
+        error = exc
         if deadline is not None:
             deadline.__exit__(exc_type, exc, tb)
-        if deadline is not None and deadline.cancelled_caught:
-            expired = LeaseExpired()  # the block was cancelled at the lease's expiry
-            await shielded(self._meter.settle(self, expired), at_once=self._meter.settles_at_once)
-            raise expired from None
-        await shielded(self._meter.settle(self, exc), at_once=self._meter.settles_at_once)
+            if deadline.cancelled_caught:
+                error = LeaseExpired()  # the block was cancelled at the lease's expiry
+        if meter.settles_at_once:
+            meter.settle_at_once(self, error)  # never suspends: no cancellation can reach it
+        else:
+            with anyio.CancelScope(shield=True):
+                await meter.settle(self, error)
+        if error is not None and error is not exc:
+            raise error from None
 
 
-async def shielded(step: Coroutine[Any, Any, None], *, at_once: bool) -> None:
-    """Await `step` shielded from cancellation; `at_once`: it is known never to suspend.
+class LeaseDeadline:
+    """A block cut short at a lease's expiry, raising `LeaseExpired` (`Attempt.deadline`)."""
 
-    A coroutine that finishes without suspending (the local limiter's settle) reaches no
-    checkpoint, so no cancellation can reach it: it is run to its end at once, without a
-    cancel scope (a shield costs about 1% of a request's CPU, issue 12). Any other is
-    awaited inside a shielded scope.
-    """
-    if not at_once:
-        with anyio.CancelScope(shield=True):
-            await step
-        return
-    try:
-        step.send(None)
-    except StopIteration:
-        return
-    # a cancel scope cannot be put around a coroutine already under way
-    step.close()
-    raise RuntimeError("a limiter that says it settles at once suspended while settling")
+    __slots__ = ("_scope",)
+
+    def __init__(self, expires_at: float) -> None:
+        self._scope = anyio.CancelScope(deadline=expires_at)
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # the scope swallows only its own cancellation: that is raised as LeaseExpired
+        self._scope.__exit__(exc_type, exc, tb)
+        if self._scope.cancelled_caught:
+            raise LeaseExpired from None
 
 
 class AttemptMeter:
@@ -200,10 +290,23 @@ class AttemptMeter:
         self.endpoint = endpoint
         self.key_digest = key_digest
         self._scopes: dict[str, Scope] = {}
-        #: the limiter's settle and cancel never suspend (`settle` then needs no shield)
+        #: the event loop's clock (`anyio.current_time()`), read cheaply
+        self.time = loop_clock()
+        immediate = cast(ImmediateRateLimiter, limiter)
+        #: the limiter settles and cancels without a wait: `settle_at_once`, no shield
         self.settles_at_once: bool = getattr(limiter, "settles_at_once", False)
+        #: the spend cap's reservation without a wait, if it has a cap and can (`SpendCap`)
+        self.spend_now = spend if spend.cap is not None and isinstance(spend, SpendCap) else None
+        #: the fast path of `Attempt.__aenter__` (None: every attempt takes the awaited one)
+        self.reserve_now = (
+            immediate.try_reserve
+            if getattr(limiter, "reserves_at_once", False)
+            and (spend.cap is None or self.spend_now is not None)
+            else None
+        )
+        self._immediate = immediate
         #: `anyio.current_time()` of the last answer of any attempt (at first: the start)
-        self.last_answer = anyio.current_time()
+        self.last_answer = self.time()
 
     def request(self, body: dict[str, Any]) -> MeteredRequest:
         model = str(body.get("model"))
@@ -231,40 +334,75 @@ class AttemptMeter:
             scope = self._scopes[model] = Scope(self.endpoint, self.key_digest, model)
         return scope
 
-    def attempt(self, request: MeteredRequest) -> Attempt:
-        """`async with meter.attempt(request) as a:` waits for the budgets of one attempt."""
-        return Attempt(self, request)
+    def attempt(self, request: MeteredRequest, *, deferred_deadline: bool = False) -> Attempt:
+        """`async with meter.attempt(request) as a:` waits for the budgets of one attempt.
+
+        The block is cut short at the lease's expiry (`LeaseExpired`). With
+        `deferred_deadline`, it is not: the caller promises that the block waits only where
+        it knows the wait ends before then (`Attempt.outlasts`, such as a send bounded by
+        the client's own timeout) or under `Attempt.deadline()`, and the common attempt
+        enters no cancel scope (issue 12).
+        """
+        return Attempt(self, request, deferred=deferred_deadline)
 
     def answering(self, within: float) -> bool:
         """Whether some attempt was answered (not refused with a 429) within `within` s."""
-        return anyio.current_time() - self.last_answer < within
+        return self.time() - self.last_answer < within
 
     async def settle(self, attempt: Attempt, error: BaseException | None) -> None:
         """Close an attempt's lease and spend reservation with what it cost."""
-        request, answer, lease = attempt.request, attempt.answer, attempt.lease
-        if attempt.started is not None:
-            attempt.seconds = time.perf_counter() - attempt.started
+        now = self.time()
+        lease, settlement = attempt.lease, self._account(attempt, error, now)
+        if lease is None:
+            return
+        if settlement is None:  # nothing left: everything the attempt took goes back
+            await self.limiter.cancel(lease)
+        else:
+            await self.limiter.settle(lease, settlement)
+
+    def settle_at_once(self, attempt: Attempt, error: BaseException | None) -> None:
+        """`settle` with a limiter that `settles_at_once`: no coroutine, and no shield
+        needed, since nothing here can be cancelled."""
+        now = self.time()
+        lease, settlement = attempt.lease, self._account(attempt, error, now)
+        if lease is None:
+            return
+        if settlement is None:
+            self._immediate.cancel_now(lease, now)
+        else:
+            self._immediate.settle_now(lease, settlement, now)
+
+    def _account(
+        self, attempt: Attempt, error: BaseException | None, now: float
+    ) -> Settlement | None:
+        """Settle all but the lease: the attempt's time, its charge, its spend reservation.
+        Returns what to settle the lease with; None if nothing was sent (cancel it)."""
+        request, answer = attempt.request, attempt.answer
+        if attempt.started is None:
+            self.spend.settle(request.worst_usd, None)
+            return None
+        attempt.seconds = time.perf_counter() - attempt.started
         usd: float | None = None
         if answer is not None:
             attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
             usd = attempt.charge.usd
         self.spend.settle(request.worst_usd, usd)
-        if lease is None:
-            return
-        if not attempt.sent:  # nothing left: everything the attempt took goes back
-            await self.limiter.cancel(lease)
-            return
-        outcome = outcome_of(error, answer)
-        if outcome is not Outcome.RATE_LIMITED and outcome is not Outcome.OTHER:
-            self.last_answer = anyio.current_time()
+        if answer is not None:  # `outcome_of` is OK
+            self.last_answer = now
+            return Settlement(
+                Outcome.OK,
+                prompt_tokens=answer.prompt_tokens,
+                completion_tokens=answer.completion_tokens,
+                headers=answer.headers,
+            )
+        outcome = outcome_of(error, None)
+        if outcome is Outcome.SERVER_ERROR:  # an answer, if not a clean one
+            self.last_answer = now
         limited = error if isinstance(error, RateLimited) else None
-        await self.limiter.settle(
-            lease,
-            outcome=outcome,
-            prompt_tokens=answer.prompt_tokens if answer else None,
-            completion_tokens=answer.completion_tokens if answer else None,
+        return Settlement(
+            outcome,
             retry_after=limited.retry_after if limited else None,
-            headers=answer.headers if answer else (limited.headers if limited else None),
+            headers=limited.headers if limited else None,
         )
 
     def _charge(self, request: MeteredRequest, answer: Completion, at: datetime) -> Charge:

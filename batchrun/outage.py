@@ -66,7 +66,7 @@ class EndpointGate:
     """Whether the endpoint answers; workers pass it before each send.
 
     ```python
-    probing = await gate.wait_turn()        # at once while up; a turn to probe while down
+    probing = await gate.wait_turn()        # at once while `gate.open`; while down, a turn to probe
     sent_at = anyio.current_time()
     try:
         answer = await client.send(body)
@@ -113,6 +113,11 @@ class EndpointGate:
     def down(self) -> bool:
         return self._down_since is not None
 
+    @property
+    def open(self) -> bool:
+        """Up and not closed: `wait_turn` would return False at once (no probe turn)."""
+        return self._down_since is None and not self._closed
+
     def statistics(self) -> GateStatistics:
         return GateStatistics(self._down_since, self._probes, self._outages)
 
@@ -157,9 +162,11 @@ class EndpointGate:
         elif self.down:
             return
         if sent_at > self._failed_at:
-            self._streak = 0
-            self._streak_rows.clear()
-            self._answer_sent_at = max(self._answer_sent_at, sent_at)
+            if self._streak:
+                self._streak = 0
+                self._streak_rows.clear()
+            if sent_at > self._answer_sent_at:
+                self._answer_sent_at = sent_at
             if self._verdicts_wanted:
                 self._notify()
         if self.down:

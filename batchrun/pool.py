@@ -36,7 +36,7 @@ from batchrun.errors import (
 )
 from batchrun.job import Job
 from batchrun.limits import SpendBudget
-from batchrun.meter import AttemptMeter
+from batchrun.meter import Attempt, AttemptMeter
 from batchrun.outage import EndpointGate, GateClosed
 from batchrun.prices import PriceTable
 from batchrun.progress import Tally, live_display, report_periodically
@@ -354,12 +354,34 @@ class Pool:
         if len(self.writer) >= self.settings.flush_rows:
             self._flush_wanted.set()
 
-    async def _send(
-        self, body: dict[str, Any], position: int, resent: Callable[[], None]
-    ) -> Completion:
+    async def _send(self, body: dict[str, Any], position: int, attempt: Attempt) -> Completion:
         """`client.send` through the endpoint gate: while the endpoint is down, a failure to
         reach it is not the row's, so the request waits its turn and goes again within the
-        same attempt (`resent` then notes the time it really leaves)."""
+        same attempt (`attempt.resent` then notes the time it really leaves).
+
+        The attempt's lease deadline is deferred (`AttemptMeter.attempt`): the fast path, a
+        first send while the endpoint is up, goes under none, because the client's own
+        deadline (`timeout`) ends it before the lease expires (`Attempt.outlasts`). What
+        follows a failure, and any send that may outlive the lease, goes under
+        `attempt.deadline()`.
+        """
+        gate = self.gate
+        if gate.open and attempt.outlasts(self.client.timeout):
+            sent_at = self.meter.time()
+            result = await self._send_one(body, probing=False, sent_at=sent_at)
+            if isinstance(result, Completion):
+                return result
+            with attempt.deadline():
+                await self._judge(result, position, probing=False, sent_at=sent_at)
+                return await self._send_through_gate(body, position, attempt)
+        with attempt.deadline():
+            return await self._send_through_gate(body, position, attempt)
+
+    async def _send_through_gate(
+        self, body: dict[str, Any], position: int, attempt: Attempt
+    ) -> Completion:
+        """Send at the gate's turn until answered: while the endpoint is down, one probe at a
+        time; a failure that is the endpoint's goes again."""
         gate = self.gate
         while True:
             waits = gate.down
@@ -368,31 +390,51 @@ class Pool:
             except GateClosed:
                 raise Abandoned from None
             if waits:
-                resent()
-            failure: RetryableError | NotAnEndpoint
-            sent_at = anyio.current_time()
-            try:
-                answer = await self.client.send(body)
-            except (ConnectFailed, NotAnEndpoint) as exc:
-                failure = exc
-            except RetryableError as exc:
-                if exc.error_class != "network":
-                    gate.answered(probing=probing, sent_at=sent_at)
-                    raise
-                failure = exc
-            except (RequestError, RunStopped):
-                gate.answered(probing=probing, sent_at=sent_at)
-                raise
-            except BaseException:
-                gate.release(probing=probing)
-                raise
-            else:
-                gate.answered(probing=probing, sent_at=sent_at)
-                return answer
-            if not await gate.failed(failure, row=position, probing=probing, sent_at=sent_at):
-                raise failure  # one flaky connection: a normal retry
-            if self.stopping:
-                raise Abandoned
+                attempt.resent()
+            sent_at = self.meter.time()
+            result = await self._send_one(body, probing=probing, sent_at=sent_at)
+            if isinstance(result, Completion):
+                return result
+            await self._judge(result, position, probing=probing, sent_at=sent_at)
+
+    async def _send_one(
+        self, body: dict[str, Any], *, probing: bool, sent_at: float
+    ) -> Completion | RetryableError | NotAnEndpoint:
+        """One send: the answer, or the failure to reach the endpoint that the gate judges
+        (`_judge`). Any other error is raised once the gate knows the endpoint answered."""
+        gate = self.gate
+        try:
+            answer = await self.client.send(body)
+        except (ConnectFailed, NotAnEndpoint) as exc:
+            return exc
+        except RetryableError as exc:
+            if exc.error_class == "network":
+                return exc
+            gate.answered(probing=probing, sent_at=sent_at)
+            raise
+        except (RequestError, RunStopped):
+            gate.answered(probing=probing, sent_at=sent_at)
+            raise
+        except BaseException:
+            gate.release(probing=probing)
+            raise
+        gate.answered(probing=probing, sent_at=sent_at)
+        return answer
+
+    async def _judge(
+        self,
+        failure: RetryableError | NotAnEndpoint,
+        position: int,
+        *,
+        probing: bool,
+        sent_at: float,
+    ) -> None:
+        """Raise a failure to reach the endpoint as the row's (one flaky connection: a normal
+        retry), unless the gate finds the endpoint down: then return, to go again."""
+        if not await self.gate.failed(failure, row=position, probing=probing, sent_at=sent_at):
+            raise failure
+        if self.stopping:
+            raise Abandoned
 
     # -- writing ----------------------------------------------------------------------------
 

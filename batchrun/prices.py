@@ -52,6 +52,22 @@ class OffPeak:
             return self.start <= now < self.end
         return now >= self.start or now < self.end
 
+    def next_change(self, at: datetime) -> datetime:
+        """The first instant after `at` where `applies` may change: its start, or the next
+        daily start or end."""
+        if at < self.since:
+            return self.since
+        utc = at.astimezone(UTC)
+        midnight = datetime(utc.year, utc.month, utc.day, tzinfo=UTC)
+        marks = (
+            midnight
+            + timedelta(days=day, hours=t.hour, minutes=t.minute, seconds=t.second)
+            + timedelta(microseconds=t.microsecond)
+            for day in (0, 1)
+            for t in (self.start, self.end)
+        )
+        return min(mark for mark in marks if mark > at)
+
 
 _WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 #: how far ahead the calendar looks for a change (a year of holidays cannot hide one)
@@ -152,6 +168,25 @@ class Charge:
     usd: float | None
     #: the server left out usage, so the answer is counted at the most it could have cost
     worst_case: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InForce:
+    """A model's price and rates over a span in which neither can change: what
+    `PriceTable` keeps per model, so that an answer is priced without a calendar look-up."""
+
+    price: Price
+    rates: Rates
+    #: what share of the cost is paid under an old-style daily discount (None: none applies)
+    factor: float | None
+    #: in the price's peak hours (`Price.is_peak`)
+    peak: bool
+    start: datetime
+    #: the first instant the price or its rates may change (None: never)
+    end: datetime | None
+
+    def covers(self, at: datetime) -> bool:
+        return self.start <= at and (self.end is None or at < self.end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +398,8 @@ class PriceTable:
         for entries in self._by_model.values():
             entries.sort(key=lambda p: p.since)
         self._warned: set[str] = set()
+        #: the span in force per model name, from the last answer priced (issue 12)
+        self._in_force: dict[str, InForce] = {}
 
     @classmethod
     def load(cls, extra: Path | None = None) -> PriceTable:
@@ -393,7 +430,7 @@ class PriceTable:
     def price_for(self, model: str, at: datetime) -> Price | None:
         """The price of `model` (or of the model a legacy name is billed as) in force at
         `at`, or None if none is known."""
-        entries = self._by_model.get(model) or self._by_model.get(self._aliases.get(model, ""))
+        entries = self._entries(model)
         if not entries:
             return None
         current = None
@@ -401,6 +438,38 @@ class PriceTable:
             if price.since <= at:
                 current = price
         return current or entries[0]  # before the first known date: the earliest price
+
+    def _entries(self, model: str) -> list[Price] | None:
+        return self._by_model.get(model) or self._by_model.get(self._aliases.get(model, ""))
+
+    def in_force(self, model: str, at: datetime) -> InForce | None:
+        """The price of `model` in force at `at` and its rates there, with the span around
+        `at` in which neither changes; None if no price is known. The span is kept per
+        model: answers sent within it are priced without looking the price up again."""
+        span = self._in_force.get(model)
+        if span is not None and span.covers(at):
+            return span
+        price = self.price_for(model, at)
+        if price is None:
+            return None
+        off = price.off_peak
+        factor = 1.0 - off.discount if off is not None and off.applies(at) else None
+        peak = price.is_peak(at)
+        end = self._next_change(model, price, at)
+        span = InForce(price, price.rates(at), factor, peak, at, end)
+        self._in_force[model] = span
+        return span
+
+    def _next_change(self, model: str, price: Price, at: datetime) -> datetime | None:
+        """The first instant after `at` where `model`'s price or rates may change: its next
+        price entry, a peak window's edge, an old-style discount window's edge."""
+        changes = [p.since for p in self._entries(model) or () if p.since > at][:1]
+        if price.peak_hours is not None:
+            # beyond the calendar's horizon: look again in a day
+            changes.append(price.peak_hours.next_change(at) or at + timedelta(days=1))
+        if price.off_peak is not None:
+            changes.append(price.off_peak.next_change(at))
+        return min(changes, default=None)
 
     def cost(
         self,
@@ -415,8 +484,8 @@ class PriceTable:
         """Cost of one answer in the price's currency, or None for an unknown model or usage."""
         if model is None or prompt_tokens is None:
             return None
-        price = self.price_for(model, at)
-        if price is None:
+        span = self.in_force(model, at)
+        if span is None:
             if model not in self._warned:
                 self._warned.add(model)
                 log.warning("price_unknown", model=model, note="cost_usd is null for its rows")
@@ -425,14 +494,14 @@ class PriceTable:
             hit, miss = 0, prompt_tokens  # a server that does not say: all at the miss price
         else:
             hit, miss = cache_hit_tokens, cache_miss_tokens
-        rates = price.rates(at)
+        rates = span.rates
         total = (
             hit * rates.cache_hit
             + miss * rates.cache_miss
             + (completion_tokens or 0) * rates.output
         ) / PER_TOKENS
-        if price.off_peak is not None and price.off_peak.applies(at):
-            total *= 1.0 - price.off_peak.discount
+        if span.factor is not None:
+            total *= span.factor
         return total
 
     def charge(
@@ -467,7 +536,8 @@ class PriceTable:
         """The most a request could cost: every prompt token a cache miss, the whole cap used,
         at the peak price (a retry may be sent in a peak window). An unknown model counts as
         free here (its cost is unknown, not zero, in the output)."""
-        price = self.price_for(model, at)
-        if price is None:
+        span = self.in_force(model, at)
+        if span is None:
             return 0.0
+        price = span.price
         return (prompt_tokens * price.cache_miss + completion_cap * price.output) / PER_TOKENS

@@ -4,7 +4,8 @@ local implementation behind it.
 A limiter hands out leases: `reserve` waits until a request for a scope may go and returns a
 `Lease`; the holder then either `settle`s it with what the attempt cost and how it ended, or
 `cancel`s it when nothing was sent (its slot, request and tokens go back whole), from the
-task that reserved it. `settle`/`cancel` run under a shield (the caller's), so a lease is
+task that reserved it (a limiter that can, `ImmediateRateLimiter`, also does each without
+an await when nothing waits). `settle`/`cancel` run under a shield (the caller's), so a lease is
 never lost to a cancellation. A lease not closed by `expires_at` returns to the pool: the
 attempt meter cuts short an attempt still running at its lease's expiry and closes the
 lease (a local lease's holder is always alive, so it comes back by the holder's hand), and
@@ -17,25 +18,26 @@ process can hand it out; what it took stays on the implementation's side.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
 
-from batchrun.limits import Limiter, LimiterStatistics, Outcome, Reservation
+from batchrun.limits import Limiter, LimiterStatistics, Outcome, Reservation, Settlement
 
 if TYPE_CHECKING:
     from batchrun.job import Limits
 
 __all__ = [
+    "ImmediateRateLimiter",
     "Lease",
     "LimiterStatistics",
     "LocalRateLimiter",
     "Outcome",
     "RateLimiter",
     "Scope",
+    "Settlement",
     "key_digest",
 ]
 
@@ -83,16 +85,7 @@ class RateLimiter(Protocol):
         """Wait until a request in `scope` may be sent; cancelling the wait takes nothing."""
         ...
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         """Close a lease whose request was sent, with what it cost and how it ended."""
         ...
 
@@ -106,6 +99,32 @@ class RateLimiter(Protocol):
 
     def statistics(self) -> LimiterStatistics:
         """A snapshot for progress displays and tests (never waits)."""
+        ...
+
+
+class ImmediateRateLimiter(RateLimiter, Protocol):
+    """A limiter that can also act without awaiting (`LocalRateLimiter`). The attempt meter
+    calls `try_reserve` first where `reserves_at_once`, and `settle_now`/`cancel_now`
+    instead of `settle`/`cancel` where `settles_at_once`: no coroutine, no shield. (A
+    subclass of `LocalRateLimiter` that overrides any of these is taken to do neither
+    unless it says so.)"""
+
+    reserves_at_once: bool
+    settles_at_once: bool
+
+    def try_reserve(
+        self, scope: Scope, *, prompt_tokens: int, completion_cap: int, now: float
+    ) -> Lease | None:
+        """A lease if one may be had without waiting, else None (nothing taken). `now`:
+        `anyio.current_time()`."""
+        ...
+
+    def settle_now(self, lease: Lease, settlement: Settlement, now: float | None = None) -> None:
+        """`settle`, without a wait."""
+        ...
+
+    def cancel_now(self, lease: Lease, now: float | None = None) -> None:
+        """`cancel`, without a wait."""
         ...
 
 
@@ -125,11 +144,15 @@ class LocalRateLimiter:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # a subclass may await in its settle or cancel: it says so itself if it does not
-        if "settles_at_once" not in cls.__dict__:
-            cls.settles_at_once = False
+        # a subclass may await in its methods: it says so itself if it does not
+        for flag in ("reserves_at_once", "settles_at_once"):
+            if flag not in cls.__dict__:
+                setattr(cls, flag, False)
 
-    #: `settle` and `cancel` never suspend: the attempt meter runs them without a shield
+    #: `try_reserve` is `reserve` without the wait: the attempt meter calls it first
+    reserves_at_once: bool = True
+    #: `settle` and `cancel` never suspend: the attempt meter calls `settle_now` and
+    #: `cancel_now` instead, without a shield
     settles_at_once: bool = True
 
     def __init__(self, limiter: Limiter, *, lease_seconds: float) -> None:
@@ -161,36 +184,39 @@ class LocalRateLimiter:
         reservation = await self.limiter.reserve(
             prompt_tokens=prompt_tokens, completion_cap=completion_cap
         )
+        return self._lease(scope, reservation, anyio.current_time())
+
+    def try_reserve(
+        self, scope: Scope, *, prompt_tokens: int, completion_cap: int, now: float
+    ) -> Lease | None:
+        """`reserve` if it need not wait (`Limiter.try_reserve`), else None: nothing taken."""
+        reservation = self.limiter.try_reserve(
+            prompt_tokens=prompt_tokens, completion_cap=completion_cap, now=now
+        )
+        return None if reservation is None else self._lease(scope, reservation, now)
+
+    def _lease(self, scope: Scope, reservation: Reservation, now: float) -> Lease:
         self._numbers += 1
         self._leases[self._numbers] = reservation
-        return Lease(scope, self._numbers, anyio.current_time() + self.lease_seconds)
+        return Lease(scope, self._numbers, now + self.lease_seconds)
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
+        self.settle_now(lease, settlement)
+
+    def settle_now(self, lease: Lease, settlement: Settlement, now: float | None = None) -> None:
+        """`settle`, which never waits; `now`: `anyio.current_time()`, if read."""
         reservation = self._leases.pop(lease.number, None)
-        if reservation is None:
-            return  # closed already
-        self.limiter.settle(
-            reservation,
-            outcome=outcome,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            retry_after=retry_after,
-            headers=headers,
-        )
+        if reservation is not None:  # else closed already
+            self.limiter.settle(reservation, settlement, now=now)
 
     async def cancel(self, lease: Lease) -> None:
+        self.cancel_now(lease)
+
+    def cancel_now(self, lease: Lease, now: float | None = None) -> None:
+        """`cancel`, which never waits."""
         reservation = self._leases.pop(lease.number, None)
         if reservation is not None:
-            self.limiter.cancel(reservation)
+            self.limiter.cancel(reservation, now=now)
 
     async def pause(self, scope: Scope, seconds: float) -> None:
         self.limiter.pause(seconds)

@@ -37,11 +37,12 @@ import anyio.lowlevel
 from batchrun.errors import CostCapReached
 from batchrun.limits import (
     BURST_SHARE,
-    COMPLETION_PRIOR,
     EXPECTED_LATENCY,
     AdaptiveConcurrency,
+    CompletionEstimate,
     LimiterStatistics,
     Outcome,
+    Settlement,
     SpendCap,
     TokenBucket,
     parse_duration,
@@ -451,7 +452,7 @@ class LeasedRateLimiter:
         self._stocks: dict[str, _Stock] = {}
         self._held: dict[int, _Held] = {}
         self._numbers = 0
-        self._completions: deque[int] = deque(maxlen=1000)
+        self._completions = CompletionEstimate(limits.tpm_counts)
         #: server limits already reported, per scope key and kind
         self._followed: dict[tuple[str, str], float] = {}
 
@@ -460,7 +461,7 @@ class LeasedRateLimiter:
     async def reserve(self, scope: Scope, *, prompt_tokens: int, completion_cap: int) -> Lease:
         key = scope_key(scope)
         stock = self._stocks.setdefault(key, _Stock())
-        need = prompt_tokens + self._completion_allowance(completion_cap)
+        need = prompt_tokens + self._completions.allowance(completion_cap)
         stock.waiting += 1
         try:
             while not self._ready(stock, need):
@@ -488,43 +489,41 @@ class LeasedRateLimiter:
                 await self._call(key, stock, need, wait=False)
         return Lease(scope, self._numbers, anyio.current_time() + self.hold)
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         held = self._held.pop(lease.number, None)
         if held is None:
             return
         stock = self._stocks[held.key]
         self._close(stock, held)
-        owed = stock.owed
+        owed, outcome = stock.owed, settlement.outcome
         if outcome is Outcome.RATE_LIMITED:
             # the server did not count a refused request: its permit and tokens come back
             owed.permits_back += 1 if self.limits.rpm else 0
             owed.tokens_back += held.tokens
             stock.rate_limited += 1
             seconds = await self.handle.rate_limited.remote(
-                self.worker, held.key, retry_after=retry_after, in_flight=stock.in_flight
+                self.worker,
+                held.key,
+                retry_after=settlement.retry_after,
+                in_flight=stock.in_flight,
             )
             stock.paused_until = anyio.current_time() + float(seconds)
         elif outcome is Outcome.OK:
             owed.ok += 1
+            prompt_tokens, completion_tokens = (
+                settlement.prompt_tokens,
+                settlement.completion_tokens,
+            )
             if completion_tokens is not None:
-                self._completions.append(completion_tokens)
+                self._completions.record(completion_tokens)
             if self.limits.tpm and prompt_tokens is not None:
                 if self.limits.tpm_counts == "usage":
                     used = prompt_tokens + (completion_tokens or 0)
                 else:
                     used = prompt_tokens + held.completion_cap
                 owed.tokens_back += held.tokens - used
-        if headers is not None:
-            await self._follow_headers(held.key, stock, headers)
+        if settlement.headers is not None:
+            await self._follow_headers(held.key, stock, settlement.headers)
         self._settled(held.key, stock)
 
     async def cancel(self, lease: Lease) -> None:
@@ -643,14 +642,6 @@ class LeasedRateLimiter:
             if reset:
                 left = await self.handle.pause.remote(key, reset)
                 stock.paused_until = anyio.current_time() + float(left)
-
-    def _completion_allowance(self, cap: int) -> int:
-        if self.limits.tpm_counts == "max_tokens":
-            return cap
-        if not self._completions:
-            return min(cap, COMPLETION_PRIOR)
-        ordered = sorted(self._completions)
-        return min(cap, ordered[max(0, math.ceil(len(ordered) * 0.95) - 1)])
 
 
 def _number(text: str | None) -> float | None:

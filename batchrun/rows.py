@@ -129,7 +129,7 @@ class RowMaker:
     scan: InputSummary
     meter: AttemptMeter
     tally: Tally
-    send: Callable[[dict[str, Any], int, Callable[[], None]], Awaitable[Completion]]
+    send: Callable[[dict[str, Any], int, Attempt], Awaitable[Completion]]
     journal: Callable[[dict[str, Any]], None]
     keep: Callable[[dict[str, Any]], None]
     stopping: Callable[[], bool]
@@ -229,7 +229,9 @@ class RowMaker:
     async def _send_once(self, state: RowState, request: MeteredRequest) -> Completion:
         if self.stopping():
             raise Abandoned
-        attempt = self.meter.attempt(request)
+        # `send` (the pool's) puts its waits under the lease's deadline itself: the common
+        # attempt enters no cancel scope for it
+        attempt = self.meter.attempt(request, deferred_deadline=True)
         try:
             async with attempt:
                 if self.stopping():  # stopped while waiting for the budget: nothing is sent
@@ -238,7 +240,7 @@ class RowMaker:
                 self.tally.requests += 1
                 self.tally.in_flight += 1
                 try:
-                    answer = await self.send(request.body, state.work.position, attempt.resent)
+                    answer = await self.send(request.body, state.work.position, attempt)
                     attempt.received(answer)
                 finally:
                     self.tally.in_flight -= 1

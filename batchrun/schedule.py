@@ -44,10 +44,10 @@ class PeakWait:
 
 def peak_wait(prices: PriceTable, model: str, at: datetime) -> PeakWait | None:
     """If `model` is at its peak price at `at`: when off-peak begins; else None."""
-    price = prices.price_for(model, at)
-    if price is None or price.peak_hours is None or not price.is_peak(at):
+    span = prices.in_force(model, at)  # the common answer, off-peak, without a calendar
+    if span is None or not span.peak:
         return None
-    saving, until = price.off_peak_saving(), at
+    saving, until = span.price.off_peak_saving(), at
     for _ in range(_MAX_STEPS):
         price = prices.price_for(model, until)
         if price is None or price.peak_hours is None or not price.is_peak(until):
@@ -82,8 +82,8 @@ class OffPeakSchedule:
 
     def at_peak(self, model: str, at: datetime) -> bool:
         """Whether `model` is at its peak price at `at`."""
-        price = self.prices.price_for(model, at)
-        return price is not None and price.is_peak(at)
+        span = self.prices.in_force(model, at)
+        return span is not None and span.peak
 
     async def wait_off_peak(self, model: str) -> bool:
         """Return once `model` is off-peak (at once if it is), or when the run stops: whether

@@ -18,6 +18,7 @@ from batchrun.limits import (
     Limiter,
     Outcome,
     Reservation,
+    Settlement,
     TokenBucket,
     parse_duration,
 )
@@ -152,7 +153,7 @@ async def test_a_429_pauses_every_worker(anyio_backend: object) -> None:
 
     limiter = Limiter(concurrency=4, adaptive=False)
     first = await limiter.reserve(prompt_tokens=10, completion_cap=10)
-    limiter.settle(first, outcome=Outcome.RATE_LIMITED, retry_after=30.0)
+    limiter.settle(first, Settlement(Outcome.RATE_LIMITED, retry_after=30.0))
     start = anyio.current_time()
     await limiter.reserve(prompt_tokens=10, completion_cap=10)
     assert anyio.current_time() - start >= 30.0
@@ -169,7 +170,7 @@ async def test_rpm_paces_a_simulated_minute(anyio_backend: object) -> None:
     start = anyio.current_time()
     while anyio.current_time() - start < 60.0:
         reservation = await limiter.reserve(prompt_tokens=5, completion_cap=5)
-        limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=5, completion_tokens=5)
+        limiter.settle(reservation, Settlement(Outcome.OK, prompt_tokens=5, completion_tokens=5))
         sent += 1
     assert 0.95 * 120 <= sent <= 120
 
@@ -187,7 +188,7 @@ async def test_cancelled_wait_gives_its_slot_back(anyio_backend: object) -> None
     limiter._paused_until = 0.0
     with anyio.fail_after(1.0):
         reservation = await limiter.reserve(prompt_tokens=1, completion_cap=1)
-    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=1, completion_tokens=1)
+    limiter.settle(reservation, Settlement(Outcome.OK, prompt_tokens=1, completion_tokens=1))
 
 
 @TRIO
@@ -215,7 +216,7 @@ async def test_oversized_request_is_sent_alone_and_logged(anyio_backend: object)
     limiter = Limiter(concurrency=2, tpm=1000, adaptive=False)
     with capture_logs() as logs:
         reservation = await limiter.reserve(prompt_tokens=5000, completion_cap=100)
-    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=5000, completion_tokens=10)
+    limiter.settle(reservation, Settlement(Outcome.OK, prompt_tokens=5000, completion_tokens=10))
     assert any(entry["event"] == "request_larger_than_tpm" for entry in logs)
 
 
@@ -229,7 +230,9 @@ async def test_usage_counting_reserves_a_percentile_and_settles_real_usage(
     assert limiter.completion_allowance(1000) == COMPLETION_PRIOR  # nothing seen yet: a prior
     for size in range(1, 101):  # completions of 1..100 tokens
         reservation = await limiter.reserve(prompt_tokens=10, completion_cap=1000)
-        limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=size)
+        limiter.settle(
+            reservation, Settlement(Outcome.OK, prompt_tokens=10, completion_tokens=size)
+        )
     allowance = limiter.completion_allowance(1000)
     assert 60 <= allowance <= 100  # a high percentile of 1..100 (refreshed every 50 answers)
     assert limiter.completion_allowance(50) == 50  # never above the request's own cap
@@ -237,7 +240,7 @@ async def test_usage_counting_reserves_a_percentile_and_settles_real_usage(
     reservation = await limiter.reserve(prompt_tokens=10, completion_cap=1000)
     assert reservation.tokens == 10 + allowance
     level = limiter.tokens.level
-    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=5)
+    limiter.settle(reservation, Settlement(Outcome.OK, prompt_tokens=10, completion_tokens=5))
     # only 15 were used: the rest of the reservation comes back
     assert limiter.tokens.level == pytest.approx(level + reservation.tokens - 15)
 
@@ -249,7 +252,7 @@ async def test_max_tokens_counting_keeps_the_whole_cap_charged(anyio_backend: ob
     assert limiter.tokens is not None
     reservation = await limiter.reserve(prompt_tokens=10, completion_cap=200)
     level = limiter.tokens.level
-    limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=12, completion_tokens=5)
+    limiter.settle(reservation, Settlement(Outcome.OK, prompt_tokens=12, completion_tokens=5))
     # the server charged the real prompt (12) plus all of max_tokens (200)
     assert limiter.tokens.level == pytest.approx(level + reservation.tokens - 212)
 
@@ -302,9 +305,7 @@ class Simulation:
                 delay = decision.retry_after if self.retry_after else None
                 limiter.settle(
                     reservation,
-                    outcome=Outcome.RATE_LIMITED,
-                    retry_after=delay,
-                    headers=decision.headers,
+                    Settlement(Outcome.RATE_LIMITED, retry_after=delay, headers=decision.headers),
                 )
                 continue
             await anyio.sleep(self.latency)
@@ -313,10 +314,12 @@ class Simulation:
                 self.server.book(anyio.current_time(), self.completion, limits)
             limiter.settle(
                 reservation,
-                outcome=Outcome.OK,
-                prompt_tokens=self.prompt,
-                completion_tokens=self.completion,
-                headers=decision.headers,
+                Settlement(
+                    Outcome.OK,
+                    prompt_tokens=self.prompt,
+                    completion_tokens=self.completion,
+                    headers=decision.headers,
+                ),
             )
 
 
@@ -366,7 +369,7 @@ async def test_a_tpm_waiter_wakes_when_tokens_come_back(anyio_backend: object) -
         group.start_soon(second)
         await anyio.sleep(0.01)
         assert not went
-        limiter.settle(first, outcome=Outcome.RATE_LIMITED, retry_after=0.0)  # not counted
+        limiter.settle(first, Settlement(Outcome.RATE_LIMITED, retry_after=0.0))  # not counted
     assert went and went[0] < 0.05
 
 
@@ -379,7 +382,7 @@ async def test_completion_estimate_leaves_the_prior_within_a_few_answers(
     assert limiter.completion_allowance(4096) == COMPLETION_PRIOR
     for _ in range(3):
         reservation = await limiter.reserve(prompt_tokens=10, completion_cap=4096)
-        limiter.settle(reservation, outcome=Outcome.OK, prompt_tokens=10, completion_tokens=40)
+        limiter.settle(reservation, Settlement(Outcome.OK, prompt_tokens=10, completion_tokens=40))
     assert limiter.completion_allowance(4096) == 40
     counted = Limiter(concurrency=4, tpm=100_000, adaptive=False, tpm_counts="max_tokens")
     assert counted.completion_allowance(4096) == 4096  # the server charges the cap
@@ -472,7 +475,7 @@ class Held:
         self.reserved.set()
         await self._settle.wait()
         self.limiter.settle(
-            self.reservation, outcome=self.outcome, prompt_tokens=1, completion_tokens=1
+            self.reservation, Settlement(self.outcome, prompt_tokens=1, completion_tokens=1)
         )
 
     async def settle(self, outcome: Outcome) -> None:

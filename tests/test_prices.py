@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -282,3 +282,67 @@ def test_peak_hours_naming_no_calendar_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"price entry 1: peak_hours 'nowhere' names no"):
         PriceTable.load(extra)
+
+
+def _walk(start: datetime, days: int) -> list[datetime]:
+    """Instants over `days` in time order: every 7 minutes, and a microsecond either side
+    of every quarter hour (where the shipped windows begin and end)."""
+    moments: list[datetime] = []
+    step = timedelta(minutes=7)
+    at = start
+    while at < start + timedelta(days=days):
+        moments.append(at)
+        at += step
+    quarter = start
+    while quarter < start + timedelta(days=days):
+        for edge in (quarter - timedelta(microseconds=1), quarter):
+            moments.append(edge)
+        quarter += timedelta(minutes=15)
+    return sorted(moments)
+
+
+@pytest.mark.parametrize(
+    ("model", "start", "days"),
+    [
+        # an old-style daily discount (16:30-00:30) switched on at its `from`, then a new price
+        ("deepseek-chat", datetime(2025, 2, 24, tzinfo=UTC), 4),
+        ("deepseek-chat", datetime(2025, 9, 3, tzinfo=UTC), 3),
+        # peak windows on weekdays (01:00-04:00, 06:00-10:00), the weekend off-peak, and the
+        # first price's own start (16:00)
+        ("deepseek-v4-flash", datetime(2026, 8, 14, tzinfo=UTC), 5),
+    ],
+)
+def test_prices_kept_per_span_agree_with_a_fresh_look_up(
+    model: str, start: datetime, days: int
+) -> None:
+    """An answer is priced from the span kept for its model; across every price change, peak
+    window and discount window, that is what looking the price up afresh says."""
+    kept = PriceTable.load()
+    looked_up: set[float | None] = set()
+    for at in _walk(start, days):
+        usage = {
+            "prompt_tokens": 1000,
+            "cache_hit_tokens": 600,
+            "cache_miss_tokens": 400,
+            "completion_tokens": 500,
+        }
+        fresh = PriceTable.load().cost(model, at, **usage)
+        assert kept.cost(model, at, **usage) == fresh, at
+        looked_up.add(fresh)
+    assert len(looked_up) >= 2  # the walk crossed a change
+
+
+def test_a_kept_span_is_not_used_for_an_earlier_answer() -> None:
+    """An answer sent before the span kept for its model (settled after a later one) is
+    priced by its own hour."""
+    table = PriceTable.load()
+    usage = {
+        "prompt_tokens": 10,
+        "cache_hit_tokens": 0,
+        "cache_miss_tokens": 10,
+        "completion_tokens": 10,
+    }
+    off_peak = datetime(2026, 9, 1, 5, 0, tzinfo=UTC)  # a Tuesday, between the windows
+    peak = off_peak - timedelta(hours=2)
+    assert table.cost("deepseek-flash", off_peak, **usage) == pytest.approx(10 * 0.75 / 1e6)
+    assert table.cost("deepseek-flash", peak, **usage) == pytest.approx(10 * 1.5 / 1e6)

@@ -3,16 +3,16 @@ limiter is a stub implementing the protocol, passed in."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
+import pyarrow.parquet as pq
 import pytest
 from trio.testing import MockClock
 
 from batchrun.fake import FakeServer
 from batchrun.job import Limits, build_job
-from batchrun.limits import Limiter, LimiterStatistics, Outcome
+from batchrun.limits import Limiter, LimiterStatistics, Outcome, Settlement
 from batchrun.pool import PoolSettings
 from batchrun.ratelimit import Lease, LocalRateLimiter, RateLimiter, Scope, key_digest
 from batchrun.runner import run_job
@@ -76,20 +76,11 @@ class StubLimiter:
         self.in_flight += 1
         return Lease(scope, len(self.scopes), anyio.current_time() + 60.0)
 
-    async def settle(
-        self,
-        lease: Lease,
-        *,
-        outcome: Outcome,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
         self.in_flight -= 1
-        self.settled.append(outcome)
-        if retry_after is not None:
-            await self.pause(lease.scope, retry_after)
+        self.settled.append(settlement.outcome)
+        if settlement.retry_after is not None:
+            await self.pause(lease.scope, settlement.retry_after)
             self._paused_at = anyio.current_time()
 
     async def cancel(self, lease: Lease) -> None:
@@ -144,3 +135,30 @@ def test_the_pool_takes_its_limiter_from_the_caller(
     assert "sk-scope-123456" not in repr(stub.scopes)
     # uvloop's clock counts whole milliseconds from a large base: 0.2 may come out 0.2 - 1e-12
     assert len(stub.holds) == 1 and 0.2 - 1e-9 <= stub.holds[0] < 1.0
+
+
+@pytest.mark.parametrize(("lease_seconds", "cut_short"), [(0.3, True), (60.0, False)])
+def test_a_send_that_may_outlive_its_lease_goes_under_the_lease_deadline(
+    tmp_path: Path, fake: FakeServer, lease_seconds: float, cut_short: bool
+) -> None:
+    """A lease that may expire before the client's own timeout ends a send puts that send
+    under the lease's deadline: a slow answer is cut short (`LeaseExpired`, a timeout) and
+    the lease comes back. A lease that outlasts the timeout sends on the fast path, under
+    no deadline of its own, and the slow answer arrives."""
+    fake.update(latency=1.0)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "question 0"}])
+    data = fast_job_data(tmp_path, fake.base_url, limits={"max_attempts": 1, "timeout": 5})
+    made: list[LocalRateLimiter] = []
+
+    def make(limits: Limits) -> RateLimiter:
+        made.append(LocalRateLimiter(Limiter(concurrency=4), lease_seconds=lease_seconds))
+        return made[0]
+
+    summary = run_job(build_job(data), settings=SETTINGS, rate_limiter=make)
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    if cut_short:
+        assert summary.rows_ok == 0 and rows[0]["error_class"] == "timeout"
+        assert "lease" in rows[0]["error"]
+    else:
+        assert summary.rows_ok == 1 and rows[0]["status"] == "ok"
+    assert not made[0]._leases  # every lease closed

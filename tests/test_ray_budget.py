@@ -13,7 +13,7 @@ import pytest
 
 from batchrun.fake import FakeServer
 from batchrun.job import Limits, build_job
-from batchrun.limits import Outcome
+from batchrun.limits import Outcome, Settlement
 from batchrun.ratelimit import Scope
 from batchrun.ray_budget import LeasedRateLimiter, scope_key, start_budget, stop_budget
 from tests.conftest import fast_job_data, write_jsonl
@@ -168,7 +168,7 @@ def test_a_429_from_one_worker_pauses_the_others() -> None:
         first = LeasedRateLimiter(handle, limits)
         second = LeasedRateLimiter(handle, limits)
         lease = await first.reserve(SCOPE, prompt_tokens=10, completion_cap=10)
-        await first.settle(lease, outcome=Outcome.RATE_LIMITED, retry_after=0.5)
+        await first.settle(lease, Settlement(Outcome.RATE_LIMITED, retry_after=0.5))
         started = time.monotonic()
         await second.reserve(SCOPE, prompt_tokens=10, completion_cap=10)
         return time.monotonic() - started
@@ -251,7 +251,7 @@ def test_a_live_worker_keeps_its_slots_while_the_others_wait() -> None:
         leases = [await first.reserve(SCOPE, prompt_tokens=1, completion_cap=1) for _ in "ab"]
         with anyio.move_on_after(0.8) as waiting:
             await second.reserve(SCOPE, prompt_tokens=1, completion_cap=1)
-        await first.settle(leases[0], outcome=Outcome.OK, prompt_tokens=1, completion_tokens=1)
+        await first.settle(leases[0], Settlement(Outcome.OK, prompt_tokens=1, completion_tokens=1))
         with anyio.move_on_after(2.0) as after_settle:
             await second.reserve(SCOPE, prompt_tokens=1, completion_cap=1)
         return waiting.cancelled_caught, after_settle.cancelled_caught
@@ -273,7 +273,7 @@ def test_a_remaining_count_of_zero_pauses_the_others_until_its_reset() -> None:
         first = LeasedRateLimiter(handle, limits)
         second = LeasedRateLimiter(handle, limits)
         lease = await first.reserve(SCOPE, prompt_tokens=10, completion_cap=10)
-        await first.settle(lease, outcome=Outcome.OK, prompt_tokens=10, headers=headers)
+        await first.settle(lease, Settlement(Outcome.OK, prompt_tokens=10, headers=headers))
         started = time.monotonic()
         await second.reserve(SCOPE, prompt_tokens=10, completion_cap=10)
         return time.monotonic() - started
@@ -293,7 +293,7 @@ def test_a_429_without_a_delay_shrinks_the_runs_learned_concurrency() -> None:
     async def main() -> None:
         worker = LeasedRateLimiter(handle, limits)
         leases = [await worker.reserve(SCOPE, prompt_tokens=1, completion_cap=1) for _ in "abcd"]
-        await worker.settle(leases[0], outcome=Outcome.RATE_LIMITED)
+        await worker.settle(leases[0], Settlement(Outcome.RATE_LIMITED))
 
     try:
         before = ray.get(handle.statistics.remote(scope_key(SCOPE)))["concurrency"]
@@ -314,7 +314,7 @@ def test_a_server_limit_below_the_budget_lowers_it_for_every_worker() -> None:
         worker = LeasedRateLimiter(handle, limits)
         lease = await worker.reserve(SCOPE, prompt_tokens=1, completion_cap=1)
         headers = {"x-ratelimit-limit-requests": "120", "x-ratelimit-remaining-requests": "50"}
-        await worker.settle(lease, outcome=Outcome.OK, prompt_tokens=1, headers=headers)
+        await worker.settle(lease, Settlement(Outcome.OK, prompt_tokens=1, headers=headers))
 
     try:
         anyio.run(main)

@@ -19,9 +19,12 @@ from structlog.testing import capture_logs
 from batchrun.errors import Interrupted
 from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
+from batchrun.limits import Limiter, SpendCap
+from batchrun.meter import AttemptMeter
 from batchrun.pool import PoolSettings
 from batchrun.prices import PriceTable
 from batchrun.progress import Tally
+from batchrun.ratelimit import LocalRateLimiter
 from batchrun.runner import RunSummary, run_job
 from batchrun.schedule import OffPeakSchedule, peak_wait
 from tests.conftest import ManualClock, fast_job_data, write_jsonl
@@ -265,3 +268,31 @@ def test_429s_after_a_long_off_peak_wait_are_asked_again(tmp_path: Path, fake: F
     assert isinstance(summary, RunSummary), summary
     assert summary.rows_ok == 2
     assert [row["rate_limited"] for row in _rows(tmp_path)] == [2, 2]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_off_peak_attempt_takes_its_lease_at_once_and_a_peak_one_waits(
+    anyio_backend: str,
+) -> None:
+    """With the off-peak schedule, an attempt off-peak takes its budgets without an await
+    (the meter's fast path); one at peak takes the awaited path and holds nothing."""
+    clock = ManualClock(TUESDAY.replace(hour=5))  # between the windows
+    schedule = OffPeakSchedule(PriceTable.load(), clock=clock, stop=anyio.Event(), tally=Tally())
+    limiter = LocalRateLimiter(Limiter(concurrency=2, adaptive=False), lease_seconds=60.0)
+    meter = AttemptMeter(
+        limiter=limiter,
+        spend=SpendCap(None),
+        prices=PriceTable.load(),
+        endpoint="http://x",
+        clock=clock,
+        schedule=schedule,
+    )
+    body = {"model": "deepseek-flash", "messages": [{"role": "user", "content": "hi"}]}
+    off_peak = meter.attempt(meter.request(body), deferred_deadline=True)
+    assert off_peak._lease_at_once() and limiter.statistics().in_flight == 1
+    clock.set(TUESDAY.replace(hour=7))  # in the 06:00-10:00 window
+    at_peak = meter.attempt(meter.request(body), deferred_deadline=True)
+    assert not at_peak._lease_at_once() and limiter.statistics().in_flight == 1
+    with anyio.move_on_after(0.05):
+        await at_peak.__aenter__()  # waits for 10:00
+    assert at_peak.lease is None and limiter.statistics().in_flight == 1
