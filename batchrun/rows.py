@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -150,13 +150,18 @@ class RowMaker:
         """The row's id as text, for logs: worked out only when something is logged."""
         return self.scan.ids.text(work.row, self.job.input)
 
-    async def make(self, work: Work, policy: RetryPolicy) -> RowEnd:
-        """The row of a work item: from the cache, or asked (and re-asked until it parses)."""
+    def make(self, work: Work, policy: RetryPolicy) -> Coroutine[Any, Any, RowEnd]:
+        """The row of a work item: from the cache, or asked (and re-asked until it parses).
+
+        Not itself a coroutine: it builds the request, then hands back the coroutine that
+        asks (`_ask`), so that a request in flight has one coroutine layer fewer to pass
+        through each time it resumes.
+        """
         state = RowState(work, time.perf_counter())
         request = self.meter.request(build_request(work.row.data, self.shapes[work.variant]))
         if self.cache is not None:
-            return await self._make_through_cache(self.cache, state, request, policy)
-        return await self._ask(state, request, policy) or RowEnd(self._finish(state))
+            return self._make_through_cache(self.cache, state, request, policy)
+        return self._ask(state, request, policy)
 
     async def _make_through_cache(
         self, cache: RequestCache, state: RowState, request: MeteredRequest, policy: RetryPolicy
@@ -174,16 +179,15 @@ class RowMaker:
             return RowEnd(self._finish(state))
         try:
             end = await self._ask(state, request, policy)
-            if end is None and state.failure is None:
+            if end.stop is None and state.failure is None and state.answers:  # not cut short
                 cache.put(key, state.answers[-1])
         finally:
             cache.release(key)
-        return end or RowEnd(self._finish(state))
+        return end
 
-    async def _ask(
-        self, state: RowState, request: MeteredRequest, policy: RetryPolicy
-    ) -> RowEnd | None:
-        """Ask, and re-ask while the answer does not parse; a `RowEnd` if the run stops.
+    async def _ask(self, state: RowState, request: MeteredRequest, policy: RetryPolicy) -> RowEnd:
+        """Ask, and re-ask while the answer does not parse; what to keep, and whether the run
+        must stop.
 
         Each ask's first request is sent straight from here: most are answered at once, and
         each coroutine layer costs CPU at every resumption of a request in flight. Only a
@@ -201,7 +205,7 @@ class RowMaker:
                     completion = await self._ask_again(state, request, policy, exc, began)
             except RequestError as exc:
                 state.failure = exc
-                return None
+                break
             except (Abandoned, RunStopped) as exc:
                 # a paid answer that did not parse is kept; then the run stops
                 cut = self._cut_short(state) if state.answers else None
@@ -212,13 +216,13 @@ class RowMaker:
                 raise
             state.answers.append(completion)
             if self.parse is None:
-                return None
+                break
             state.parsed, state.failure = self._parsed(completion)
             if state.failure is None:
-                return None
+                break
             if asks_left:  # re-asked next: what is paid so far is journaled now
                 self._journal_paid(state)
-        return None
+        return RowEnd(self._finish(state))
 
     async def _ask_again(
         self,
