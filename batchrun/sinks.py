@@ -3,11 +3,11 @@
 Each result row is appended, as it completes, to a journal segment in `OUTPUT.parts/`
 (`journal-NNNNNN.jsonl`, one JSON line a row, unbuffered), so a killed run loses nothing it
 counted as done: the pool queues the rows that finish in one event-loop turn and journals them
-with one write before it counts them (`PartWriter.queue`, `write_queued`). Every few hundred
-rows or seconds the buffered rows become `part-NNNNNN.parquet` (same N), written under a
-temporary name, fsynced and renamed; then the journal segment is deleted. A run that starts
-folds leftover segments into parts first (`recover_journals`). When every row has a result,
-the parts are compacted into OUTPUT in input order.
+with one write before it counts them (`PartWriter.queue`, `write_queued`). Every few thousand
+rows, megabytes or seconds (`pool.FLUSH_ROWS`) the buffered rows become `part-NNNNNN.parquet`
+(same N), written under a temporary name, fsynced and renamed; then the journal segment is
+deleted. A run that starts folds leftover segments into parts first (`recover_journals`).
+When every row has a result, the parts are compacted into OUTPUT in input order.
 """
 
 from __future__ import annotations

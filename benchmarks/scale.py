@@ -37,7 +37,8 @@ from batchrun.job import build_job
 # parent, and the sibling `throughput` benchmark, which starts the fake, imports the pool).
 
 LIMIT_RSS_MB = 300
-PART_ROWS = 500
+#: rows a part file holds, as a run writes them (`pool.FLUSH_ROWS`)
+PART_ROWS = 5000
 
 
 def peak_rss_mb() -> float:
@@ -223,7 +224,7 @@ def main() -> None:
     from throughput import free_port, start_fake  # the sibling benchmark
 
     port = free_port()
-    fake = start_fake(port)
+    fake = start_fake(port, None)  # not pinned: each step runs alone
     base_url = f"http://127.0.0.1:{port}"
     rows, limit = args.rows, args.limit
     print(
