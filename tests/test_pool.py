@@ -11,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import orjson
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +23,7 @@ from batchrun.cli import cli
 from batchrun.errors import BalanceError, CostCapReached
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
-from batchrun.pool import PoolSettings
+from batchrun.pool import PoolSettings, next_turn_yield
 from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import PartWriter, list_journals, parts_dir, read_journal
 from tests.conftest import fast_job_data, write_jsonl
@@ -288,3 +290,26 @@ def test_a_part_is_written_once_the_journal_holds_flush_bytes(
         patch.setattr(PartWriter, "write_part", write_part)
         summary = run_job(job, settings=settings)
     assert summary.complete and sum(parts) == 8 and len(parts) >= 3
+
+
+async def test_the_journal_yield_lets_the_tasks_already_woken_run_first() -> None:
+    """A worker queues its row, yields once, then writes the turn's rows: on asyncio the yield
+    (a bare sleep(0)) lets every task already ready run before it comes back."""
+    order: list[str] = []
+    next_turn = next_turn_yield()
+
+    async def other(name: str) -> None:
+        order.append(name)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(other, "a")
+        group.start_soon(other, "b")
+        await next_turn()
+        order.append("after the yield")
+    assert order == ["a", "b", "after the yield"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_the_journal_yield_off_asyncio_is_anyio_checkpoint() -> None:
+    """Off asyncio (trio) the worker's yield is anyio's own checkpoint."""
+    assert next_turn_yield() is anyio.lowlevel.checkpoint
