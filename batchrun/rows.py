@@ -1,7 +1,8 @@
 """One work item to one result row: cache claim, asks and parse re-asks, usage summed.
 
-A row's progress lives in a `RowState`; `RowMaker.make` returns a `RowEnd` saying what to
-keep and whether the run must stop. Each ask goes through the retry policy, and each attempt
+A row's progress lives in a `RowState`; `RowMaker.make` gives the `RowEnd` saying what to
+keep and whether the run must stop. An ask's first request is sent directly (the common case:
+answered at once); one that failed goes on through the retry policy. Each attempt goes
 through the `AttemptMeter`. A 429 is not a row's failure while the server answers other
 requests: the attempt waits for the limiter and sends again, costing no `max_attempts`, for
 at most `timeout` seconds, and only while some request was answered within `outage_timeout`.
@@ -253,7 +254,9 @@ class RowMaker:
         """One attempt: sent again after each 429 while the server answers other requests.
 
         Args:
-            began: `time.perf_counter()` when the attempt began, if before this call.
+            began: `time.perf_counter()` when the attempt began, if before this call (the
+                window is timed like the row's latency: a read costs a tenth of
+                `anyio.current_time()`, and one is taken for every ask).
             refused: the 429 its first send met, if it was sent before this call.
         """
         limits = self.job.limits
