@@ -310,7 +310,7 @@ class AttemptMeter:
 
     def request(self, body: dict[str, Any]) -> MeteredRequest:
         model = str(body.get("model"))
-        prompt_at_most = tokens.prompt_tokens_at_most(body)
+        prompt_tokens, prompt_at_most = tokens.prompt_estimate(body)  # one pass for both
         cap = tokens.completion_cap(body)
         worst = 0.0
         if self.spend.cap is not None:
@@ -321,7 +321,7 @@ class AttemptMeter:
             body=body,
             model=model,
             scope=self._scope(model),
-            prompt_tokens=tokens.prompt_tokens(body),
+            prompt_tokens=prompt_tokens,
             prompt_at_most=prompt_at_most,
             completion_cap=cap,
             worst_usd=worst,

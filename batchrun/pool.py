@@ -12,13 +12,15 @@ is done is written, and the stop is raised for the CLI to report.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import structlog
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from tenacity import RetryCallState
 
@@ -50,8 +52,16 @@ from batchrun.sources import InputRow, InputSummary, RowStart, iter_batches
 
 log = structlog.get_logger("batchrun")
 
-FLUSH_ROWS = 500
+#: a part file is written every FLUSH_ROWS rows, FLUSH_BYTES of journal or FLUSH_SECONDS,
+#: whichever comes first. Those rows are held in memory meanwhile (a few KB each) and a
+#: killed run folds at most that much journal into a part when it resumes; a part file costs
+#: ~2 ms of CPU and an fsync of its own, so 5,000-row parts cost ~4 µs a row less than
+#: 500-row ones, and compaction reads a tenth as many files
+FLUSH_ROWS = 5000
+FLUSH_BYTES = 16 << 20
 FLUSH_SECONDS = 5.0
+#: how often the pool looks whether the limiter's concurrency has grown past its workers
+GROW_EVERY_SECONDS = 0.02
 #: how long requests in flight may take to finish after a stop
 STOP_GRACE_SECONDS = 30.0
 
@@ -61,8 +71,10 @@ class _RetryLog:
     """Counts and logs a worker's retries, naming the row it is on."""
 
     tally: Tally
-    #: the id of the row the worker is on, worked out only when a retry is logged
-    row_id: Callable[[], str] = str
+    #: a row's id as text, worked out only when a retry is logged
+    row_id: Callable[[Work], str]
+    #: the work item the worker is on
+    work: Work | None = None
 
     def before_sleep(self, state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -70,12 +82,25 @@ class _RetryLog:
         self.tally.retries_by_class[error_class] += 1
         log.info(
             "request_retried",
-            row_id=self.row_id(),
+            row_id=self.row_id(self.work) if self.work is not None else None,
             attempt=state.attempt_number,
             error_class=error_class,
             http_status=getattr(error, "status", None),
             delay_s=round(state.upcoming_sleep, 3),
         )
+
+
+def next_turn_yield() -> Callable[[], Awaitable[None]]:
+    """How the running task lets the other ready tasks run once: on asyncio, its bare yield
+    (`asyncio.sleep(0)`); elsewhere anyio's checkpoint, which looks up the backend at every
+    call (half its cost, and the pool yields once a row)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio)
+        return anyio.lowlevel.checkpoint
+    return partial(asyncio.sleep, 0)
 
 
 def backend_options() -> dict[str, Any]:
@@ -91,6 +116,7 @@ class PoolSettings:
     """Knobs of the pool that are not part of the job (tests shorten them)."""
 
     flush_rows: int = FLUSH_ROWS
+    flush_bytes: int = FLUSH_BYTES
     flush_seconds: float = FLUSH_SECONDS
     stop_grace: float = STOP_GRACE_SECONDS
     #: "live" (a rich display on the terminal), "lines" (a log line every few seconds), or None
@@ -129,10 +155,9 @@ class Pool:
     stop_reason: RunStopped | None = None
     _stop_event: anyio.Event = field(default_factory=anyio.Event)
     _flush_wanted: anyio.Event = field(default_factory=anyio.Event)
-    _journal_wanted: anyio.Event = field(default_factory=anyio.Event)
-    #: set once the rows queued before it was made are written (or their write failed)
-    _journal_written: anyio.Event = field(default_factory=anyio.Event)
     _flush_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    #: lets the other ready tasks run once (`next_turn_yield`, set when the run starts)
+    _next_turn: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
 
     def __post_init__(self) -> None:
         self.variants = expand_sweep(self.job.sweep)
@@ -199,10 +224,10 @@ class Pool:
         """Send every row not yet done; returns when all are done or the run stops."""
         limit = self.job.limits.concurrency
         send, receive = anyio.create_memory_object_stream[Work](limit * 2)
+        self._next_turn = next_turn_yield()
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(self._flush_periodically)
-                outer.start_soon(self._journal_each_turn)
                 if self.settings.display == "live":
                     outer.start_soon(live_display, self.tally, self.limiter, self.gate)
                 elif self.settings.display == "lines":
@@ -218,9 +243,7 @@ class Pool:
                     if self.settings.handle_signals:
                         outer.start_soon(self._watch_signals, group.cancel_scope)
                     group.start_soon(self._produce, send)
-                    for _ in range(limit):
-                        group.start_soon(self._work, receive.clone())
-                    receive.close()
+                    group.start_soon(self._start_workers, group, receive)
                 outer.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -293,9 +316,42 @@ class Pool:
                 if done is None or position >= len(done) or not done[position]:
                     yield Work(row, variant, position)
 
+    async def _start_workers(
+        self, group: TaskGroup, receive: MemoryObjectReceiveStream[Work]
+    ) -> None:
+        """Start workers as the limiter lets more requests go at once, up to the job's
+        `concurrency`, and return once that many run or no work is left.
+
+        A worker beyond the limiter's concurrency only waits in its queue, holding a row:
+        with DeepSeek's 2,500-slot ceiling and an adaptive concurrency that starts at 8, a
+        task a slot from the start cost 22% more CPU on a 3,000-row run at 0.5 s answers.
+        The limiter's concurrency and an eighth more (and 8) keeps every slot used while
+        workers journal their rows, and someone waiting, so that the limiter sees itself
+        saturated and grows; the pool follows within `GROW_EVERY_SECONDS`. A fixed
+        concurrency starts every worker at once.
+        """
+        ceiling, started = self.job.limits.concurrency, 0
+        with receive:
+            while True:
+                allowed = self.limiter.statistics().concurrency
+                wanted = min(ceiling, allowed + allowed // 8 + 8)
+                while started < wanted:
+                    group.start_soon(self._work, receive.clone())
+                    started += 1
+                self.tally.workers = started
+                stream = receive.statistics()
+                if (
+                    started >= ceiling
+                    or self.stopping
+                    or (stream.open_send_streams == 0 and stream.current_buffer_used == 0)
+                ):
+                    return
+                await anyio.sleep(GROW_EVERY_SECONDS)
+
     async def _work(self, receive: MemoryObjectReceiveStream[Work]) -> None:
         async with receive:
-            retries = _RetryLog(self.tally)
+            rows = self.rows
+            retries = _RetryLog(self.tally, rows.row_id)
             policy = RetryPolicy(
                 self.job.limits,
                 before_sleep=retries.before_sleep,
@@ -313,45 +369,48 @@ class Pool:
                     return
                 if self.stopping:
                     continue
-                retries.row_id = partial(self.rows.row_id, work)
-                end = await self.rows.make(work, policy)
+                retries.work = work
+                end = await rows.make(work, policy)
                 if end.stop is not None:
                     self.stop(end.stop)
                 if end.result is not None:  # paid answers of a row cut short are kept too
-                    self._keep(end.result)
-                    # no new request before this row is written: what a failed write or a
-                    # kill can cost stays the requests in flight, one a worker
-                    await self._journal_written.wait()
+                    await self._journal(end.result)
+
+    async def _journal(self, result: dict[str, Any]) -> None:
+        """Journal a finished row, with the rows of the other workers that finish in the same
+        turn of the event loop (one write for them all), and count them as done.
+
+        The row is queued, then this worker lets the tasks already woken in this turn run
+        (they queue theirs), and the first of them back writes every queued row: no task or
+        event is needed to gather a turn's rows. A worker sends its next request only once
+        its row is written (or the write failed and the run stops): what a failed write or a
+        kill can cost stays the requests in flight, one a worker.
+        """
+        self.writer.queue(result)
+        await self._next_turn()
+        self._write_journal()  # nothing left to write if another worker wrote this turn's
 
     def _keep(self, result: dict[str, Any]) -> None:
-        """Queue a finished row for the journal; it counts as done once written, with every
-        row finished in the same event-loop turn (`_journal_each_turn`)."""
+        """Queue a row for the journal; the next write (at the latest, the last flush of the
+        run) journals it and counts it as done."""
         self.writer.queue(result)
-        self._journal_wanted.set()
-
-    async def _journal_each_turn(self) -> None:
-        """Journal the rows queued in a turn of the event loop with one write: woken by the
-        first row queued, this task runs after the tasks already woken in that turn."""
-        while True:
-            await self._journal_wanted.wait()
-            self._journal_wanted = anyio.Event()
-            written, self._journal_written = self._journal_written, anyio.Event()
-            self._write_journal()
-            written.set()
 
     def _write_journal(self) -> None:
         """Journal the queued rows, then count them as done."""
+        writer = self.writer
         try:
-            rows = self.writer.write_queued()
+            rows = writer.write_queued()
         except OSError as exc:  # a full disk, a folder turned read-only: what is journalled stays
-            self.stop(cannot_write(self.writer.directory, exc))
+            self.stop(cannot_write(writer.directory, exc))
             return
         if not rows:
             return
-        self.tally.journal_writes += 1
+        tally = self.tally
+        tally.journal_writes += 1
         for row in rows:
-            self.tally.record_row(row)
-        if len(self.writer) >= self.settings.flush_rows:
+            tally.record_row(row)
+        settings = self.settings
+        if len(writer) >= settings.flush_rows or writer.journal_bytes >= settings.flush_bytes:
             self._flush_wanted.set()
 
     async def _send(self, body: dict[str, Any], position: int, attempt: Attempt) -> Completion:

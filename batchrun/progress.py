@@ -55,6 +55,8 @@ class RunStatistics:
     rows_redone: int = 0
     #: write calls to the journal: each holds the rows finished in one event-loop turn
     journal_writes: int = 0
+    #: worker tasks the pool started (it starts them as the limiter's concurrency grows)
+    workers: int = 0
 
     @property
     def rows_remaining(self) -> int:
@@ -115,6 +117,7 @@ class Tally:
     rows_worst_case: int = 0
     rows_unpriced: int = 0
     journal_writes: int = 0
+    workers: int = 0
     errors_by_class: Counter[str] = field(default_factory=Counter)
     retries_by_class: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
@@ -131,10 +134,12 @@ class Tally:
             self.rows_prior_error = self.prior_errors.count(1)
 
     def record_row(self, row: dict[str, Any]) -> None:
+        """Count a journalled row (called for every row: plain attribute arithmetic)."""
         self.rows_done += 1
-        prior, position = self.prior_errors, row.get(INDEX_COLUMN)
-        if prior is not None and isinstance(position, int) and 0 <= position < len(prior):
-            if prior[position]:
+        prior = self.prior_errors
+        if prior is not None:
+            position = row.get(INDEX_COLUMN)
+            if isinstance(position, int) and 0 <= position < len(prior) and prior[position]:
                 prior[position] = 0
                 self.rows_redone += 1
         if row["status"] == "ok":
@@ -142,13 +147,16 @@ class Tally:
         else:
             self.rows_error += 1
             self.errors_by_class[row.get("error_class") or "unknown"] += 1
-        self.prompt_tokens = add_reported(self.prompt_tokens, row["prompt_tokens"])
-        self.completion_tokens = add_reported(self.completion_tokens, row["completion_tokens"])
-        self.cache_hit_tokens = add_reported(self.cache_hit_tokens, row["prompt_cache_hit_tokens"])
-        self.cache_miss_tokens = add_reported(
-            self.cache_miss_tokens, row["prompt_cache_miss_tokens"]
-        )
-        self.reasoning_tokens = add_reported(self.reasoning_tokens, row["reasoning_tokens"])
+        if (value := row["prompt_tokens"]) is not None:
+            self.prompt_tokens = value + (self.prompt_tokens or 0)
+        if (value := row["completion_tokens"]) is not None:
+            self.completion_tokens = value + (self.completion_tokens or 0)
+        if (value := row["prompt_cache_hit_tokens"]) is not None:
+            self.cache_hit_tokens = value + (self.cache_hit_tokens or 0)
+        if (value := row["prompt_cache_miss_tokens"]) is not None:
+            self.cache_miss_tokens = value + (self.cache_miss_tokens or 0)
+        if (value := row["reasoning_tokens"]) is not None:
+            self.reasoning_tokens = value + (self.reasoning_tokens or 0)
         cost = row.get("cost_usd")
         if cost is not None:
             self.cost_usd += cost
@@ -181,6 +189,7 @@ class Tally:
             rows_prior_error=self.rows_prior_error,
             rows_redone=self.rows_redone,
             journal_writes=self.journal_writes,
+            workers=self.workers,
         )
 
 
@@ -234,6 +243,7 @@ def combine(
         rows_prior_error=rows_prior_error,
         rows_redone=sum(p.rows_redone for p in parts),
         journal_writes=sum(p.journal_writes for p in parts),
+        workers=sum(p.workers for p in parts),
         **tokens,
     )
 

@@ -4,7 +4,8 @@ Only `RetryableError` is retried. The wait honours the server's Retry-After on a
 otherwise backs off exponentially with jitter. (A 429 reaches the policy only when the server
 has answered nothing else for a long while: until then `rows` sends it again within the same
 attempt, after the limiter's wait.) `RetryPolicy.call` runs a whole attempt
-function each time, so every attempt goes through the limiter again.
+function each time, so every attempt goes through the limiter again; `RetryPolicy.retry`
+takes over after a first attempt the caller made itself.
 """
 
 from __future__ import annotations
@@ -92,9 +93,16 @@ class RetryPolicy:
         try:
             return await attempt()
         except RetryableError as exc:
-            if self.max_attempts <= 1:
-                raise
             first = exc
+        return await self.retry(first, attempt)
+
+    async def retry(self, first: RetryableError, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Go on after a first attempt that failed with `first` (made by the caller, so that
+        a first attempt that succeeds costs no call through here): `await attempt()` again
+        after the policy's wait, until it succeeds or attempts run out (then the last error
+        is raised)."""
+        if self.max_attempts <= 1:
+            raise first
         async for trial in self._retrying:
             with trial:
                 if trial.retry_state.attempt_number == 1:

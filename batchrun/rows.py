@@ -1,7 +1,8 @@
 """One work item to one result row: cache claim, asks and parse re-asks, usage summed.
 
-A row's progress lives in a `RowState`; `RowMaker.make` returns a `RowEnd` saying what to
-keep and whether the run must stop. Each ask goes through the retry policy, and each attempt
+A row's progress lives in a `RowState`; `RowMaker.make` gives the `RowEnd` saying what to
+keep and whether the run must stop. An ask's first request is sent directly (the common case:
+answered at once); one that failed goes on through the retry policy. Each attempt goes
 through the `AttemptMeter`. A 429 is not a row's failure while the server answers other
 requests: the attempt waits for the limiter and sends again, costing no `max_attempts`, for
 at most `timeout` seconds, and only while some request was answered within `outage_timeout`.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,7 +23,7 @@ import structlog
 
 from batchrun.cache import RequestCache, request_key
 from batchrun.client import Completion
-from batchrun.errors import PermanentError, RateLimited, RequestError, RunStopped
+from batchrun.errors import PermanentError, RateLimited, RequestError, RetryableError, RunStopped
 from batchrun.job import Job
 from batchrun.meter import Attempt, AttemptMeter, MeteredRequest
 from batchrun.progress import Tally, add_reported
@@ -46,6 +47,10 @@ def summed(answers: list[Completion]) -> Completion:
     return total
 
 
+#: result columns that a parsed field of the same name does not replace
+_SET_LAST = ("cost_usd", "cost_worst_case", "cached", PAID_BEFORE_COLUMN)
+
+
 class Abandoned(Exception):
     """Raised inside a row's asks when the run is stopping: the row is not recorded."""
 
@@ -65,7 +70,6 @@ class RowState:
     what it cost, and how much of that cost is already journaled."""
 
     work: Work
-    rid: str
     #: `time.perf_counter()` when a worker took the row
     taken: float
     answers: list[Completion] = field(default_factory=list)
@@ -103,7 +107,7 @@ class RowState:
             self.worst_case = self.worst_case or charge.worst_case
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowEnd:
     """What became of a work item: the row to keep (if any) and whether the run must stop."""
 
@@ -144,45 +148,65 @@ class RowMaker:
         self.parse = self.job.parse
 
     def row_id(self, work: Work) -> str:
+        """The row's id as text, for logs: worked out only when something is logged."""
         return self.scan.ids.text(work.row, self.job.input)
 
-    async def make(self, work: Work, policy: RetryPolicy) -> RowEnd:
-        """The row of a work item: from the cache, or asked (and re-asked until it parses)."""
-        state = RowState(work, self.row_id(work), taken=time.perf_counter())
+    def make(self, work: Work, policy: RetryPolicy) -> Coroutine[Any, Any, RowEnd]:
+        """The row of a work item: from the cache, or asked (and re-asked until it parses).
+
+        Not itself a coroutine: it builds the request, then hands back the coroutine that
+        asks (`_ask`), so that a request in flight has one coroutine layer fewer to pass
+        through each time it resumes.
+        """
+        state = RowState(work, time.perf_counter())
         request = self.meter.request(build_request(work.row.data, self.shapes[work.variant]))
-        cache, key = self.cache, ""
-        if cache is not None:
-            variant = self.variants[work.variant]
-            # repeats of one combination are meant to be sampled again, not served twice
-            salt = f"repeat {variant.repeat}" if variant.repeats > 1 else ""
-            key = request_key(request.body, salt=salt)
-            cached = await cache.claim(key)
-            if cached is not None:
-                state.cached = True
-                state.answers.append(cached)
-                state.parsed, state.failure = self._parsed(cached)
-                return RowEnd(self._finish(state))
+        if self.cache is not None:
+            return self._make_through_cache(self.cache, state, request, policy)
+        return self._ask(state, request, policy)
+
+    async def _make_through_cache(
+        self, cache: RequestCache, state: RowState, request: MeteredRequest, policy: RetryPolicy
+    ) -> RowEnd:
+        """`make` with the request cache: a cached answer is claimed, a new one put."""
+        variant = self.variants[state.work.variant]
+        # repeats of one combination are meant to be sampled again, not served twice
+        salt = f"repeat {variant.repeat}" if variant.repeats > 1 else ""
+        key = request_key(request.body, salt=salt)
+        cached = await cache.claim(key)
+        if cached is not None:
+            state.cached = True
+            state.answers.append(cached)
+            state.parsed, state.failure = self._parsed(cached)
+            return RowEnd(self._finish(state))
         try:
             end = await self._ask(state, request, policy)
-            if cache is not None and end is None and state.failure is None:
+            if end.stop is None and state.failure is None and state.answers:  # not cut short
                 cache.put(key, state.answers[-1])
         finally:
-            if cache is not None:
-                cache.release(key)
-        return end or RowEnd(self._finish(state))
+            cache.release(key)
+        return end
 
-    async def _ask(
-        self, state: RowState, request: MeteredRequest, policy: RetryPolicy
-    ) -> RowEnd | None:
-        """Ask, and re-ask while the answer does not parse; a `RowEnd` if the run stops."""
+    async def _ask(self, state: RowState, request: MeteredRequest, policy: RetryPolicy) -> RowEnd:
+        """Ask, and re-ask while the answer does not parse; what to keep, and whether the run
+        must stop.
+
+        Each ask's first request is sent straight from here: most are answered at once, and
+        each coroutine layer costs CPU at every resumption of a request in flight. Only a
+        failed first send goes on through the 429 re-sends and the retry policy
+        (`_ask_again`), which then see exactly what they would have seen from the start.
+        """
         asks_left = 1 + (self.parse.parse_attempts if self.parse else 0)
         while asks_left:
             asks_left -= 1
+            began = time.perf_counter()
             try:
-                completion = await policy.call(lambda: self._attempt(state, request))
+                try:
+                    completion = await self._send_once(state, request)
+                except RetryableError as exc:
+                    completion = await self._ask_again(state, request, policy, exc, began)
             except RequestError as exc:
                 state.failure = exc
-                return None
+                break
             except (Abandoned, RunStopped) as exc:
                 # a paid answer that did not parse is kept; then the run stops
                 cut = self._cut_short(state) if state.answers else None
@@ -192,30 +216,68 @@ class RowMaker:
                     self.keep(self._cut_short(state))
                 raise
             state.answers.append(completion)
+            if self.parse is None:
+                break
             state.parsed, state.failure = self._parsed(completion)
             if state.failure is None:
-                return None
+                break
             if asks_left:  # re-asked next: what is paid so far is journaled now
                 self._journal_paid(state)
-        return None
+        return RowEnd(self._finish(state))
 
-    async def _attempt(self, state: RowState, request: MeteredRequest) -> Completion:
-        """One attempt: sent again after each 429 while the server answers other requests."""
-        limits = self.job.limits
-        began = anyio.current_time()
-        refused = 0
-        while True:
+    async def _ask_again(
+        self,
+        state: RowState,
+        request: MeteredRequest,
+        policy: RetryPolicy,
+        error: RetryableError,
+        began: float,
+    ) -> Completion:
+        """The rest of an ask whose first send failed with `error`: a 429 is sent again
+        within the same attempt (`_attempt`, which began at `began`), and a failed attempt
+        goes to the retry policy, as attempt 1 of its count."""
+        if isinstance(error, RateLimited):
             try:
-                return await self._send_once(state, request)
-            except RateLimited as exc:
-                state.rate_limited += 1
-                elapsed = anyio.current_time() - began
-                if elapsed >= limits.timeout or not self.meter.answering(limits.outage_timeout):
-                    raise  # rate-limited alone for too long: a failed attempt after all
-                refused += 1
-                self.tally.retries_by_class[exc.error_class] += 1
-                log.info("rate_limit_wait", row_id=state.rid, refused=refused)
-                await self._back_off(refused)
+                return await self._attempt(state, request, began=began, refused=error)
+            except RetryableError as exc:
+                error = exc
+        return await policy.retry(error, lambda: self._attempt(state, request))
+
+    async def _attempt(
+        self,
+        state: RowState,
+        request: MeteredRequest,
+        *,
+        began: float | None = None,
+        refused: RateLimited | None = None,
+    ) -> Completion:
+        """One attempt: sent again after each 429 while the server answers other requests.
+
+        Args:
+            began: `time.perf_counter()` when the attempt began, if before this call (the
+                window is timed like the row's latency: a read costs a tenth of
+                `anyio.current_time()`, and one is taken for every ask).
+            refused: the 429 its first send met, if it was sent before this call.
+        """
+        limits = self.job.limits
+        if began is None:
+            began = time.perf_counter()
+        refusals = 0
+        while True:
+            if refused is None:
+                try:
+                    return await self._send_once(state, request)
+                except RateLimited as exc:
+                    refused = exc
+            state.rate_limited += 1
+            elapsed = time.perf_counter() - began
+            if elapsed >= limits.timeout or not self.meter.answering(limits.outage_timeout):
+                raise refused  # rate-limited alone for too long: a failed attempt after all
+            refusals += 1
+            self.tally.retries_by_class[refused.error_class] += 1
+            log.info("rate_limit_wait", row_id=self.row_id(state.work), refused=refusals)
+            refused = None
+            await self._back_off(refusals)
 
     async def _back_off(self, refused: int) -> None:
         """Wait before sending again after a 429: the limiter's shared pause if it set one,
@@ -279,48 +341,58 @@ class RowMaker:
             )
 
     def _finish(self, state: RowState) -> dict[str, Any]:
-        """The result row: the last answer, with the usage of every answer paid for."""
-        work, answers, cached = state.work, state.answers, state.cached
-        completion = summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
-        result = self._result(state, completion)
-        result[INDEX_COLUMN] = work.position
+        """The result row: the last answer, with the usage of every answer paid for.
+
+        One dict display in output order with one clock read: a row is made for every
+        request, so each column's cost counts (issue 12). The usage columns are written out
+        here as in `sinks.USAGE_COLUMNS`; a test holds the two together."""
+        work, answers, cached, failure = state.work, state.answers, state.cached, state.failure
+        row = work.row
+        c = summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
+        now = self.meter.clock.now()
+        first_sent = state.first_sent
+        result: dict[str, Any] = {
+            INDEX_COLUMN: work.position,
+            "id": self.scan.ids.output_value(row, self.job.input),  # the user's, typed
+            "status": "ok" if c is not None and failure is None else "error",
+            "content": c.content if c else None,
+            "reasoning_content": c.reasoning_content if c else None,
+            "finish_reason": c.finish_reason if c else None,
+            "model": c.model if c else None,
+            "prompt_tokens": c.prompt_tokens if c else None,
+            "completion_tokens": c.completion_tokens if c else None,
+            "total_tokens": c.total_tokens if c else None,
+            "prompt_cache_hit_tokens": c.prompt_cache_hit_tokens if c else None,
+            "prompt_cache_miss_tokens": c.prompt_cache_miss_tokens if c else None,
+            "reasoning_tokens": c.reasoning_tokens if c else None,
+            "attempts": state.attempts,
+            "rate_limited": state.rate_limited,
+            "latency_s": state.in_requests if first_sent is not None else None,
+            "queued_s": first_sent - state.taken if first_sent is not None else None,
+            "http_status": c.http_status if c else (failure.status if failure else None),
+            "error": failure.message if failure else None,
+            "response_id": c.response_id if c else None,
+            "started_at": state.started_at or now,
+            "finished_at": now,
+            "error_class": failure.error_class if failure else None,
+            "cost_usd": 0.0 if cached else state.cost,
+            "cost_worst_case": False if cached else state.worst_case,
+            "cached": cached,
+            PAID_BEFORE_COLUMN: state.journaled,
+        }
+        if self.carry:  # the job's carried columns come first; a result column wins
+            data = row.data
+            result = {**{name: data.get(name) for name in self.carry}, **result}
+        if self.variant_columns is not None or self.parse is not None:
+            self._add_sweep_and_parsed(result, state)
+        return result
+
+    def _add_sweep_and_parsed(self, result: dict[str, Any], state: RowState) -> None:
+        """A sweep's variant columns and the parsed fields; the cost columns still win."""
+        last = {name: result[name] for name in _SET_LAST}
         if self.variant_columns is not None:
-            result.update(self.variant_columns[work.variant])
+            result.update(self.variant_columns[state.work.variant])
         if self.parse is not None:
             for name in self.parse.fields:
                 result[name] = state.parsed.get(name) if state.parsed else None
-        result["cost_usd"] = 0.0 if cached else state.cost
-        result["cost_worst_case"] = False if cached else state.worst_case
-        result["cached"] = cached
-        result[PAID_BEFORE_COLUMN] = state.journaled
-        return result
-
-    def _result(self, state: RowState, c: Completion | None) -> dict[str, Any]:
-        row, failure = state.work.row, state.failure
-        result: dict[str, Any] = {INDEX_COLUMN: row.index}
-        for name in self.carry:
-            result[name] = row.data.get(name)
-        result["id"] = self.scan.ids.output_value(row, self.job.input)  # the user's, typed
-        sent = state.first_sent is not None
-        result.update(
-            status="ok" if c is not None and failure is None else "error",
-            content=c.content if c else None,
-            reasoning_content=c.reasoning_content if c else None,
-            finish_reason=c.finish_reason if c else None,
-            model=c.model if c else None,
-        )
-        for name in USAGE_COLUMNS:
-            result[name] = getattr(c, name) if c else None
-        result.update(
-            attempts=state.attempts,
-            rate_limited=state.rate_limited,
-            latency_s=state.in_requests if sent else None,
-            queued_s=state.first_sent - state.taken if state.first_sent is not None else None,
-            http_status=c.http_status if c else (failure.status if failure else None),
-            error=failure.message if failure else None,
-            error_class=failure.error_class if failure else None,
-            response_id=c.response_id if c else None,
-            started_at=state.started_at or self.meter.clock.now(),
-            finished_at=self.meter.clock.now(),
-        )
-        return result
+        result.update(last)

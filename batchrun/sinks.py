@@ -3,11 +3,11 @@
 Each result row is appended, as it completes, to a journal segment in `OUTPUT.parts/`
 (`journal-NNNNNN.jsonl`, one JSON line a row, unbuffered), so a killed run loses nothing it
 counted as done: the pool queues the rows that finish in one event-loop turn and journals them
-with one write before it counts them (`PartWriter.queue`, `write_queued`). Every few hundred
-rows or seconds the buffered rows become `part-NNNNNN.parquet` (same N), written under a
-temporary name, fsynced and renamed; then the journal segment is deleted. A run that starts
-folds leftover segments into parts first (`recover_journals`). When every row has a result,
-the parts are compacted into OUTPUT in input order.
+with one write before it counts them (`PartWriter.queue`, `write_queued`). Every few thousand
+rows, megabytes or seconds (`pool.FLUSH_ROWS`) the buffered rows become `part-NNNNNN.parquet`
+(same N), written under a temporary name, fsynced and renamed; then the journal segment is
+deleted. A run that starts folds leftover segments into parts first (`recover_journals`).
+When every row has a result, the parts are compacted into OUTPUT in input order.
 """
 
 from __future__ import annotations
@@ -245,17 +245,23 @@ class PartWriter:
         self._journal: int | None = None  # descriptor of journal segment `_next`, once opened
         #: write calls made to the journal so far (each holds one or more whole lines)
         self.writes = 0
+        #: bytes journalled in the current segment (its rows are the ones buffered)
+        self.journal_bytes = 0
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def _encode(self, row: dict[str, Any]) -> bytes:
+        """The row's journal line, before any secret is looked for."""
+        for name, kind in self._json_carried.items():
+            row[name] = _carried_value(row.get(name), kind)
+        return orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
 
     def _line(self, row: dict[str, Any]) -> bytes:
         """The row's journal line. Registered secrets are redacted, in the row too: a server
         may echo the key inside an answer. The encoded line is searched for them first, so
         a row without one is not scrubbed field by field."""
-        for name, kind in self._json_carried.items():
-            row[name] = _carried_value(row.get(name), kind)
-        line = orjson.dumps(row, default=_journal_default, option=_JOURNAL_OPTIONS)
+        line = self._encode(row)
         if has_secrets() and secret_in(line):
             for name, value in row.items():  # in place, like the carried values above
                 row[name] = scrub(value)
@@ -271,6 +277,7 @@ class PartWriter:
             )
         _write_all(self._journal, data)
         self.writes += 1
+        self.journal_bytes += len(data)
 
     def add(self, row: dict[str, Any]) -> None:
         """Journal a result row at once and buffer it for the next part.
@@ -284,8 +291,9 @@ class PartWriter:
         self._rows.append(row)
 
     def queue(self, row: dict[str, Any]) -> None:
-        """Encode a result row for the journal; the next `write_queued` writes it."""
-        self._queued_lines.append(self._line(row))
+        """Encode a result row for the journal; the next `write_queued` writes it (and
+        redacts secrets)."""
+        self._queued_lines.append(self._encode(row))
         self._queued.append(row)
 
     def write_queued(self) -> list[dict[str, Any]]:
@@ -302,7 +310,10 @@ class PartWriter:
         if not rows:
             return rows
         self._queued, self._queued_lines = [], []
-        self._write(lines[0] if len(lines) == 1 else b"".join(lines))
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        if has_secrets() and secret_in(data):  # one search for all the rows, not one a row
+            data = b"".join([self._line(row) for row in rows])
+        self._write(data)
         self._rows += rows
         return rows
 
@@ -312,6 +323,7 @@ class PartWriter:
             return None
         self.close()
         rows, self._rows = self._rows, []
+        self.journal_bytes = 0
         path = part_path(self.directory, self._next)
         self._next += 1
         return path, rows

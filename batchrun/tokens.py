@@ -56,19 +56,35 @@ def _prompt_fields(body: dict[str, Any]) -> list[str]:
 
 def prompt_tokens(body: dict[str, Any]) -> int:
     """Estimated prompt tokens of a request body, tool and response schemas included."""
+    return prompt_estimate(body)[0]
+
+
+def prompt_estimate(body: dict[str, Any]) -> tuple[int, int]:
+    """`prompt_tokens(body)` and `prompt_tokens_at_most(body)` in one pass over the messages
+    (the meter needs both for every request): an ASCII message's length gives both."""
     total = 0.0
+    most = 0
     for text in _prompt_fields(body):
         total += text_tokens(text)
+        most += TOKENS_PER_PROMPT_FIELD + _utf8_length(text)
     for message in body.get("messages") or ():
         total += TOKENS_PER_MESSAGE
+        most += TOKENS_PER_MESSAGE
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, str):
-            total += text_tokens(content)
-        elif isinstance(content, list):  # content parts
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += text_tokens(part["text"])
-    return max(1, int(total + 0.999))
+            if content.isascii():  # one byte and 0.3 token a character
+                total += len(content) * ASCII_TOKENS_PER_CHAR
+                most += len(content)
+            else:
+                total += text_tokens(content)
+                most += len(content.encode("utf-8"))
+        elif content is not None:
+            if isinstance(content, list):  # content parts
+                for part in content:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        total += text_tokens(part["text"])
+            most += _utf8_length(str(content))
+    return max(1, int(total + 0.999)), max(1, most)
 
 
 def completion_cap(body: dict[str, Any]) -> int:
@@ -94,14 +110,4 @@ def prompt_tokens_at_most(body: dict[str, Any]) -> int:
     Tool definitions and a `response_format` schema count too: the server renders them into
     the prompt, so a cap that left them out would not hold for a request with large schemas.
     """
-    total = 0
-    for text in _prompt_fields(body):
-        total += TOKENS_PER_PROMPT_FIELD + _utf8_length(text)
-    for message in body.get("messages") or ():
-        total += TOKENS_PER_MESSAGE
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            total += _utf8_length(content)
-        elif content is not None:
-            total += _utf8_length(str(content))
-    return max(1, total)
+    return prompt_estimate(body)[1]

@@ -37,7 +37,8 @@ from batchrun.job import build_job
 # parent, and the sibling `throughput` benchmark, which starts the fake, imports the pool).
 
 LIMIT_RSS_MB = 300
-PART_ROWS = 500
+#: rows a part file holds, as a run writes them (`pool.FLUSH_ROWS`)
+PART_ROWS = 5000
 
 
 def peak_rss_mb() -> float:

@@ -11,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import orjson
 import pyarrow.parquet as pq
 import pytest
@@ -21,9 +23,9 @@ from batchrun.cli import cli
 from batchrun.errors import BalanceError, CostCapReached
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
-from batchrun.pool import PoolSettings
+from batchrun.pool import PoolSettings, next_turn_yield
 from batchrun.runner import RunSummary, run_job
-from batchrun.sinks import list_journals, parts_dir, read_journal
+from batchrun.sinks import PartWriter, list_journals, parts_dir, read_journal
 from tests.conftest import fast_job_data, write_jsonl
 
 SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
@@ -234,3 +236,81 @@ def test_streamed_answer_without_usage_costs_its_worst_case(
     assert row["status"] == "ok" and row["content"] == "echo: hello"
     assert row["cost_usd"] == pytest.approx(bytes_at_most(body) * MISS + 100 * OUTPUT)
     assert row["cost_worst_case"] is True
+
+
+def test_workers_start_with_the_limiter_concurrency_not_the_ceiling(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """With adaptive concurrency starting at 4 under a 2,500 ceiling, the pool starts workers
+    for what the limiter lets go (and a few more), not a task for each of 2,500 slots."""
+    limits = {"concurrency": 2500, "start_concurrency": 4}
+    summary = run(tmp_path, fake, [{"prompt": f"q{i}"} for i in range(20)], limits=limits)
+    stats = summary.statistics
+    assert summary.complete and stats is not None and stats.rows_ok == 20
+    assert 4 < stats.workers < 100
+
+
+def test_workers_grow_with_the_limiter_concurrency(tmp_path: Path, fake: FakeServer) -> None:
+    """As adaptive concurrency grows on clean answers, the pool starts more workers: the
+    limiter's concurrency, not the first count of workers, bounds what is in flight."""
+    fake.update(latency=0.01)
+    limits = {"concurrency": 300, "start_concurrency": 4}
+    summary = run(tmp_path, fake, [{"prompt": f"q{i}"} for i in range(300)], limits=limits)
+    stats = summary.statistics
+    assert summary.complete and stats is not None and stats.rows_ok == 300
+    assert 4 + 8 < stats.workers <= 300
+
+
+def test_a_fixed_concurrency_starts_every_worker_at_once(tmp_path: Path, fake: FakeServer) -> None:
+    """Without adaptive concurrency the limiter allows `concurrency` from the start, and the
+    pool starts that many workers (no more: the job's concurrency is the ceiling)."""
+    limits = {"concurrency": 12, "adaptive": False}
+    summary = run(tmp_path, fake, [{"prompt": f"q{i}"} for i in range(30)], limits=limits)
+    stats = summary.statistics
+    assert summary.complete and stats is not None and stats.workers == 12
+
+
+def test_a_part_is_written_once_the_journal_holds_flush_bytes(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """The journal's size makes a part too, long before `flush_rows` or `flush_seconds` would:
+    long rows do not pile up in memory (here every write passes the size)."""
+    fake.update(latency=0.03)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(8)])
+    job = build_job(fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 1}))
+    settings = PoolSettings(flush_rows=1000, flush_bytes=1, flush_seconds=60)
+    parts: list[int] = []
+    original = PartWriter.write_part
+
+    def write_part(writer: PartWriter, path: Path, rows: list[dict[str, Any]]) -> None:
+        parts.append(len(rows))
+        original(writer, path, rows)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PartWriter, "write_part", write_part)
+        summary = run_job(job, settings=settings)
+    assert summary.complete and sum(parts) == 8 and len(parts) >= 3
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio shuffles its run queue
+async def test_the_journal_yield_lets_the_tasks_already_woken_run_first() -> None:
+    """A worker queues its row, yields once, then writes the turn's rows: on asyncio the yield
+    (a bare sleep(0)) lets every task already ready run before it comes back."""
+    order: list[str] = []
+    next_turn = next_turn_yield()
+
+    async def other(name: str) -> None:
+        order.append(name)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(other, "a")
+        group.start_soon(other, "b")
+        await next_turn()
+        order.append("after the yield")
+    assert order == ["a", "b", "after the yield"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_the_journal_yield_off_asyncio_is_anyio_checkpoint() -> None:
+    """Off asyncio (trio) the worker's yield is anyio's own checkpoint."""
+    assert next_turn_yield() is anyio.lowlevel.checkpoint

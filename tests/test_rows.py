@@ -1,4 +1,5 @@
-"""Work items to result rows: a 429 costs no attempt while the server answers others."""
+"""Work items to result rows: a 429 costs no attempt while the server answers others; a
+request answered at once takes the fast path, a failed one the retry policy."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 
 from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
+from batchrun.retry import RetryPolicy
 from batchrun.runner import run_job
+from batchrun.sinks import (
+    INDEX_COLUMN,
+    PAID_BEFORE_COLUMN,
+    USAGE_COLUMNS,
+    PartWriter,
+    result_column_names,
+)
 from tests.conftest import fast_job_data, write_jsonl
 
 SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
@@ -65,3 +75,97 @@ def test_concurrency_429s_without_retry_after_cost_no_attempt(tmp_path: Path) ->
         data = fast_job_data(tmp_path, fake.base_url, limits=limits)
         summary = run_job(build_job(data), settings=SETTINGS)
         assert summary.rows_ok == 8 and fake.stats()["rate_limited"] > 0
+
+
+class CountedRetries:
+    """Counts the asks that went on to the retry policy (`RetryPolicy.retry`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = RetryPolicy.retry
+
+        async def retry(policy: RetryPolicy, first: Any, attempt: Any) -> Any:
+            self.calls += 1
+            return await original(policy, first, attempt)
+
+        monkeypatch.setattr(RetryPolicy, "retry", retry)
+
+
+def test_rows_answered_at_once_never_reach_the_retry_policy(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path: a first request answered 200 is the row's answer straight away, without
+    the 429 re-sends or the retry policy (each a coroutine layer at every resumption)."""
+    retries = CountedRetries(monkeypatch)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(6)])
+    summary = run_job(build_job(fast_job_data(tmp_path, fake.base_url)), settings=SETTINGS)
+    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary.rows_ok == 6 and {row["attempts"] for row in out} == {1}
+    assert retries.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "policy_calls", "attempts", "rate_limited"),
+    [
+        pytest.param("[[fault:500*1]] question", 1, 2, 0, id="5xx-goes-to-the-policy"),
+        pytest.param("[[fault:429*1@0.01]] question", 0, 2, 1, id="429-sent-again-in-the-attempt"),
+    ],
+)
+def test_a_failed_first_send_takes_the_slow_path(
+    tmp_path: Path,
+    fake: FakeServer,
+    monkeypatch: pytest.MonkeyPatch,
+    prompt: str,
+    policy_calls: int,
+    attempts: int,
+    rate_limited: int,
+) -> None:
+    """A first send that fails goes on as before the fast path: a 429 is sent again within
+    the attempt (no attempt lost), a 5xx is retried by the policy."""
+    retries = CountedRetries(monkeypatch)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": prompt}])
+    summary = run_job(build_job(fast_job_data(tmp_path, fake.base_url)), settings=SETTINGS)
+    [row] = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary.rows_ok == 1 and row["status"] == "ok"
+    assert (retries.calls, row["attempts"], row["rate_limited"]) == (
+        policy_calls,
+        attempts,
+        rate_limited,
+    )
+
+
+def test_a_row_failing_every_attempt_records_the_last_error(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """Past its first send, a row still runs out of attempts: the error row says why."""
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "[[fault:500*always]] question"}])
+    data = fast_job_data(tmp_path, fake.base_url, limits={"max_attempts": 3})
+    summary = run_job(build_job(data), settings=SETTINGS)
+    [row] = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary.rows_error == 1 and row["error_class"] == "server"
+    assert row["attempts"] == 3
+
+
+def test_a_result_row_holds_every_result_column(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result row, written out column by column for speed, holds the schema's result
+    columns (the usage ones included), ok or error, and the internal ones: no column of the
+    schema is left to be filled with nulls by accident."""
+    written: list[dict[str, Any]] = []
+    queue = PartWriter.queue
+
+    def queued(writer: PartWriter, row: dict[str, Any]) -> None:
+        written.append(dict(row))
+        queue(writer, row)
+
+    monkeypatch.setattr(PartWriter, "queue", queued)
+    rows = [{"prompt": "question", "tag": 1}, {"prompt": "[[fault:400*always]] question"}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    data = fast_job_data(tmp_path, fake.base_url, prompt={"carry": ["tag"]})
+    run_job(build_job(data), settings=SETTINGS)
+    expected = {"id", "tag", INDEX_COLUMN, PAID_BEFORE_COLUMN, *result_column_names()}
+    written.sort(key=lambda row: row[INDEX_COLUMN])
+    assert [set(row) for row in written] == [expected, expected]
+    assert [row["status"] for row in written] == ["ok", "error"]
+    assert all(isinstance(written[0][name], int) for name in USAGE_COLUMNS)
