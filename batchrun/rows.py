@@ -62,6 +62,10 @@ class Work:
     row: InputRow
     variant: int
     position: int
+    #: `time.perf_counter()` when the pool's producer handed it on to the workers (set there,
+    #: one clock read a row): a row's `queued_s` counts from here, so it includes the wait
+    #: for a worker as well as for the limiter's slot
+    queued_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -70,7 +74,7 @@ class RowState:
     what it cost, and how much of that cost is already journaled."""
 
     work: Work
-    #: `time.perf_counter()` when a worker took the row
+    #: `time.perf_counter()` when the row was handed on to the workers (`Work.queued_at`)
     taken: float
     answers: list[Completion] = field(default_factory=list)
     #: requests actually sent
@@ -158,7 +162,7 @@ class RowMaker:
         asks (`_ask`), so that a request in flight has one coroutine layer fewer to pass
         through each time it resumes.
         """
-        state = RowState(work, time.perf_counter())
+        state = RowState(work, work.queued_at or time.perf_counter())
         request = self.meter.request(build_request(work.row.data, self.shapes[work.variant]))
         if self.cache is not None:
             return self._make_through_cache(self.cache, state, request, policy)
