@@ -15,6 +15,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from time import perf_counter
 from typing import Any
 
 import anyio
@@ -292,6 +293,8 @@ class Pool:
                 for work in self._not_done(batch):
                     if self.stopping:
                         break
+                    # the row is ready from here: its `queued_s` counts the wait for a worker
+                    work.queued_at = perf_counter()
                     try:  # a stream with room takes the item without a trip through the loop
                         send.send_nowait(work)
                     except anyio.WouldBlock:
@@ -328,13 +331,15 @@ class Pool:
         The limiter's concurrency and an eighth more (and 8) keeps every slot used while
         workers journal their rows, and someone waiting, so that the limiter sees itself
         saturated and grows; the pool follows within `GROW_EVERY_SECONDS`. A fixed
-        concurrency starts every worker at once.
+        concurrency starts every worker at once, and so does a limiter that reports a
+        concurrency of 0 or less (`RateLimiter.statistics`: it does not know one).
         """
         ceiling, started = self.job.limits.concurrency, 0
         with receive:
             while True:
                 allowed = self.limiter.statistics().concurrency
-                wanted = min(ceiling, allowed + allowed // 8 + 8)
+                # a limiter that reports none (<= 0) says nothing of it: start the ceiling
+                wanted = ceiling if allowed <= 0 else min(ceiling, allowed + allowed // 8 + 8)
                 while started < wanted:
                     group.start_soon(self._work, receive.clone())
                     started += 1

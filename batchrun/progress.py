@@ -16,7 +16,7 @@ import anyio
 import structlog
 
 from batchrun.logs import display_up
-from batchrun.sinks import INDEX_COLUMN
+from batchrun.sinks import INDEX_COLUMN, USAGE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,9 @@ class Tally:
     rows_error: int = 0
     requests: int = 0
     in_flight: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cache_hit_tokens: int | None = None
-    cache_miss_tokens: int | None = None
-    reasoning_tokens: int | None = None
+    #: each usage figure summed over the journalled rows, by its column's name
+    #: (`sinks.USAGE_COLUMNS`); None until some row reports it
+    usage: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(USAGE_COLUMNS))
     cost_usd: float = 0.0
     rows_worst_case: int = 0
     rows_unpriced: int = 0
@@ -147,16 +145,11 @@ class Tally:
         else:
             self.rows_error += 1
             self.errors_by_class[row.get("error_class") or "unknown"] += 1
-        if (value := row["prompt_tokens"]) is not None:
-            self.prompt_tokens = value + (self.prompt_tokens or 0)
-        if (value := row["completion_tokens"]) is not None:
-            self.completion_tokens = value + (self.completion_tokens or 0)
-        if (value := row["prompt_cache_hit_tokens"]) is not None:
-            self.cache_hit_tokens = value + (self.cache_hit_tokens or 0)
-        if (value := row["prompt_cache_miss_tokens"]) is not None:
-            self.cache_miss_tokens = value + (self.cache_miss_tokens or 0)
-        if (value := row["reasoning_tokens"]) is not None:
-            self.reasoning_tokens = value + (self.reasoning_tokens or 0)
+        usage = self.usage
+        for name in USAGE_COLUMNS:
+            if (value := row[name]) is not None:
+                total = usage[name]
+                usage[name] = value if total is None else total + value
         cost = row.get("cost_usd")
         if cost is not None:
             self.cost_usd += cost
@@ -166,6 +159,7 @@ class Tally:
             self.rows_worst_case += 1
 
     def statistics(self) -> RunStatistics:
+        usage = self.usage
         return RunStatistics(
             rows_total=self.rows_total,
             rows_skipped=self.rows_skipped,
@@ -176,11 +170,11 @@ class Tally:
             retries_by_class=dict(self.retries_by_class),
             requests=self.requests,
             in_flight=self.in_flight,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cache_hit_tokens=self.cache_hit_tokens,
-            cache_miss_tokens=self.cache_miss_tokens,
-            reasoning_tokens=self.reasoning_tokens,
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            cache_hit_tokens=usage["prompt_cache_hit_tokens"],
+            cache_miss_tokens=usage["prompt_cache_miss_tokens"],
+            reasoning_tokens=usage["reasoning_tokens"],
             cost_usd=self.cost_usd,
             rows_worst_case=self.rows_worst_case,
             rows_unpriced=self.rows_unpriced,

@@ -98,7 +98,11 @@ class RateLimiter(Protocol):
         ...
 
     def statistics(self) -> LimiterStatistics:
-        """A snapshot for progress displays and tests (never waits)."""
+        """A snapshot for progress displays and tests (never waits). The pool also starts
+        its workers from `concurrency` (how many requests may go at once now; a few more
+        workers than that, up to the job's ceiling, as it grows), polled every few ms: it
+        must be cheap, and a limiter that does not know one reports 0 (the pool then
+        starts the job's whole `concurrency` at once)."""
         ...
 
 

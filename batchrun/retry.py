@@ -3,9 +3,9 @@
 Only `RetryableError` is retried. The wait honours the server's Retry-After on a 429 and
 otherwise backs off exponentially with jitter. (A 429 reaches the policy only when the server
 has answered nothing else for a long while: until then `rows` sends it again within the same
-attempt, after the limiter's wait.) `RetryPolicy.call` runs a whole attempt
-function each time, so every attempt goes through the limiter again; `RetryPolicy.retry`
-takes over after a first attempt the caller made itself.
+attempt, after the limiter's wait.) `RetryPolicy.retry` takes over after a first attempt
+the caller made itself, running a whole attempt function each time, so every attempt goes
+through the limiter again.
 """
 
 from __future__ import annotations
@@ -70,12 +70,14 @@ def build_policy(
 
 
 class RetryPolicy:
-    """Runs an attempt function until it succeeds, fails for good, or runs out of attempts.
+    """Runs an attempt function again until it succeeds, fails for good, or runs out of
+    attempts, after a first attempt that failed.
 
-    The first attempt runs directly: most requests succeed at once, and tenacity's per-call
-    bookkeeping costs about a quarter of the runner's throughput at high request rates. After
-    a retryable failure, tenacity takes over; the first failure is replayed as its attempt 1,
-    so its stop, wait and before_sleep see the true attempt numbers. One policy per task.
+    The caller makes the first attempt itself (`rows`): most requests succeed at once, and
+    tenacity's per-call bookkeeping costs about a quarter of the runner's throughput at high
+    request rates. After a retryable failure, tenacity takes over; the first failure is
+    replayed as its attempt 1, so its stop, wait and before_sleep see the true attempt
+    numbers. One policy per task.
     """
 
     def __init__(
@@ -87,14 +89,6 @@ class RetryPolicy:
     ) -> None:
         self.max_attempts = limits.max_attempts
         self._retrying = build_policy(limits, before_sleep=before_sleep, sleep=sleep)
-
-    async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """`await attempt()` with retries; raises the last error when attempts run out."""
-        try:
-            return await attempt()
-        except RetryableError as exc:
-            first = exc
-        return await self.retry(first, attempt)
 
     async def retry(self, first: RetryableError, attempt: Callable[[], Awaitable[T]]) -> T:
         """Go on after a first attempt that failed with `first` (made by the caller, so that

@@ -47,6 +47,9 @@ def summed(answers: list[Completion]) -> Completion:
     return total
 
 
+#: the usage columns of a row without an answer
+_NO_USAGE: dict[str, int | None] = dict.fromkeys(USAGE_COLUMNS)
+
 #: result columns that a parsed field of the same name does not replace
 _SET_LAST = ("cost_usd", "cost_worst_case", "cached", PAID_BEFORE_COLUMN)
 
@@ -62,6 +65,10 @@ class Work:
     row: InputRow
     variant: int
     position: int
+    #: `time.perf_counter()` when the pool's producer handed it on to the workers (set there,
+    #: one clock read a row): a row's `queued_s` counts from here, so it includes the wait
+    #: for a worker as well as for the limiter's slot
+    queued_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -70,7 +77,7 @@ class RowState:
     what it cost, and how much of that cost is already journaled."""
 
     work: Work
-    #: `time.perf_counter()` when a worker took the row
+    #: `time.perf_counter()` when the row was handed on to the workers (`Work.queued_at`)
     taken: float
     answers: list[Completion] = field(default_factory=list)
     #: requests actually sent
@@ -158,7 +165,7 @@ class RowMaker:
         asks (`_ask`), so that a request in flight has one coroutine layer fewer to pass
         through each time it resumes.
         """
-        state = RowState(work, time.perf_counter())
+        state = RowState(work, work.queued_at or time.perf_counter())
         request = self.meter.request(build_request(work.row.data, self.shapes[work.variant]))
         if self.cache is not None:
             return self._make_through_cache(self.cache, state, request, policy)
@@ -344,8 +351,8 @@ class RowMaker:
         """The result row: the last answer, with the usage of every answer paid for.
 
         One dict display in output order with one clock read: a row is made for every
-        request, so each column's cost counts (issue 12). The usage columns are written out
-        here as in `sinks.USAGE_COLUMNS`; a test holds the two together."""
+        request, so each column's cost counts (issue 12). The usage columns are read from
+        `sinks.USAGE_COLUMNS` (a comprehension: ~0.4 µs more than writing them out)."""
         work, answers, cached, failure = state.work, state.answers, state.cached, state.failure
         row = work.row
         c = summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
@@ -359,12 +366,7 @@ class RowMaker:
             "reasoning_content": c.reasoning_content if c else None,
             "finish_reason": c.finish_reason if c else None,
             "model": c.model if c else None,
-            "prompt_tokens": c.prompt_tokens if c else None,
-            "completion_tokens": c.completion_tokens if c else None,
-            "total_tokens": c.total_tokens if c else None,
-            "prompt_cache_hit_tokens": c.prompt_cache_hit_tokens if c else None,
-            "prompt_cache_miss_tokens": c.prompt_cache_miss_tokens if c else None,
-            "reasoning_tokens": c.reasoning_tokens if c else None,
+            **({name: getattr(c, name) for name in USAGE_COLUMNS} if c else _NO_USAGE),
             "attempts": state.attempts,
             "rate_limited": state.rate_limited,
             "latency_s": state.in_requests if first_sent is not None else None,

@@ -6,7 +6,8 @@ fake in its own process, and measures, each in a fresh process so that its peak 
 1. a run with `--limit N` on each format (`run_job`, as `batchrun run` calls it): wall time
    (interpreter start-up, scan and compaction included), rows/s while sending, peak RSS;
 2. the resume skip-set (`Checkpoint.resume_state`) over a checkpoint holding every row done,
-   in part files of 500 rows as a run writes them (built directly with pyarrow);
+   in part files of 5,000 rows as a run writes them (`pool.FLUSH_ROWS`; built directly with
+   pyarrow);
 3. with --full: a resume of the whole set with all but the last N rows done, run to the end,
    and its phases alone: the scan pass over every row, and compaction of every row.
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import orjson
 import pyarrow.parquet as pq
 import pytest
@@ -20,10 +19,11 @@ from click.testing import CliRunner
 
 from batchrun.checkpoint import Checkpoint
 from batchrun.cli import cli
+from batchrun.client import Client, Completion
 from batchrun.errors import BalanceError, CostCapReached
 from batchrun.fake import FakeServer
 from batchrun.job import build_job
-from batchrun.pool import PoolSettings, next_turn_yield
+from batchrun.pool import PoolSettings
 from batchrun.runner import RunSummary, run_job
 from batchrun.sinks import PartWriter, list_journals, parts_dir, read_journal
 from tests.conftest import fast_job_data, write_jsonl
@@ -292,25 +292,42 @@ def test_a_part_is_written_once_the_journal_holds_flush_bytes(
     assert summary.complete and sum(parts) == 8 and len(parts) >= 3
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio shuffles its run queue
-async def test_the_journal_yield_lets_the_tasks_already_woken_run_first() -> None:
-    """A worker queues its row, yields once, then writes the turn's rows: on asyncio the yield
-    (a bare sleep(0)) lets every task already ready run before it comes back."""
-    order: list[str] = []
-    next_turn = next_turn_yield()
+def test_rows_finishing_in_one_turn_of_the_loop_are_one_journal_write(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers whose answers come back in the same turn of the event loop journal their rows
+    in one write: each queues its row and yields once, and the first back writes them all.
+    (The answers are held until all 8 are in, then released together.)"""
+    count, arrived = 8, []
+    released: list[anyio.Event] = []
+    original = Client.send
 
-    async def other(name: str) -> None:
-        order.append(name)
+    async def send(client: Client, body: dict[str, Any]) -> Completion:
+        answer = await original(client, body)
+        if not released:
+            released.append(anyio.Event())
+        arrived.append(answer)
+        if len(arrived) == count:
+            released[0].set()
+        await released[0].wait()
+        return answer
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(other, "a")
-        group.start_soon(other, "b")
-        await next_turn()
-        order.append("after the yield")
-    assert order == ["a", "b", "after the yield"]
+    monkeypatch.setattr(Client, "send", send)
+    limits = {"concurrency": count, "adaptive": False}
+    summary = run(tmp_path, fake, [{"prompt": f"q{i}"} for i in range(count)], limits=limits)
+    stats = summary.statistics
+    assert summary.rows_ok == count and stats is not None and stats.journal_writes == 1
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_the_journal_yield_off_asyncio_is_anyio_checkpoint() -> None:
-    """Off asyncio (trio) the worker's yield is anyio's own checkpoint."""
-    assert next_turn_yield() is anyio.lowlevel.checkpoint
+def test_queued_s_counts_the_wait_for_a_worker(tmp_path: Path, fake: FakeServer) -> None:
+    """Workers start as the limiter's concurrency grows, so rows wait for a worker in the
+    pool's stream: `queued_s` counts from when the row was handed on (here all 60 at the
+    start), not from when a worker took it."""
+    fake.update(latency=0.05)
+    limits = {"concurrency": 60, "start_concurrency": 2}
+    run(tmp_path, fake, [{"prompt": f"q{i}"} for i in range(60)], limits=limits)
+    rows = output(tmp_path)
+    sent = [row["started_at"].timestamp() for row in rows]
+    handed = [at - row["queued_s"] for at, row in zip(sent, rows, strict=True)]
+    assert max(sent) - min(sent) > 0.2  # late rows waited for a worker
+    assert max(handed) - min(handed) < 0.1

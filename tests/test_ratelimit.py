@@ -57,7 +57,9 @@ class StubLimiter:
     """A limiter of the test's own: counts what the pool asks of it, and pauses on a 429
     for the Retry-After it is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, concurrency: int = 4) -> None:
+        #: what `statistics` reports (0: the limiter does not know)
+        self.concurrency = concurrency
         self.scopes: list[Scope] = []
         self.settled: list[Outcome] = []
         self.cancelled = 0
@@ -92,7 +94,7 @@ class StubLimiter:
 
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(
-            concurrency=4,
+            concurrency=self.concurrency,
             in_flight=self.in_flight,
             waiting=0,
             paused_for=max(0.0, self.paused_until - anyio.current_time()),
@@ -101,6 +103,21 @@ class StubLimiter:
             rate_limited=self.settled.count(Outcome.RATE_LIMITED),
             reserved_tokens=0,
         )
+
+
+def test_a_limiter_reporting_no_concurrency_gets_every_worker_at_once(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """The pool starts workers from the limiter's reported concurrency; a limiter of the
+    caller's that reports 0 (it does not know one) gets the job's whole `concurrency` at once,
+    not the few workers of a concurrency of 0 for good."""
+    fake.update(latency=0.1)
+    stub = StubLimiter(concurrency=0)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(64)])
+    data = fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 64})
+    summary = run_job(build_job(data), settings=SETTINGS, rate_limiter=lambda limits: stub)
+    stats = summary.statistics
+    assert summary.rows_ok == 64 and stats is not None and stats.workers == 64
 
 
 def test_the_pool_takes_its_limiter_from_the_caller(

@@ -10,10 +10,12 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from batchrun.client import Client, Completion
 from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
 from batchrun.pool import PoolSettings
 from batchrun.retry import RetryPolicy
+from batchrun.rows import _SET_LAST
 from batchrun.runner import run_job
 from batchrun.sinks import (
     INDEX_COLUMN,
@@ -146,12 +148,8 @@ def test_a_row_failing_every_attempt_records_the_last_error(
     assert row["attempts"] == 3
 
 
-def test_a_result_row_holds_every_result_column(
-    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The result row, written out column by column for speed, holds the schema's result
-    columns (the usage ones included), ok or error, and the internal ones: no column of the
-    schema is left to be filled with nulls by accident."""
+def queued_rows(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The result rows the pool queues for the journal, as it hands them over."""
     written: list[dict[str, Any]] = []
     queue = PartWriter.queue
 
@@ -160,12 +158,93 @@ def test_a_result_row_holds_every_result_column(
         queue(writer, row)
 
     monkeypatch.setattr(PartWriter, "queue", queued)
+    return written
+
+
+def answers_sent(monkeypatch: pytest.MonkeyPatch) -> dict[str, Completion]:
+    """The answers the client got, by the last message's text."""
+    answers: dict[str, Completion] = {}
+    send = Client.send
+
+    async def sent(client: Client, body: dict[str, Any]) -> Completion:
+        answer = await send(client, body)
+        answers[body["messages"][-1]["content"]] = answer
+        return answer
+
+    monkeypatch.setattr(Client, "send", sent)
+    return answers
+
+
+def test_a_result_row_holds_every_result_column(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The result row, written out for speed, holds the schema's result columns (the usage
+    ones included), ok or error, and the internal ones, each with its value: the answer's
+    fields and usage, the row's counts and cost."""
+    written, answers = queued_rows(monkeypatch), answers_sent(monkeypatch)
     rows = [{"prompt": "question", "tag": 1}, {"prompt": "[[fault:400*always]] question"}]
     write_jsonl(tmp_path / "in.jsonl", rows)
     data = fast_job_data(tmp_path, fake.base_url, prompt={"carry": ["tag"]})
-    run_job(build_job(data), settings=SETTINGS)
+    summary = run_job(build_job(data), settings=SETTINGS)
     expected = {"id", "tag", INDEX_COLUMN, PAID_BEFORE_COLUMN, *result_column_names()}
     written.sort(key=lambda row: row[INDEX_COLUMN])
     assert [set(row) for row in written] == [expected, expected]
-    assert [row["status"] for row in written] == ["ok", "error"]
-    assert all(isinstance(written[0][name], int) for name in USAGE_COLUMNS)
+    ok, error = written
+    stats = summary.statistics
+    assert stats is not None
+    answer = answers["question"]
+    for name in (*USAGE_COLUMNS, "content", "reasoning_content", "finish_reason", "model"):
+        assert ok[name] == getattr(answer, name), name
+    assert all(isinstance(ok[name], int) for name in USAGE_COLUMNS[:3])
+    assert (ok["response_id"], ok["http_status"]) == (answer.response_id, 200)
+    assert (ok[INDEX_COLUMN], ok["id"], ok["tag"], ok["status"]) == (0, "0", 1, "ok")
+    assert (ok["attempts"], ok["rate_limited"], ok["error"], ok["error_class"]) == (
+        1,
+        0,
+        None,
+        None,
+    )
+    assert ok["cost_usd"] == stats.cost_usd > 0 and ok["cost_worst_case"] is False
+    assert ok["cached"] is False and ok[PAID_BEFORE_COLUMN] == 0.0
+    assert 0 < ok["latency_s"] < 5 and 0 <= ok["queued_s"] < 5
+    assert ok["started_at"] <= ok["finished_at"]
+    assert (error[INDEX_COLUMN], error["id"], error["tag"]) == (1, "1", None)
+    assert error["status"] == "error"
+    assert all(error[name] is None for name in (*USAGE_COLUMNS, "content", "model"))
+    assert (error["http_status"], error["error_class"], error["attempts"]) == (
+        400,
+        "bad_request",
+        1,
+    )
+    assert error["error"] and error["cost_usd"] is None and error["cost_worst_case"] is False
+
+
+def test_a_sweep_row_with_parsed_fields_keeps_its_own_cost_columns(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a sweep and parsed fields the row gets its variant's columns and the parsed
+    values, and the cost columns (`_SET_LAST`) keep the row's own values. (No parsed field
+    can be named like one: the job is refused before it runs.)"""
+    written = queued_rows(monkeypatch)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "good phone"}])
+    data = fast_job_data(
+        tmp_path,
+        fake.base_url,
+        sweep={"temperature": [0.0, 0.7]},
+        params={"response_format": {"type": "json_object"}},
+        parse={"fields": {"label": "str", "confidence": "float"}},
+    )
+    summary = run_job(build_job(data), settings=SETTINGS)
+    stats = summary.statistics
+    assert summary.rows_ok == 2 and stats is not None
+    written.sort(key=lambda row: row[INDEX_COLUMN])
+    assert [(row["variant"], row["sweep_temperature"]) for row in written] == [
+        ("v1", 0.0),
+        ("v2", 0.7),
+    ]
+    for row in written:
+        assert (row["label"], row["confidence"], row["status"]) == ("positive", 0.9, "ok")
+        assert row["cost_usd"] > 0 and row["cost_worst_case"] is False
+        assert row["cached"] is False and row[PAID_BEFORE_COLUMN] == 0.0
+        assert all(name in row for name in _SET_LAST)
+    assert sum(row["cost_usd"] for row in written) == pytest.approx(stats.cost_usd)
