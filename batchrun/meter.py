@@ -398,17 +398,16 @@ class AttemptMeter:
             attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
             usd = attempt.charge.usd
         self.spend.settle(request.worst_usd, usd)
-        if answer is not None:  # `outcome_of` is OK
+        outcome = outcome_of(error, answer)
+        if outcome is Outcome.OK or outcome is Outcome.SERVER_ERROR:  # answered, if not cleanly
             self.last_answer = now
+        if answer is not None:
             return Settlement(
-                Outcome.OK,
+                outcome,
                 prompt_tokens=answer.prompt_tokens,
                 completion_tokens=answer.completion_tokens,
                 headers=answer.headers,
             )
-        outcome = outcome_of(error, None)
-        if outcome is Outcome.SERVER_ERROR:  # an answer, if not a clean one
-            self.last_answer = now
         limited = error if isinstance(error, RateLimited) else None
         return Settlement(
             outcome,
