@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import anyio
 import structlog
@@ -835,6 +835,18 @@ class SpendBudget(Protocol):
 
     def settle(self, worst: float, actual: float | None) -> None:
         """Close a reservation with what the request really cost (None: nothing)."""
+        ...
+
+
+@runtime_checkable
+class ImmediateSpendBudget(SpendBudget, Protocol):
+    """A spend budget that can also reserve without awaiting (`SpendCap`; a cluster-wide
+    cap could too): the attempt meter checks for it once per run and calls `try_reserve`
+    on its fast path."""
+
+    def try_reserve(self, worst: float) -> bool:
+        """`reserve` when `worst` fits now: True, and it is reserved. False: nothing
+        reserved; `reserve` waits or raises."""
         ...
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import anyio
 
@@ -31,7 +31,7 @@ from batchrun import tokens
 from batchrun.client import Completion
 from batchrun.clock import SYSTEM_CLOCK, Clock, loop_clock
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
-from batchrun.limits import Outcome, Settlement, SpendBudget, SpendCap
+from batchrun.limits import ImmediateSpendBudget, Outcome, Settlement, SpendBudget
 from batchrun.prices import Charge, PriceTable
 from batchrun.ratelimit import ImmediateRateLimiter, Lease, RateLimiter, Scope
 from batchrun.schedule import OffPeakSchedule
@@ -147,11 +147,11 @@ class Attempt:
     def _lease_at_once(self) -> bool:
         """The fast path of entering (issue 12): take the budgets without an await, no
         Event, no lock. It applies when the limiter `reserves_at_once` (and the spend cap,
-        if any, is local: `SpendCap.try_reserve`), its model is off-peak if the run waits
-        for off-peak, the spend cap has room, and the limiter has budget at hand with
-        nobody waiting. It is safe because each budget takes exactly what its awaited
-        `reserve` would on a first pass, and says no (then everything taken goes back and
-        the awaited path is taken) whenever anything would wait."""
+        if any, reserves without a wait: `ImmediateSpendBudget`), its model is off-peak
+        if the run waits for off-peak, the spend cap has room, and the limiter has budget
+        at hand with nobody waiting. It is safe because each budget takes exactly what its
+        awaited `reserve` would on a first pass, and says no (then everything taken goes
+        back and the awaited path is taken) whenever anything would wait."""
         meter = self._meter
         reserve_now = meter.reserve_now
         if reserve_now is None:
@@ -166,15 +166,18 @@ class Attempt:
         spend = meter.spend_now
         if spend is not None and not spend.try_reserve(request.worst_usd):
             return False
-        lease = reserve_now(
-            request.scope,
-            prompt_tokens=request.prompt_tokens,
-            completion_cap=request.completion_cap,
-            now=meter.time(),
-        )
-        if lease is None:
-            if spend is not None:
+        lease: Lease | None = None
+        try:
+            lease = reserve_now(
+                request.scope,
+                prompt_tokens=request.prompt_tokens,
+                completion_cap=request.completion_cap,
+                now=meter.time(),
+            )
+        finally:
+            if lease is None and spend is not None:  # refused, or raised: nothing is held
                 spend.settle(request.worst_usd, None)
+        if lease is None:
             return False
         self.lease, self._cleared_at = lease, cleared_at
         return True
@@ -292,19 +295,25 @@ class AttemptMeter:
         self._scopes: dict[str, Scope] = {}
         #: the event loop's clock (`anyio.current_time()`), read cheaply
         self.time = loop_clock()
-        immediate = cast(ImmediateRateLimiter, limiter)
-        #: the limiter settles and cancels without a wait: `settle_at_once`, no shield
-        self.settles_at_once: bool = getattr(limiter, "settles_at_once", False)
-        #: the spend cap's reservation without a wait, if it has a cap and can (`SpendCap`)
-        self.spend_now = spend if spend.cap is not None and isinstance(spend, SpendCap) else None
+        # which fast paths apply is decided here, once per run, from the methods the
+        # limiter and the spend cap have (`ImmediateRateLimiter`, `ImmediateSpendBudget`)
+        immediate = limiter if isinstance(limiter, ImmediateRateLimiter) else None
+        #: the limiter when it settles and cancels without a wait (`settle_at_once`, no
+        #: shield); None: `settle` is awaited
+        self._immediate = immediate if immediate is not None and immediate.settles_at_once else None
+        self.settles_at_once = self._immediate is not None
+        #: the spend cap's reservation without a wait, if it has a cap and can
+        self.spend_now = (
+            spend if spend.cap is not None and isinstance(spend, ImmediateSpendBudget) else None
+        )
         #: the fast path of `Attempt.__aenter__` (None: every attempt takes the awaited one)
         self.reserve_now = (
             immediate.try_reserve
-            if getattr(limiter, "reserves_at_once", False)
+            if immediate is not None
+            and immediate.reserves_at_once
             and (spend.cap is None or self.spend_now is not None)
             else None
         )
-        self._immediate = immediate
         #: `anyio.current_time()` of the last answer of any attempt (at first: the start)
         self.last_answer = self.time()
 
@@ -367,10 +376,12 @@ class AttemptMeter:
         lease, settlement = attempt.lease, self._account(attempt, error, now)
         if lease is None:
             return
+        immediate = self._immediate
+        assert immediate is not None  # `settles_at_once`
         if settlement is None:
-            self._immediate.cancel_now(lease, now)
+            immediate.cancel_now(lease, now)
         else:
-            self._immediate.settle_now(lease, settlement, now)
+            immediate.settle_now(lease, settlement, now)
 
     def _account(
         self, attempt: Attempt, error: BaseException | None, now: float
@@ -387,17 +398,16 @@ class AttemptMeter:
             attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
             usd = attempt.charge.usd
         self.spend.settle(request.worst_usd, usd)
-        if answer is not None:  # `outcome_of` is OK
+        outcome = outcome_of(error, answer)
+        if outcome is Outcome.OK or outcome is Outcome.SERVER_ERROR:  # answered, if not cleanly
             self.last_answer = now
+        if answer is not None:
             return Settlement(
-                Outcome.OK,
+                outcome,
                 prompt_tokens=answer.prompt_tokens,
                 completion_tokens=answer.completion_tokens,
                 headers=answer.headers,
             )
-        outcome = outcome_of(error, None)
-        if outcome is Outcome.SERVER_ERROR:  # an answer, if not a clean one
-            self.last_answer = now
         limited = error if isinstance(error, RateLimited) else None
         return Settlement(
             outcome,

@@ -193,6 +193,7 @@ class Pool:
             meter=self.meter,
             tally=self.tally,
             send=self._send,
+            send_keeps_deadline=True,  # `_send` puts its waits under `attempt.deadline()`
             journal=self.writer.add,
             keep=self._keep,
             stopping=lambda: self.stopping,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 import structlog
@@ -106,12 +106,14 @@ class RateLimiter(Protocol):
         ...
 
 
+@runtime_checkable
 class ImmediateRateLimiter(RateLimiter, Protocol):
     """A limiter that can also act without awaiting (`LocalRateLimiter`). The attempt meter
-    calls `try_reserve` first where `reserves_at_once`, and `settle_now`/`cancel_now`
-    instead of `settle`/`cancel` where `settles_at_once`: no coroutine, no shield. (A
-    subclass of `LocalRateLimiter` that overrides any of these is taken to do neither
-    unless it says so.)"""
+    checks for these methods once per run (`isinstance`), then calls `try_reserve` first
+    where `reserves_at_once`, and `settle_now`/`cancel_now` instead of `settle`/`cancel`
+    where `settles_at_once`: no coroutine, no shield. A limiter with the flags but not the
+    methods takes the awaited path. (A subclass of `LocalRateLimiter` that overrides
+    `reserve`, `settle` or `cancel` without its `_now` version loses the flag for it.)"""
 
     reserves_at_once: bool
     settles_at_once: bool
@@ -148,9 +150,10 @@ class LocalRateLimiter:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # a subclass may await in its methods: it says so itself if it does not
-        for flag in ("reserves_at_once", "settles_at_once"):
-            if flag not in cls.__dict__:
+        # a subclass's own `reserve`, `settle` or `cancel` (which may await, or do more)
+        # must run: the meter must not call the `_now` version it did not write instead
+        for flag, pairs in _AT_ONCE.items():
+            if any(_overrides(cls, awaited) and not _overrides(cls, now) for awaited, now in pairs):
                 setattr(cls, flag, False)
 
     #: `try_reserve` is `reserve` without the wait: the attempt meter calls it first
@@ -227,3 +230,16 @@ class LocalRateLimiter:
 
     def statistics(self) -> LimiterStatistics:
         return self.limiter.statistics()
+
+
+#: the flags of `LocalRateLimiter`'s fast path, each with the awaited methods it replaces and
+#: their `_now` versions
+_AT_ONCE = {
+    "reserves_at_once": (("reserve", "try_reserve"),),
+    "settles_at_once": (("settle", "settle_now"), ("cancel", "cancel_now")),
+}
+
+
+def _overrides(cls: type, name: str) -> bool:
+    """Whether `cls` has its own `name` rather than `LocalRateLimiter`'s."""
+    return bool(getattr(cls, name) is not getattr(LocalRateLimiter, name))

@@ -130,6 +130,11 @@ class RowMaker:
     Args:
         send: sends a body for a position (through the endpoint gate), raising `Abandoned`
             when the run stops meanwhile.
+        send_keeps_deadline: `send` keeps the lease's deadline itself: it waits only
+            where the wait is known to end before the lease expires, or under
+            `attempt.deadline()` (`AttemptMeter.attempt`'s deferred deadline; the pool's
+            `send` does). Then the common attempt enters no cancel scope; else every
+            attempt's block is cut short at its lease's expiry.
         journal: writes a row at once, before it is final (paid answers of a re-asked row).
         keep: records a finished row (used for the paid answers of a row cancelled outright).
         stopping: whether the run is stopping.
@@ -147,6 +152,7 @@ class RowMaker:
     sleep: Callable[[float], Awaitable[None]]
     variants: list[Variant]
     cache: RequestCache | None = None
+    send_keeps_deadline: bool = False
 
     def __post_init__(self) -> None:
         self.shapes = [RequestShape.from_job(self.job, v.settings) for v in self.variants]
@@ -298,9 +304,7 @@ class RowMaker:
     async def _send_once(self, state: RowState, request: MeteredRequest) -> Completion:
         if self.stopping():
             raise Abandoned
-        # `send` (the pool's) puts its waits under the lease's deadline itself: the common
-        # attempt enters no cancel scope for it
-        attempt = self.meter.attempt(request, deferred_deadline=True)
+        attempt = self.meter.attempt(request, deferred_deadline=self.send_keeps_deadline)
         try:
             async with attempt:
                 if self.stopping():  # stopped while waiting for the budget: nothing is sent

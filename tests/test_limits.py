@@ -544,3 +544,45 @@ async def test_a_pass_abandoned_for_shrunk_concurrency_takes_no_budget(
         assert bucket.level > 0.9  # the abandoned pass took nothing (it was ~0.1)
         assert limiter.statistics().in_flight == 2
         group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("adaptive", [False, True])
+async def test_try_reserve_never_overtakes_a_task_waiting_for_a_slot(adaptive: bool) -> None:
+    """A task parked for a concurrency slot is served before any `try_reserve`. Two tasks
+    hold both slots and a third waits; both holders let go in one turn of the loop: the
+    first slot is handed to the waiter, which has not run yet when the second frees, and
+    `try_reserve` then says None (the FIFO guard). The waiter's send comes first."""
+    limiter = Limiter(concurrency=2, start_concurrency=2, adaptive=adaptive)
+    let_go = anyio.Event()
+    released: list[int] = []
+    tried: list[Reservation | None] = []
+    served: list[Reservation] = []
+
+    async def holder(number: int) -> None:
+        reservation = limiter.try_reserve(
+            prompt_tokens=1, completion_cap=1, now=anyio.current_time()
+        )
+        assert reservation is not None
+        await let_go.wait()
+        limiter.cancel(reservation)
+        released.append(number)
+        if len(released) == 2:  # both slots are free and the waiter has not run yet
+            now = anyio.current_time()
+            tried.append(limiter.try_reserve(prompt_tokens=1, completion_cap=1, now=now))
+
+    async def waiter() -> None:
+        served.append(await limiter.reserve(prompt_tokens=1, completion_cap=1))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(holder, 1)
+        group.start_soon(holder, 2)
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        assert limiter.statistics().waiting == 1 and not served
+        let_go.set()
+    assert tried == [None]
+    assert len(served) == 1 and served[0].send_number == 3
+    later = limiter.try_reserve(prompt_tokens=1, completion_cap=1, now=anyio.current_time())
+    assert later is not None and later.send_number == 4

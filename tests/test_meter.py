@@ -11,10 +11,10 @@ from trio.testing import MockClock
 
 from batchrun.client import Completion
 from batchrun.errors import LeaseExpired
-from batchrun.limits import Limiter, Settlement, SpendCap
+from batchrun.limits import Limiter, LimiterStatistics, Settlement, SpendCap
 from batchrun.meter import AttemptMeter
 from batchrun.prices import PriceTable
-from batchrun.ratelimit import Lease, LocalRateLimiter
+from batchrun.ratelimit import Lease, LocalRateLimiter, Scope
 
 TRIO = pytest.mark.parametrize(
     "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio")]
@@ -211,3 +211,150 @@ async def test_a_deferred_deadline_cuts_short_only_under_attempt_deadline(
                 await anyio.sleep(100.0)
     assert anyio.current_time() - start == pytest.approx(5.0)
     assert meter.limiter.statistics().in_flight == 0
+
+
+class _FlagsOnly:
+    """A limiter passed in (`rate_limiter=`) that sets `settles_at_once` and
+    `reserves_at_once` but has no `try_reserve`, `settle_now` or `cancel_now`: all awaited."""
+
+    settles_at_once = True
+    reserves_at_once = True
+
+    def __init__(self) -> None:
+        self.inner = LocalRateLimiter(Limiter(concurrency=2, adaptive=False), lease_seconds=5.0)
+
+    async def reserve(self, scope: Scope, *, prompt_tokens: int, completion_cap: int) -> Lease:
+        return await self.inner.reserve(
+            scope, prompt_tokens=prompt_tokens, completion_cap=completion_cap
+        )
+
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
+        await self.inner.settle(lease, settlement)
+
+    async def cancel(self, lease: Lease) -> None:
+        await self.inner.cancel(lease)
+
+    async def pause(self, scope: Scope, seconds: float) -> None:
+        await self.inner.pause(scope, seconds)
+
+    def statistics(self) -> LimiterStatistics:
+        return self.inner.statistics()
+
+
+@pytest.mark.anyio
+async def test_a_limiter_with_the_flags_but_not_the_methods_takes_the_awaited_path() -> None:
+    """The fast path is chosen from the methods a limiter has, not from its flags: one
+    without `settle_now` has its `settle` awaited, its lease closed and the spend cap
+    settled once."""
+    limiter = _FlagsOnly()
+    meter = AttemptMeter(
+        limiter=limiter, spend=SpendCap(100.0), prices=PriceTable.load(), endpoint="http://x"
+    )
+    assert meter.reserve_now is None and not meter.settles_at_once
+    async with meter.attempt(meter.request(BODY), deferred_deadline=True) as attempt:
+        attempt.sending()
+        attempt.received(_answer())
+    assert not limiter.inner._leases and limiter.statistics().in_flight == 0
+    assert meter.spend.in_flight == 0.0 and meter.spend.spent > 0
+
+
+class _CountingSettle(LocalRateLimiter):
+    """A subclass that overrides the awaited `settle` and `cancel` only (and claims the fast
+    path): its own methods must run."""
+
+    settles_at_once = True
+
+    def __init__(self, limiter: Limiter, *, lease_seconds: float) -> None:
+        super().__init__(limiter, lease_seconds=lease_seconds)
+        self.closed: list[str] = []
+
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
+        self.closed.append("settle")
+        await super().settle(lease, settlement)
+
+    async def cancel(self, lease: Lease) -> None:
+        self.closed.append("cancel")
+        await super().cancel(lease)
+
+
+class _Plain(LocalRateLimiter):
+    """A subclass that overrides none of the limiter's methods."""
+
+
+@pytest.mark.anyio
+async def test_a_subclass_overriding_settle_has_its_settle_run() -> None:
+    """A `LocalRateLimiter` subclass whose `settle`/`cancel` are its own loses the settling
+    fast path (its methods run); one that overrides nothing keeps both fast paths."""
+    assert not _CountingSettle.settles_at_once and _CountingSettle.reserves_at_once
+    assert _Plain.settles_at_once and _Plain.reserves_at_once
+    local = _CountingSettle(Limiter(concurrency=2, adaptive=False), lease_seconds=5.0)
+    meter = AttemptMeter(
+        limiter=local, spend=SpendCap(None), prices=PriceTable.load(), endpoint="http://x"
+    )
+    request = meter.request(BODY)
+    async with meter.attempt(request, deferred_deadline=True) as attempt:
+        attempt.sending()
+        attempt.received(_answer())
+    async with meter.attempt(request, deferred_deadline=True):
+        pass  # nothing sent
+    assert local.closed == ["settle", "cancel"] and not local._leases
+
+
+@TRIO
+async def test_a_refused_fast_path_gives_back_its_spend_reservation(
+    anyio_backend: object,
+) -> None:
+    """With a spend cap and both slots held, a third attempt reserves its spend at once,
+    is refused by the limiter, gives the spend back and waits (the awaited path takes it
+    again); it runs when a slot frees, and at the end the cap holds nothing in flight."""
+    meter = make_meter(cap=100.0)  # 2 slots
+    request = meter.request(BODY)
+    worst = request.worst_usd
+    assert worst > 0 and meter.reserve_now is not None
+    release = anyio.Event()
+    went: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with meter.attempt(request, deferred_deadline=True) as attempt:
+            attempt.sending()
+            went.append(name)
+            await release.wait()
+            attempt.received(_answer())
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(hold, "first")
+        group.start_soon(hold, "second")
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(hold, "third")
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(went) == ["first", "second"]  # trio shuffles its run queue
+        # two in flight and the third's one reservation while it waits for a slot
+        assert meter.spend.in_flight == pytest.approx(3 * worst)
+        release.set()
+    assert len(went) == 3 and went[-1] == "third"
+    assert meter.spend._requests == 0 and meter.spend.in_flight == pytest.approx(0.0, abs=1e-12)
+    assert meter.limiter.statistics().in_flight == 0
+
+
+class _RaisingReserve(LocalRateLimiter):
+    """A limiter whose `try_reserve` raises (a bug, or a cancellation from within)."""
+
+    def try_reserve(
+        self, scope: Scope, *, prompt_tokens: int, completion_cap: int, now: float
+    ) -> Lease | None:
+        raise RuntimeError("try_reserve failed")
+
+
+@pytest.mark.anyio
+async def test_a_fast_reserve_that_raises_gives_back_the_spend_reservation() -> None:
+    """If the limiter's `try_reserve` raises after the spend cap reserved, the spend
+    reservation goes back (as on the awaited path)."""
+    local = _RaisingReserve(Limiter(concurrency=2, adaptive=False), lease_seconds=5.0)
+    meter = AttemptMeter(
+        limiter=local, spend=SpendCap(100.0), prices=PriceTable.load(), endpoint="http://x"
+    )
+    assert meter.reserve_now is not None
+    with pytest.raises(RuntimeError, match="try_reserve failed"):
+        async with meter.attempt(meter.request(BODY), deferred_deadline=True):
+            pass
+    assert meter.spend.in_flight == 0.0 and meter.spend._requests == 0

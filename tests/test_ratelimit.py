@@ -3,6 +3,7 @@ limiter is a stub implementing the protocol, passed in."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import anyio
@@ -178,4 +179,39 @@ def test_a_send_that_may_outlive_its_lease_goes_under_the_lease_deadline(
         assert "lease" in rows[0]["error"]
     else:
         assert summary.rows_ok == 1 and rows[0]["status"] == "ok"
+    assert not made[0]._leases  # every lease closed
+
+
+def test_an_outage_after_a_fast_first_send_is_cut_short_at_the_lease_expiry(
+    tmp_path: Path,
+) -> None:
+    """A lease that outlasts the client's timeout sends first under no deadline (the fast
+    path); when that send finds the endpoint down, waiting for it to come back goes under
+    the lease's deadline: the row ends as a timeout (`LeaseExpired`) when the lease
+    expires, long before the outage's own bound, and no lease is left open."""
+    from tests.test_outage import free_port
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "question 0"}])
+    limits = {
+        "max_attempts": 1,
+        "timeout": 0.5,
+        "start_timeout": 15,
+        "outage_timeout": 15,
+        "initial_backoff": 0.1,
+        "max_backoff": 0.1,
+    }
+    data = fast_job_data(tmp_path, f"http://127.0.0.1:{free_port()}", limits=limits)
+    made: list[LocalRateLimiter] = []
+
+    def make(limits: Limits) -> RateLimiter:
+        made.append(LocalRateLimiter(Limiter(concurrency=1, adaptive=False), lease_seconds=2.0))
+        return made[0]
+
+    started = time.monotonic()
+    summary = run_job(build_job(data), settings=SETTINGS, rate_limiter=make)
+    took = time.monotonic() - started
+    rows = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary.rows_ok == 0
+    assert rows[0]["error_class"] == "timeout" and "lease" in rows[0]["error"]
+    assert took < 10  # the lease's 2 s, not the outage's 15
     assert not made[0]._leases  # every lease closed
