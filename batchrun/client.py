@@ -386,7 +386,7 @@ class Client:
         transport: str | httpx.AsyncBaseTransport = "aiohttp",
     ) -> None:
         self.url = chat_url(base_url)
-        #: every attempt's total deadline, on asyncio (`_send_with_deadline`)
+        #: every attempt's total deadline, on asyncio (`send`)
         self._deadlines = Deadlines(timeout)
         #: a stream with no data for this long (keep-alive comments aside) has stalled
         self.stream_idle_limit = read_timeout
@@ -493,6 +493,11 @@ class Client:
     async def send(self, body: dict[str, Any]) -> Completion:
         """Send one request and return its completion.
 
+        On asyncio (every run) the attempt's deadline is the client's shared `Deadlines`:
+        safe as a cancel scope is, since its cancellation is asyncio's own and is taken back
+        here only when nothing else cancelled the task meanwhile. Elsewhere (trio) it is an
+        anyio cancel scope (`_send_in_scope`).
+
         Raises:
             RetryableError: 429, 5xx, network faults, a deadline passed, a broken 200.
             PermanentError: 400, 404, 422 and other client errors.
@@ -502,14 +507,26 @@ class Client:
         streaming = bool(body.get("stream"))
         try:
             task = asyncio.current_task()
-        except RuntimeError:  # not on asyncio (trio): the deadline is an anyio cancel scope
+        except RuntimeError:  # not on asyncio
             task = None
         try:
             if task is None:
                 return await self._send_in_scope(payload, streaming)
-            return await self._send_with_deadline(task, payload, streaming)
+            # written here rather than in a method of its own: one coroutine less a request
+            deadlines = self._deadlines
+            cancelling = deadlines.start(task)
+            try:
+                if streaming:
+                    return await self._send_streaming(payload)
+                return await self._send_plain(payload)
+            except asyncio.CancelledError:
+                if deadlines.expired(task, cancelling):
+                    raise TimeoutError from None
+                raise
+            finally:
+                deadlines.stop(task)
         except TimeoutError:
-            pass  # a library's own deadline inside: the same outcome as ours
+            pass  # our deadline, or a library's own inside: the same outcome
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             detail = self._redact(str(exc)) or type(exc).__name__
             if _connect_failure(exc):
@@ -525,28 +542,6 @@ class Client:
             detail = self._redact(str(exc)) or type(exc).__name__
             raise RetryableError(f"network error: {detail}", error_class="network") from None
         raise RetryableError(f"no complete answer within {self.timeout:g} s", error_class="timeout")
-
-    async def _send_with_deadline(
-        self, task: asyncio.Task[Any], payload: bytes, streaming: bool
-    ) -> Completion:
-        """The attempt under the client's shared `Deadlines` (on asyncio, i.e. every run).
-
-        Safe as a cancel scope is: the deadline's cancellation is asyncio's own, taken back
-        here only when nothing else cancelled the task meanwhile; a passed deadline raises
-        TimeoutError, which `send` reports as the timeout it is.
-        """
-        deadlines = self._deadlines
-        cancelling = deadlines.start(task)
-        try:
-            if streaming:
-                return await self._send_streaming(payload)
-            return await self._send_plain(payload)
-        except asyncio.CancelledError:
-            if deadlines.expired(task, cancelling):
-                raise TimeoutError from None
-            raise
-        finally:
-            deadlines.stop(task)
 
     async def _send_in_scope(self, payload: bytes, streaming: bool) -> Completion:
         """The attempt in an anyio cancel scope with the deadline: off asyncio (trio)."""

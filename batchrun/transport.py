@@ -78,6 +78,10 @@ class _Body(WholeBody):
 
 
 _NO_HEADERS = httpx.Headers()
+#: the extensions of the commonest answers (httpx.Response copies the dict it is given)
+_EXTENSIONS: dict[str | None, dict[str, bytes]] = {
+    "OK": {"http_version": b"HTTP/1.1", "reason_phrase": b"OK"}
+}
 
 
 class _Answer(httpx.Response):
@@ -86,9 +90,11 @@ class _Answer(httpx.Response):
     (`WholeBody.header_map`), so most answers never need httpx's copy (issue 12)."""
 
     def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
-        extensions = {"http_version": b"HTTP/1.1"}
-        if response.reason:
-            extensions["reason_phrase"] = response.reason.encode()
+        extensions = _EXTENSIONS.get(response.reason)
+        if extensions is None:
+            extensions = {"http_version": b"HTTP/1.1"}
+            if response.reason:
+                extensions["reason_phrase"] = response.reason.encode()
         super().__init__(
             response.status,
             headers=_NO_HEADERS,  # cheaper for httpx to copy than None (two ABC checks)
@@ -145,7 +151,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 self._options["proxy_auth"] = aiohttp.BasicAuth(*proxy.auth)
         self._session: aiohttp.ClientSession | None = None
         #: the last URL sent to (its parts) and its parsed form: a run sends to one URL
-        self._url: tuple[tuple[bytes, bytes, int | None, bytes], URL] | None = None
+        self._url: tuple[tuple[bytes, bytes, bytes], URL] | None = None
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
         self._last_timeout: tuple[dict[str, float | None], aiohttp.ClientTimeout] | None = None
 
@@ -166,7 +172,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def _yarl(self, url: httpx.URL) -> URL:
         # keyed by parts, not by identity: httpx.Request copies the URL it is given
-        key = (url.raw_scheme, url.raw_host, url.port, url.raw_path)
+        key = (url.raw_scheme, url.netloc, url.raw_path)  # netloc: the host and the port
         cached = self._url
         if cached is not None and cached[0] == key:
             return cached[1]
