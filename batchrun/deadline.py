@@ -42,6 +42,8 @@ class Deadlines:
         #: tasks cancelled by a passed deadline that have not yet seen it
         self._expired: set[asyncio.Task[object]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        #: the loop the timer is on: a client used again from a new loop starts a new one
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, task: asyncio.Task[object]) -> int:
         """Give `task` a deadline `seconds` from now; returns its count of cancellations
@@ -49,7 +51,8 @@ class Deadlines:
         loop = asyncio.get_running_loop()
         due = loop.time() + self.seconds
         self._due[task] = due
-        if self._timer is None:
+        if self._timer is None or self._loop is not loop:  # none yet, or a closed loop's
+            self._loop = loop
             self._timer = loop.call_at(due, self._fire)
         return task.cancelling()
 

@@ -192,3 +192,29 @@ async def test_a_gzip_answer_through_the_aiohttp_transport(fake: FakeServer) -> 
         completion = await client.send(CHAT)
     assert completion.content == "echo: hello" and completion.prompt_tokens
     assert completion.headers is not None and completion.headers["content-encoding"] == "gzip"
+
+
+def test_deadlines_used_again_from_a_new_loop_still_fire() -> None:
+    """A timer left on a closed loop does not keep the next loop's deadlines from firing."""
+    deadlines = Deadlines(0.01)
+
+    async def attempt() -> bool:
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = deadlines.start(task)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return deadlines.expired(task, cancelling)
+        finally:
+            deadlines.stop(task)
+        return False
+
+    async def leave_a_timer() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines.start(task)
+        deadlines.stop(task)  # the timer stays armed on this loop, which then closes
+
+    asyncio.run(leave_a_timer())
+    assert asyncio.run(attempt()) is True
