@@ -7,15 +7,17 @@ keep-alive blank lines restart the read timer for up to ten minutes.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import httpx
 import orjson
 
+from batchrun.deadline import Deadlines
 from batchrun.errors import (
     AuthError,
     BalanceError,
@@ -30,7 +32,7 @@ from batchrun.errors import (
 from batchrun.limits import parse_duration
 from batchrun.logs import MIN_SECRET_LENGTH
 from batchrun.sse import StreamAccumulator, StreamBroken
-from batchrun.transport import AiohttpTransport, WholeBody, close_body, read_body
+from batchrun.transport import AiohttpTransport, WholeBody
 
 if TYPE_CHECKING:
     import ssl
@@ -72,8 +74,13 @@ def chat_url(base_url: str) -> str:
     return base + "/chat/completions"
 
 
+#: the types a string field of an answer comes as when it needs no conversion
+_TEXT_TYPES = frozenset({str, type(None)})
+
+
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A count of an answer's usage; anything but an int (a bool, a string) is None."""
+    return value if type(value) is int else None
 
 
 def _text(value: Any) -> str | None:
@@ -84,16 +91,23 @@ def _text(value: Any) -> str | None:
 
 
 def _fill_usage(completion: Completion, usage: Any) -> None:
-    if not isinstance(usage, dict):
+    # written out rather than looped over field names: this runs for every answer
+    if type(usage) is not dict:
         return
-    completion.prompt_tokens = _int(usage.get("prompt_tokens"))
-    completion.completion_tokens = _int(usage.get("completion_tokens"))
-    completion.total_tokens = _int(usage.get("total_tokens"))
-    completion.prompt_cache_hit_tokens = _int(usage.get("prompt_cache_hit_tokens"))
-    completion.prompt_cache_miss_tokens = _int(usage.get("prompt_cache_miss_tokens"))
+    value = usage.get("prompt_tokens")
+    completion.prompt_tokens = value if type(value) is int else None
+    value = usage.get("completion_tokens")
+    completion.completion_tokens = value if type(value) is int else None
+    value = usage.get("total_tokens")
+    completion.total_tokens = value if type(value) is int else None
+    value = usage.get("prompt_cache_hit_tokens")
+    completion.prompt_cache_hit_tokens = value if type(value) is int else None
+    value = usage.get("prompt_cache_miss_tokens")
+    completion.prompt_cache_miss_tokens = value if type(value) is int else None
     details = usage.get("completion_tokens_details")
-    if isinstance(details, dict):
-        completion.reasoning_tokens = _int(details.get("reasoning_tokens"))
+    if type(details) is dict:
+        value = details.get("reasoning_tokens")
+        completion.reasoning_tokens = value if type(value) is int else None
 
 
 #: vendor headers that carry a plain delay in seconds, as Retry-After does (LiteLLM's proxy)
@@ -210,25 +224,33 @@ def _connect_failure(exc: BaseException) -> bool:
 
 
 def _completion_from_body(data: Any, status: int) -> Completion:
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+    """The completion in a 200's parsed body; its string fields are taken as they are when
+    they are strings (a check of the type, not a call a field: this runs for every answer)."""
+    choices = data.get("choices") if type(data) is dict else None
+    if type(choices) is not list:
         raise RetryableError(
             "the 200 answer is not a chat completion", status=status, error_class="bad_response"
         )
-    choices = data["choices"]
-    choice = choices[0] if choices else None
-    message = choice.get("message") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or not isinstance(message, dict):
+    choice: Any = choices[0] if choices else None
+    message = choice.get("message") if type(choice) is dict else None
+    if type(message) is not dict:
         raise RetryableError(
             "the 200 answer has no message in its first choice",
             status=status,
             error_class="bad_response",
         )
+    text_types = _TEXT_TYPES
+    content = message.get("content")
+    reasoning = message.get("reasoning_content")
+    finish = choice.get("finish_reason")
+    model = data.get("model")
+    response_id = data.get("id")
     completion = Completion(
-        content=_text(message.get("content")),
-        reasoning_content=_text(message.get("reasoning_content")),
-        finish_reason=_text(choice.get("finish_reason")),
-        model=_text(data.get("model")),
-        response_id=_text(data.get("id")),
+        content=content if type(content) in text_types else _text(content),
+        reasoning_content=reasoning if type(reasoning) in text_types else _text(reasoning),
+        finish_reason=finish if type(finish) in text_types else _text(finish),
+        model=model if type(model) in text_types else _text(model),
+        response_id=response_id if type(response_id) in text_types else _text(response_id),
         http_status=status,
     )
     _fill_usage(completion, data.get("usage"))
@@ -252,6 +274,32 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
     aiohttp = sys.modules.get("aiohttp")
     return (aiohttp.ClientError,) if aiohttp is not None else ()
+
+
+class FixedHeaders(httpx.Headers):
+    """A request's header set that never changes once made, shared by the requests of a run
+    with the same body length: the forms the transports read (`multi_items` for aiohttp,
+    `raw` for httpcore) are worked out once, not once a request (issue 12).
+
+    Changing it raises TypeError; `httpx.Headers(fixed)` is a changeable copy.
+    """
+
+    def __init__(self, headers: httpx.Headers) -> None:
+        super().__init__(headers, encoding=headers.encoding)
+        self._multi_items = super().multi_items()
+        self._raw = super().raw
+
+    @property
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        return list(self._raw)
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        return list(self._multi_items)
+
+    def _fixed(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a request's FixedHeaders cannot change; change a copy: httpx.Headers()")
+
+    __setitem__ = __delitem__ = update = _fixed
 
 
 def _fixed_headers(url: httpx.URL, api_key: str | None) -> httpx.Headers:
@@ -338,7 +386,8 @@ class Client:
         transport: str | httpx.AsyncBaseTransport = "aiohttp",
     ) -> None:
         self.url = chat_url(base_url)
-        self.timeout = timeout
+        #: every attempt's total deadline, on asyncio (`send`)
+        self._deadlines = Deadlines(timeout)
         #: a stream with no data for this long (keep-alive comments aside) has stalled
         self.stream_idle_limit = read_timeout
         self._api_key = api_key
@@ -354,7 +403,7 @@ class Client:
         self._headers = _fixed_headers(self._url, api_key)
         self._header_encoding = self._headers.encoding
         #: the headers for each body length seen (httpx.Request copies what it is given)
-        self._headers_by_length: dict[int, httpx.Headers] = {}
+        self._headers_by_length: dict[int, FixedHeaders] = {}
         http_timeout = httpx.Timeout(connect=30.0, read=read_timeout, write=60.0, pool=None)
         self._extensions: dict[str, Any] = {"timeout": http_timeout.as_dict()}
         if isinstance(transport, str):
@@ -365,11 +414,17 @@ class Client:
             *_transport_errors(),
         )
 
+    @property
+    def timeout(self) -> float:
+        """Seconds an attempt may take in all, keep-alive lines included."""
+        return self._deadlines.seconds
+
     async def __aenter__(self) -> Client:
         await self._transport.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        self._deadlines.close()
         await self._transport.__aexit__(*exc_info)
 
     def _request(self, payload: bytes) -> httpx.Request:
@@ -381,18 +436,20 @@ class Client:
         length = len(payload)
         headers = self._headers_by_length.get(length)
         if headers is None:  # bodies of a run come in few lengths: each set is made once
-            headers = httpx.Headers(self._headers)
-            headers["content-length"] = str(length)
-            headers.encoding = self._header_encoding  # worked out once, not per request
+            each = httpx.Headers(self._headers)
+            each["content-length"] = str(length)
+            each.encoding = self._header_encoding  # worked out once, not per request
+            headers = FixedHeaders(each)
             if len(self._headers_by_length) < 4096:
                 self._headers_by_length[length] = headers
         request = httpx.Request(
             "POST", self._url, stream=httpx.ByteStream(payload), extensions=self._extensions
         )
         # the set itself rather than a copy of it (what `headers=` makes): the transports
-        # read a request's headers and never change those of a body already read
+        # read a request's headers and never change those of a body in memory
         request.headers = headers
-        request.read()  # the body is in memory already: transports may take it as bytes
+        # not `request.read()`: the body is in memory already, and the transports take a
+        # ByteStream's bytes as they are (aiohttp's here, httpcore's iterating it)
         return request
 
     def _redact(self, message: str) -> str:
@@ -436,22 +493,40 @@ class Client:
     async def send(self, body: dict[str, Any]) -> Completion:
         """Send one request and return its completion.
 
+        On asyncio (every run) the attempt's deadline is the client's shared `Deadlines`:
+        safe as a cancel scope is, since its cancellation is asyncio's own and is taken back
+        here only when nothing else cancelled the task meanwhile. Elsewhere (trio) it is an
+        anyio cancel scope (`_send_in_scope`).
+
         Raises:
             RetryableError: 429, 5xx, network faults, a deadline passed, a broken 200.
             PermanentError: 400, 404, 422 and other client errors.
             AuthError, BalanceError: 401/403 and 402; the run must stop.
         """
         payload = orjson.dumps(body)
-        # a bare cancel scope rather than anyio.fail_after, whose context-manager wrapping
-        # costs as much again: leaving the block without a return means the deadline passed
-        deadline = anyio.CancelScope(deadline=anyio.current_time() + self.timeout)
+        streaming = bool(body.get("stream"))
         try:
-            with deadline:
-                if body.get("stream"):
+            task = asyncio.current_task()
+        except RuntimeError:  # not on asyncio
+            task = None
+        try:
+            if task is None:
+                return await self._send_in_scope(payload, streaming)
+            # written here rather than in a method of its own: one coroutine less a request
+            deadlines = self._deadlines
+            cancelling = deadlines.start(task)
+            try:
+                if streaming:
                     return await self._send_streaming(payload)
                 return await self._send_plain(payload)
+            except asyncio.CancelledError:
+                if deadlines.expired(task, cancelling):
+                    raise TimeoutError from None
+                raise
+            finally:
+                deadlines.stop(task)
         except TimeoutError:
-            pass  # a library's own deadline inside: the same outcome as ours
+            pass  # our deadline, or a library's own inside: the same outcome
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             detail = self._redact(str(exc)) or type(exc).__name__
             if _connect_failure(exc):
@@ -468,31 +543,44 @@ class Client:
             raise RetryableError(f"network error: {detail}", error_class="network") from None
         raise RetryableError(f"no complete answer within {self.timeout:g} s", error_class="timeout")
 
+    async def _send_in_scope(self, payload: bytes, streaming: bool) -> Completion:
+        """The attempt in an anyio cancel scope with the deadline: off asyncio (trio)."""
+        # leaving the block without a return means the deadline passed
+        with anyio.CancelScope(deadline=anyio.current_time() + self.timeout):
+            if streaming:
+                return await self._send_streaming(payload)
+            return await self._send_plain(payload)
+        raise TimeoutError
+
     async def _send_plain(self, payload: bytes) -> Completion:
         response = await self._transport.handle_async_request(self._request(payload))
-        try:
-            body = await read_body(response)
-        finally:
-            await close_body(response)
+        stream = response.stream
+        headers: Mapping[str, str]
+        if isinstance(stream, WholeBody):  # this transport's answer: read in one call
+            try:
+                body = await (response.aread() if stream.encoded() else stream.read())
+            finally:
+                await stream.aclose()  # not response.aclose(): no context manager around it
+            # the limiter reads a few headers of every answer: from the transport's own mapping
+            headers = stream.header_map()
+        else:
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+            headers = response.headers
         status = response.status_code
         if status != 200:
             self._raise_for_status(response, body)
-        if not body.strip():
-            raise RetryableError(
-                "the 200 answer has an empty body", status=status, error_class="bad_response"
-            )
         try:
             data = orjson.loads(body)  # leading keep-alive blank lines are JSON whitespace
         except orjson.JSONDecodeError:
+            problem = "has an empty body" if not body.strip() else "is not valid JSON"
             raise RetryableError(
-                "the 200 answer is not valid JSON", status=status, error_class="bad_response"
+                f"the 200 answer {problem}", status=status, error_class="bad_response"
             ) from None
         completion = _completion_from_body(data, status)
-        stream = response.stream
-        # the limiter reads a few headers of every answer: from the transport's own mapping
-        completion.headers = (
-            stream.header_map() if isinstance(stream, WholeBody) else response.headers
-        )
+        completion.headers = headers
         self._answered = True
         return _check_finish(completion)
 

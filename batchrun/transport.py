@@ -4,7 +4,7 @@ httpx stays the client API: `client.py` builds `httpx.Request`s and reads `httpx
 Unlike the general `httpx_aiohttp.AiohttpTransport`, this one builds its timeouts and parses
 its URL once a run rather than once a request, keeps no cookie jar, maps aiohttp's errors to
 httpx's only when one is raised (the same mapping as httpx-aiohttp's), and lets a plain answer
-be read in one call (`read_body`) rather than through an async generator.
+be read in one call (`WholeBody.read`) rather than through an async generator.
 """
 
 from __future__ import annotations
@@ -77,23 +77,45 @@ class _Body(WholeBody):
         self._response.release()
 
 
-async def read_body(response: httpx.Response) -> bytes:
-    """The whole body of an answer: in one call from this transport's answers unless it is
-    compressed, else through httpx (its decoders)."""
-    stream = response.stream
-    if isinstance(stream, WholeBody) and not stream.encoded():
-        return await stream.read()
-    return await response.aread()
+_NO_HEADERS = httpx.Headers()
+#: the extensions of the commonest answers (httpx.Response copies the dict it is given)
+_EXTENSIONS: dict[str | None, dict[str, bytes]] = {
+    "OK": {"http_version": b"HTTP/1.1", "reason_phrase": b"OK"}
+}
 
 
-async def close_body(response: httpx.Response) -> None:
-    """Close an answer's stream: this transport's directly (httpx's `aclose` adds a context
-    manager a request for its error messages), any other through httpx."""
-    stream = response.stream
-    if isinstance(stream, WholeBody):
-        await stream.aclose()
-    else:
-        await response.aclose()
+class _Answer(httpx.Response):
+    """An aiohttp answer as an `httpx.Response` whose `headers` are made from aiohttp's only
+    when first read: `client.py` reads a plain answer's headers from aiohttp's own mapping
+    (`WholeBody.header_map`), so most answers never need httpx's copy (issue 12)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        extensions = _EXTENSIONS.get(response.reason)
+        if extensions is None:
+            extensions = {"http_version": b"HTTP/1.1"}
+            if response.reason:
+                extensions["reason_phrase"] = response.reason.encode()
+        super().__init__(
+            response.status,
+            headers=_NO_HEADERS,  # cheaper for httpx to copy than None (two ABC checks)
+            stream=_Body(response),
+            request=request,
+            extensions=extensions,
+        )
+        self._raw_headers: tuple[tuple[bytes, bytes], ...] | None = response.raw_headers
+
+    @property
+    def headers(self) -> httpx.Headers:
+        raw = self._raw_headers
+        if raw is not None:  # the first read: httpx's headers from aiohttp's
+            self._raw_headers = None
+            self._headers = httpx.Headers(raw)
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: httpx.Headers) -> None:
+        self._raw_headers = None
+        self._headers = value
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -124,13 +146,19 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._ssl = verify
-        self._proxy = str(proxy.url) if proxy is not None else None
-        self._proxy_auth = aiohttp.BasicAuth(*proxy.auth) if proxy and proxy.auth else None
-        self._proxy_headers = dict(proxy.headers) if proxy is not None else None
+        #: what every request passes besides its own URL, headers, body and timeouts: the
+        #: proxy's arguments only when there is a proxy (fewer arguments, less binding)
+        self._options: dict[str, Any] = {"allow_redirects": False}
+        if proxy is not None:
+            self._options["proxy"] = str(proxy.url)
+            self._options["proxy_headers"] = dict(proxy.headers)
+            if proxy.auth:
+                self._options["proxy_auth"] = aiohttp.BasicAuth(*proxy.auth)
         self._session: aiohttp.ClientSession | None = None
         #: the last URL sent to (its parts) and its parsed form: a run sends to one URL
-        self._url: tuple[tuple[bytes, bytes, int | None, bytes], URL] | None = None
+        self._url: tuple[tuple[bytes, bytes, bytes], URL] | None = None
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
+        self._last_timeout: tuple[dict[str, float | None], aiohttp.ClientTimeout] | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         import aiohttp
@@ -140,15 +168,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             keepalive_timeout=self._keepalive_expiry,
             ssl=self._ssl,
         )
-        # no cookie jar: cookies mean nothing to a batch run, and a jar is work every request
+        # no cookie jar: cookies mean nothing to a batch run, and a jar is work every request;
+        # no decompression by aiohttp: httpx decodes what is compressed
         self._session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
         )
         return self._session
 
     def _yarl(self, url: httpx.URL) -> URL:
         # keyed by parts, not by identity: httpx.Request copies the URL it is given
-        key = (url.raw_scheme, url.raw_host, url.port, url.raw_path)
+        key = (url.raw_scheme, url.netloc, url.raw_path)  # netloc: the host and the port
         cached = self._url
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -159,51 +188,51 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return parsed
 
     def _timeout(self, given: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
+        """httpx's timeouts as httpx-aiohttp maps them; the last ones again when equal (a
+        run's requests all carry the same: a dict comparison, not a lookup)."""
+        last = self._last_timeout
+        if last is not None and last[0] == given:
+            return last[1]
         key = (given.get("connect"), given.get("read"), given.get("pool"))
         timeout = self._timeouts.get(key)
-        if timeout is None:  # httpx's timeouts as httpx-aiohttp maps them
+        if timeout is None:
             import aiohttp
 
             timeout = aiohttp.ClientTimeout(sock_connect=key[0], sock_read=key[1], connect=key[2])
             self._timeouts[key] = timeout
+        self._last_timeout = (dict(given), timeout)
         return timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         data: bytes | httpx.AsyncByteStream | None
-        try:
-            data = request.content or None
-        except httpx.RequestNotRead:
-            data = request.stream  # type: ignore[assignment]  # an async client's stream
-            request.headers.pop("transfer-encoding", None)  # aiohttp frames it itself
-        url, timeout = self._yarl(request.url), self._timeout(request.extensions.get("timeout", {}))
+        stream = request.stream
+        if isinstance(stream, httpx.ByteStream):
+            # a body in memory, read or not: its bytes without `request.read()`'s checks
+            data = b"".join(stream) or None
+        else:
+            try:
+                data = request.content or None
+            except httpx.RequestNotRead:
+                data = stream  # type: ignore[assignment]  # an async client's stream
+                request.headers.pop("transfer-encoding", None)  # aiohttp frames it itself
+        extensions = request.extensions
+        options = self._options
+        server_hostname = extensions.get("sni_hostname")
+        if server_hostname is not None:
+            options = {**options, "server_hostname": server_hostname}
         try:
             response = await session.request(
                 request.method,
-                url,
+                self._yarl(request.url),
                 headers=request.headers.multi_items(),
                 data=data,
-                allow_redirects=False,
-                auto_decompress=False,  # httpx decodes what is compressed
-                compress=False,
-                timeout=timeout,
-                server_hostname=request.extensions.get("sni_hostname"),
-                proxy=self._proxy,
-                proxy_auth=self._proxy_auth,
-                proxy_headers=self._proxy_headers,
+                timeout=self._timeout(extensions.get("timeout", {})),
+                **options,
             )
         except Exception:
             _reraise_mapped()
-        extensions = {"http_version": b"HTTP/1.1"}
-        if response.reason:
-            extensions["reason_phrase"] = response.reason.encode()
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=_Body(response),
-            request=request,
-            extensions=extensions,
-        )
+        return _Answer(response, request)
 
     async def aclose(self) -> None:
         if self._session is not None:

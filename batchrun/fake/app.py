@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip as gzip_module
 import hmac
 import math
 import time
@@ -65,11 +66,17 @@ def make_app(state: FakeState) -> web.Application:
 # --- small response helpers ------------------------------------------------------------------
 
 
-def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> web.Response:
+def _json(
+    status: int, payload: Any, headers: dict[str, str] | None = None, *, gzip: bool = False
+) -> web.Response:
     out = {"Content-Type": "application/json"}
     if headers:
         out.update(headers)
-    return web.Response(status=status, body=orjson.dumps(payload), headers=out)
+    body = orjson.dumps(payload)
+    if gzip:  # as a server compressing its answers does (`compress`)
+        body = gzip_module.compress(body)
+        out["Content-Encoding"] = "gzip"
+    return web.Response(status=status, body=body, headers=out)
 
 
 def _error(
@@ -175,7 +182,7 @@ async def _admitted(
     payload, _, _ = build()
     state.count(200)
     state.ok += 1
-    return _json(200, payload, headers)
+    return _json(200, payload, headers, gzip=config.compress)
 
 
 def _completion(

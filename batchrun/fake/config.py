@@ -73,6 +73,8 @@ class FakeConfig:
     usage: UsageMode = "full"
     #: repeat the request's Authorization header in the answer's id, content and reasoning
     echo_auth: bool = False
+    #: gzip the body of every plain 200 answer (Content-Encoding: gzip)
+    compress: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.faults, str):
