@@ -183,12 +183,24 @@ def _carried_value(value: Any, kind: pa.DataType) -> Any:
     return orjson.dumps(value).decode()  # nested or mixed values travel as JSON text
 
 
+#: the result columns a row made by `rows.RowMaker` holds as epoch microseconds (an int:
+#: orjson writes it without a call back into Python, and the part writer converts the column
+#: at once); a row made elsewhere may hold `datetime`s there, which are written as before
+EPOCH_US_COLUMNS = ("started_at", "finished_at")
+
+
+def epoch_us(value: datetime) -> int:
+    """A timestamp as microseconds since the epoch, exactly (naive: taken as UTC), as the
+    journal holds it."""
+    if value.tzinfo is None:  # a naive timestamp column: wall time, stored as if UTC
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MICROSECOND
+
+
 def _journal_default(value: Any) -> Any:
     """JSON for the values orjson leaves to us; `journal_table` turns them back."""
     if isinstance(value, datetime):
-        if value.tzinfo is None:  # a naive timestamp column: wall time, stored as if UTC
-            value = value.replace(tzinfo=UTC)
-        return (value - _EPOCH) // _MICROSECOND  # epoch microseconds: exact, any unit fits
+        return epoch_us(value)  # exact, any unit fits
     if isinstance(value, date | time):
         return value.isoformat()
     if isinstance(value, timedelta):
@@ -331,10 +343,7 @@ class PartWriter:
     def write_part(self, path: Path, rows: list[dict[str, Any]]) -> None:
         """Write one part file, then drop its journal segment (blocking: call it in a
         worker thread)."""
-        import pyarrow as pa
-
-        table = pa.Table.from_pylist(rows, schema=self.schema)
-        write_atomically(table, path)
+        write_atomically(part_table(rows, self.schema), path)
         journal_path(path.parent, segment_number(path)).unlink(missing_ok=True)
 
     def close(self) -> None:
@@ -342,6 +351,35 @@ class PartWriter:
         if self._journal is not None:
             os.close(self._journal)
             self._journal = None
+
+
+def part_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Result rows as a part file's table: what `pa.Table.from_pylist` makes of them, with
+    the `EPOCH_US_COLUMNS` held as epoch microseconds converted a column at once (pyarrow
+    converts a timezone-aware `datetime` one at a time, asking it for its offset)."""
+    import pyarrow as pa
+
+    columns = []
+    for field in schema:
+        name, kind = field.name, field.type
+        values = [row.get(name) for row in rows]
+        if name in EPOCH_US_COLUMNS:
+            try:
+                columns.append(_epoch_us_column(values, kind))
+                continue
+            except (pa.ArrowTypeError, pa.ArrowInvalid):  # `datetime`s: a row made elsewhere
+                pass
+        columns.append(pa.array(values, kind))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _epoch_us_column(values: list[Any], kind: pa.DataType) -> pa.Array:
+    """A timestamp column from epoch microseconds, truncated to its unit as a `datetime`
+    is when written."""
+    import pyarrow as pa
+
+    epoch = pa.array(values, pa.int64()).cast(pa.timestamp("us", tz=kind.tz))
+    return epoch.cast(kind, safe=False)
 
 
 def _next_segment(directory: Path) -> int:
@@ -411,8 +449,7 @@ def _journal_column(values: list[Any], kind: pa.DataType) -> pa.Array:
 
     types = pa.types
     if types.is_timestamp(kind):
-        epoch_us = pa.array(values, pa.int64()).cast(pa.timestamp("us", tz=kind.tz))
-        return epoch_us.cast(kind, safe=False)  # truncates as writing a datetime does
+        return _epoch_us_column(values, kind)
     if types.is_duration(kind):
         return pa.array(values, pa.int64()).cast(pa.duration("us")).cast(kind, safe=False)
     if types.is_binary(kind) or types.is_large_binary(kind) or types.is_fixed_size_binary(kind):
