@@ -90,6 +90,36 @@ def test_journal_rows_round_trip_to_the_part_schema(tmp_path: Path) -> None:
     assert from_journal.equals(pa.Table.from_pylist(rows, schema=writer.schema))
 
 
+@pytest.mark.parametrize("times", ["epoch_us", "datetime"])
+def test_a_part_holds_the_same_timestamps_from_epoch_microseconds_or_datetimes(
+    tmp_path: Path, times: str
+) -> None:
+    """Rows of `rows.RowMaker` hold started_at/finished_at as epoch microseconds, which the
+    part writer converts a column at once (its fast path); rows holding `datetime`s there
+    take the general conversion. Journal and part come out the same either way, carried
+    timestamp columns untouched."""
+    rows = [result(0, **carried_values(0)), result(1, **carried_values(1))]
+    scratch = PartWriter(tmp_path / "scratch", carried=CARRIED)
+    lines = [scratch._encode(row) for row in rows]  # carried JSON made text, as a write does
+    reference = pa.Table.from_pylist(rows, schema=scratch.schema)
+    if times == "epoch_us":
+        for row in rows:
+            for name in sinks.EPOCH_US_COLUMNS:
+                row[name] = sinks.epoch_us(row[name])
+    writer = PartWriter(tmp_path, carried=CARRIED)
+    for row in rows:
+        writer.add(row)
+    [journal] = list_journals(tmp_path)
+    assert journal.read_bytes() == b"".join(lines)
+    taken = writer.take()
+    assert taken is not None
+    writer.write_part(*taken)
+    assert pq.read_table(taken[0]).equals(reference)
+    assert pq.read_table(taken[0])["started_at"][0].as_py() == datetime(
+        2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC
+    )
+
+
 def test_queued_rows_are_journalled_together_in_one_write(tmp_path: Path) -> None:
     """Rows queued together reach the journal in one write call, a line each, and only then
     are they buffered for the part."""
