@@ -120,6 +120,23 @@ def test_a_part_holds_the_same_timestamps_from_epoch_microseconds_or_datetimes(
     )
 
 
+def test_a_part_of_complete_rows_is_the_part_of_rows_lacking_columns(tmp_path: Path) -> None:
+    """Rows holding every column (the pool's) are gathered a row at a time (`itemgetter`);
+    a row lacking a column sends the whole part the general way, with nulls there: the
+    table is the one `from_pylist` makes either way."""
+    writer = PartWriter(tmp_path, carried=CARRIED)
+    complete = [
+        {**dict.fromkeys(writer.schema.names), **result(i, **{**carried_values(i), "meta": "{}"})}
+        for i in range(3)
+    ]
+    lacking = [*complete[:2], result(2, **{**carried_values(2), "meta": "{}"})]
+    assert set(complete[2]) == set(writer.schema.names) and set(lacking[2]) != set(complete[2])
+    for rows in (complete, lacking):
+        table = sinks.part_table(rows, writer.schema)
+        assert table.equals(pa.Table.from_pylist(complete, schema=writer.schema))
+    assert sinks.part_table([], writer.schema).num_rows == 0
+
+
 def test_queued_rows_are_journalled_together_in_one_write(tmp_path: Path) -> None:
     """Rows queued together reach the journal in one write call, a line each, and only then
     are they buffered for the part."""
