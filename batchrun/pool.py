@@ -249,7 +249,7 @@ class Pool:
                 outer.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self.flush()
+                await self.flush(in_thread=False)
 
     async def _cancel_after_grace(self, scope: anyio.CancelScope) -> None:
         """After a stop, requests in flight get a grace period, then are cancelled.
@@ -511,8 +511,16 @@ class Pool:
             with anyio.CancelScope(shield=True):  # rows taken for a part are always written
                 await self.flush()
 
-    async def flush(self) -> None:
-        """Write buffered results to a new part file."""
+    async def flush(self, *, in_thread: bool = True) -> None:
+        """Write buffered results to a new part file.
+
+        Args:
+            in_thread: write it in a worker thread, so that requests in flight are not held
+                up by the conversion and the fsyncs (milliseconds for a part of thousands of
+                rows). The run's last flush writes it in the loop's own thread: every worker
+                is done by then, so there is nothing to hold up, and the hop (a thread hand-
+                over and a wake-up of the loop) would only cost.
+        """
         async with self._flush_lock:
             self._write_journal()  # rows queued this turn go in this part
             taken = self.writer.take()
@@ -520,7 +528,10 @@ class Pool:
                 return
             path, rows = taken
             try:
-                await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
+                if in_thread:
+                    await anyio.to_thread.run_sync(self.writer.write_part, path, rows)
+                else:
+                    self.writer.write_part(path, rows)
             except OSError as exc:
                 # the rows stay in their journal segment: the next run makes the part
                 self.stop(cannot_write(self.writer.directory, exc))

@@ -15,7 +15,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -23,13 +22,14 @@ import structlog
 
 from batchrun.cache import RequestCache, request_key
 from batchrun.client import Completion
+from batchrun.clock import SYSTEM_CLOCK, Clock
 from batchrun.errors import PermanentError, RateLimited, RequestError, RetryableError, RunStopped
 from batchrun.job import Job
 from batchrun.meter import Attempt, AttemptMeter, MeteredRequest
 from batchrun.progress import Tally, add_reported
 from batchrun.prompts import RequestShape, Variant, build_request
 from batchrun.retry import RetryPolicy
-from batchrun.sinks import INDEX_COLUMN, PAID_BEFORE_COLUMN, USAGE_COLUMNS
+from batchrun.sinks import INDEX_COLUMN, PAID_BEFORE_COLUMN, USAGE_COLUMNS, epoch_us
 from batchrun.sources import InputRow, InputSummary
 from batchrun.structured import ParseFailed, parse_fields
 
@@ -52,6 +52,20 @@ _NO_USAGE: dict[str, int | None] = dict.fromkeys(USAGE_COLUMNS)
 
 #: result columns that a parsed field of the same name does not replace
 _SET_LAST = ("cost_usd", "cost_worst_case", "cached", PAID_BEFORE_COLUMN)
+
+
+def _now_us(clock: Clock) -> Callable[[], int]:
+    """How a row reads the time it is finished, in epoch microseconds: the machine's clock
+    is read as an int (`time.time_ns`), without the `datetime` that `Clock.now` builds and
+    the journal would only turn back into this number; an injected clock (tests set the
+    time of day) is asked as ever."""
+    if clock is SYSTEM_CLOCK:
+        return _system_now_us
+    return lambda: epoch_us(clock.now())
+
+
+def _system_now_us() -> int:
+    return time.time_ns() // 1000
 
 
 class Abandoned(Exception):
@@ -90,9 +104,10 @@ class RowState:
     worst_case: bool = False
     #: the part of `cost` already journaled in rows written before this row's last one
     journaled: float = 0.0
-    #: `time.perf_counter()` when the first request left, and its wall-clock time
+    #: `time.perf_counter()` when the first request left, and its wall-clock time in epoch
+    #: microseconds (`sinks.EPOCH_US_COLUMNS`)
     first_sent: float | None = None
-    started_at: datetime | None = None
+    started_at: int | None = None
     #: seconds spent waiting on the server, summed over every request sent
     in_requests: float = 0.0
     #: the answer came from the request cache
@@ -105,7 +120,9 @@ class RowState:
         if attempt.started is not None:
             self.attempts += 1
             if self.first_sent is None:
-                self.first_sent, self.started_at = attempt.started, attempt.sent_at
+                self.first_sent = attempt.started
+                sent_at = attempt.sent_at
+                self.started_at = None if sent_at is None else epoch_us(sent_at)
             self.in_requests += attempt.seconds
         charge = attempt.charge
         if charge is not None:
@@ -159,6 +176,7 @@ class RowMaker:
         self.variant_columns = [v.columns() for v in self.variants] if self.job.sweep else None
         self.carry = tuple(self.job.prompt.carry)
         self.parse = self.job.parse
+        self.now_us = _now_us(self.meter.clock)
 
     def row_id(self, work: Work) -> str:
         """The row's id as text, for logs: worked out only when something is logged."""
@@ -360,7 +378,7 @@ class RowMaker:
         work, answers, cached, failure = state.work, state.answers, state.cached, state.failure
         row = work.row
         c = summed(answers) if len(answers) > 1 else (answers[0] if answers else None)
-        now = self.meter.clock.now()
+        now = self.now_us()
         first_sent = state.first_sent
         result: dict[str, Any] = {
             INDEX_COLUMN: work.position,

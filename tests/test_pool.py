@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -290,6 +291,31 @@ def test_a_part_is_written_once_the_journal_holds_flush_bytes(
         patch.setattr(PartWriter, "write_part", write_part)
         summary = run_job(job, settings=settings)
     assert summary.complete and sum(parts) == 8 and len(parts) >= 3
+
+
+def test_parts_go_to_a_worker_thread_but_the_last_one_of_the_run(
+    tmp_path: Path, fake: FakeServer
+) -> None:
+    """A part written while requests are in flight is written in a worker thread (the loop
+    goes on serving them); the run's last part, with every worker done, in the loop's own
+    thread, without the hop."""
+    fake.update(latency=0.03)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(5)])
+    job = build_job(fast_job_data(tmp_path, fake.base_url, limits={"concurrency": 1}))
+    settings = PoolSettings(flush_rows=2, flush_seconds=60)
+    threads: list[threading.Thread] = []
+    original = PartWriter.write_part
+
+    def write_part(writer: PartWriter, path: Path, rows: list[dict[str, Any]]) -> None:
+        threads.append(threading.current_thread())
+        original(writer, path, rows)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PartWriter, "write_part", write_part)
+        summary = run_job(job, settings=settings)
+    assert summary.complete and len(threads) >= 2
+    assert threading.main_thread() not in threads[:-1]
+    assert threads[-1] is threading.main_thread()
 
 
 def test_rows_finishing_in_one_turn_of_the_loop_are_one_journal_write(

@@ -3,7 +3,9 @@ request answered at once takes the fast path, a failed one the retry policy."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ from batchrun.sinks import (
     PAID_BEFORE_COLUMN,
     USAGE_COLUMNS,
     PartWriter,
+    epoch_us,
     result_column_names,
 )
-from tests.conftest import fast_job_data, write_jsonl
+from tests.conftest import ManualClock, fast_job_data, write_jsonl
 
 SETTINGS = PoolSettings(flush_rows=2, flush_seconds=0.05, stop_grace=2.0)
 
@@ -173,6 +176,36 @@ def answers_sent(monkeypatch: pytest.MonkeyPatch) -> dict[str, Completion]:
 
     monkeypatch.setattr(Client, "send", sent)
     return answers
+
+
+def test_a_row_holds_its_times_as_epoch_microseconds_of_the_run_clock(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """started_at and finished_at are epoch microseconds (ints, which the journal writes
+    as they are): read from the machine's clock as `time.time_ns` (the fast path), and from
+    an injected clock through its `now()` (tests set the time of day); the output file
+    holds them as UTC timestamps either way."""
+    written = queued_rows(monkeypatch)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "question"}])
+    before = time.time_ns() // 1000
+    run_job(build_job(fast_job_data(tmp_path, fake.base_url)), settings=SETTINGS)
+    [row] = written
+    assert type(row["started_at"]) is int and type(row["finished_at"]) is int
+    assert before <= row["started_at"] <= row["finished_at"] <= time.time_ns() // 1000
+    [out] = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    assert out["finished_at"] == epoch + timedelta(milliseconds=row["finished_at"] // 1000)
+
+    written.clear()
+    at = datetime(2026, 12, 1, 5, 6, 7, 891234, tzinfo=UTC)
+    (tmp_path / "injected").mkdir()
+    data = fast_job_data(tmp_path / "injected", fake.base_url)
+    write_jsonl(tmp_path / "injected" / "in.jsonl", [{"prompt": "question"}])
+    run_job(build_job(data), settings=dataclasses.replace(SETTINGS, clock=ManualClock(at)))
+    [row] = written
+    assert row["started_at"] == row["finished_at"] == epoch_us(at)
+    [out] = pq.read_table(tmp_path / "injected" / "out.parquet").to_pylist()
+    assert out["started_at"] == out["finished_at"] == at.replace(microsecond=891000)
 
 
 def test_a_result_row_holds_every_result_column(

@@ -90,6 +90,53 @@ def test_journal_rows_round_trip_to_the_part_schema(tmp_path: Path) -> None:
     assert from_journal.equals(pa.Table.from_pylist(rows, schema=writer.schema))
 
 
+@pytest.mark.parametrize("times", ["epoch_us", "datetime"])
+def test_a_part_holds_the_same_timestamps_from_epoch_microseconds_or_datetimes(
+    tmp_path: Path, times: str
+) -> None:
+    """Rows of `rows.RowMaker` hold started_at/finished_at as epoch microseconds, which the
+    part writer converts a column at once (its fast path); rows holding `datetime`s there
+    take the general conversion. Journal and part come out the same either way, carried
+    timestamp columns untouched."""
+    rows = [result(0, **carried_values(0)), result(1, **carried_values(1))]
+    scratch = PartWriter(tmp_path / "scratch", carried=CARRIED)
+    lines = [scratch._encode(row) for row in rows]  # carried JSON made text, as a write does
+    reference = pa.Table.from_pylist(rows, schema=scratch.schema)
+    if times == "epoch_us":
+        for row in rows:
+            for name in sinks.EPOCH_US_COLUMNS:
+                row[name] = sinks.epoch_us(row[name])
+    writer = PartWriter(tmp_path, carried=CARRIED)
+    for row in rows:
+        writer.add(row)
+    [journal] = list_journals(tmp_path)
+    assert journal.read_bytes() == b"".join(lines)
+    taken = writer.take()
+    assert taken is not None
+    writer.write_part(*taken)
+    assert pq.read_table(taken[0]).equals(reference)
+    assert pq.read_table(taken[0])["started_at"][0].as_py() == datetime(
+        2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC
+    )
+
+
+def test_a_part_of_complete_rows_is_the_part_of_rows_lacking_columns(tmp_path: Path) -> None:
+    """Rows holding every column (the pool's) are gathered a row at a time (`itemgetter`);
+    a row lacking a column sends the whole part the general way, with nulls there: the
+    table is the one `from_pylist` makes either way."""
+    writer = PartWriter(tmp_path, carried=CARRIED)
+    complete = [
+        {**dict.fromkeys(writer.schema.names), **result(i, **{**carried_values(i), "meta": "{}"})}
+        for i in range(3)
+    ]
+    lacking = [*complete[:2], result(2, **{**carried_values(2), "meta": "{}"})]
+    assert set(complete[2]) == set(writer.schema.names) and set(lacking[2]) != set(complete[2])
+    for rows in (complete, lacking):
+        table = sinks.part_table(rows, writer.schema)
+        assert table.equals(pa.Table.from_pylist(complete, schema=writer.schema))
+    assert sinks.part_table([], writer.schema).num_rows == 0
+
+
 def test_queued_rows_are_journalled_together_in_one_write(tmp_path: Path) -> None:
     """Rows queued together reach the journal in one write call, a line each, and only then
     are they buffered for the part."""
