@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
+import anyio.lowlevel
 import httpx
 import orjson
 
@@ -386,8 +387,8 @@ class Client:
         transport: str | httpx.AsyncBaseTransport = "aiohttp",
     ) -> None:
         self.url = chat_url(base_url)
-        #: every attempt's total deadline, on asyncio (`send`)
-        self._deadlines = Deadlines(timeout)
+        #: every attempt's total deadline, on asyncio with our aiohttp transport (`send`)
+        self.deadlines = Deadlines(timeout)
         #: a stream with no data for this long (keep-alive comments aside) has stalled
         self.stream_idle_limit = read_timeout
         self._api_key = api_key
@@ -409,6 +410,9 @@ class Client:
         if isinstance(transport, str):
             transport = make_transport(transport, self._url, max_connections=max_connections)
         self._transport = transport
+        #: the shared `Deadlines` serve our aiohttp transport only: a plain task.cancel()
+        #: would break through httpcore's shielded connection clean-up, an anyio scope not
+        self._own_deadlines = isinstance(transport, AiohttpTransport)
         self._network_errors: tuple[type[BaseException], ...] = (
             httpx.HTTPError,
             *_transport_errors(),
@@ -417,14 +421,14 @@ class Client:
     @property
     def timeout(self) -> float:
         """Seconds an attempt may take in all, keep-alive lines included."""
-        return self._deadlines.seconds
+        return self.deadlines.seconds
 
     async def __aenter__(self) -> Client:
         await self._transport.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        self._deadlines.close()
+        self.deadlines.close()
         await self._transport.__aexit__(*exc_info)
 
     def _request(self, payload: bytes) -> httpx.Request:
@@ -505,15 +509,17 @@ class Client:
         """
         payload = orjson.dumps(body)
         streaming = bool(body.get("stream"))
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # not on asyncio
-            task = None
+        task = None
+        if self._own_deadlines:
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # not on asyncio
+                pass
         try:
             if task is None:
                 return await self._send_in_scope(payload, streaming)
             # written here rather than in a method of its own: one coroutine less a request
-            deadlines = self._deadlines
+            deadlines = self.deadlines
             cancelling = deadlines.start(task)
             try:
                 if streaming:
@@ -521,6 +527,10 @@ class Client:
                 return await self._send_plain(payload)
             except asyncio.CancelledError:
                 if deadlines.expired(task, cancelling):
+                    # an anyio scope cancelled in the same loop pass, after our deadline,
+                    # leaves its task.cancel() for the next pass (the task was cancelled
+                    # already): wait for it here so a stop is not reported as a timeout
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                     raise TimeoutError from None
                 raise
             finally:
