@@ -75,11 +75,7 @@ def chat_url(base_url: str) -> str:
     return base + "/chat/completions"
 
 
-#: the types a string field of an answer comes as when it needs no conversion
-_TEXT_TYPES = frozenset({str, type(None)})
-
-
-def _int(value: Any) -> int | None:
+def _count(value: Any) -> int | None:
     """A count of an answer's usage; anything but an int (a bool, a string) is None."""
     return value if type(value) is int else None
 
@@ -92,23 +88,17 @@ def _text(value: Any) -> str | None:
 
 
 def _fill_usage(completion: Completion, usage: Any) -> None:
-    # written out rather than looped over field names: this runs for every answer
     if type(usage) is not dict:
         return
-    value = usage.get("prompt_tokens")
-    completion.prompt_tokens = value if type(value) is int else None
-    value = usage.get("completion_tokens")
-    completion.completion_tokens = value if type(value) is int else None
-    value = usage.get("total_tokens")
-    completion.total_tokens = value if type(value) is int else None
-    value = usage.get("prompt_cache_hit_tokens")
-    completion.prompt_cache_hit_tokens = value if type(value) is int else None
-    value = usage.get("prompt_cache_miss_tokens")
-    completion.prompt_cache_miss_tokens = value if type(value) is int else None
-    details = usage.get("completion_tokens_details")
+    get = usage.get
+    completion.prompt_tokens = _count(get("prompt_tokens"))
+    completion.completion_tokens = _count(get("completion_tokens"))
+    completion.total_tokens = _count(get("total_tokens"))
+    completion.prompt_cache_hit_tokens = _count(get("prompt_cache_hit_tokens"))
+    completion.prompt_cache_miss_tokens = _count(get("prompt_cache_miss_tokens"))
+    details = get("completion_tokens_details")
     if type(details) is dict:
-        value = details.get("reasoning_tokens")
-        completion.reasoning_tokens = value if type(value) is int else None
+        completion.reasoning_tokens = _count(details.get("reasoning_tokens"))
 
 
 #: vendor headers that carry a plain delay in seconds, as Retry-After does (LiteLLM's proxy)
@@ -225,8 +215,7 @@ def _connect_failure(exc: BaseException) -> bool:
 
 
 def _completion_from_body(data: Any, status: int) -> Completion:
-    """The completion in a 200's parsed body; its string fields are taken as they are when
-    they are strings (a check of the type, not a call a field: this runs for every answer)."""
+    """The completion in a 200's parsed body."""
     choices = data.get("choices") if type(data) is dict else None
     if type(choices) is not list:
         raise RetryableError(
@@ -240,18 +229,12 @@ def _completion_from_body(data: Any, status: int) -> Completion:
             status=status,
             error_class="bad_response",
         )
-    text_types = _TEXT_TYPES
-    content = message.get("content")
-    reasoning = message.get("reasoning_content")
-    finish = choice.get("finish_reason")
-    model = data.get("model")
-    response_id = data.get("id")
     completion = Completion(
-        content=content if type(content) in text_types else _text(content),
-        reasoning_content=reasoning if type(reasoning) in text_types else _text(reasoning),
-        finish_reason=finish if type(finish) in text_types else _text(finish),
-        model=model if type(model) in text_types else _text(model),
-        response_id=response_id if type(response_id) in text_types else _text(response_id),
+        content=_text(message.get("content")),
+        reasoning_content=_text(message.get("reasoning_content")),
+        finish_reason=_text(choice.get("finish_reason")),
+        model=_text(data.get("model")),
+        response_id=_text(data.get("id")),
         http_status=status,
     )
     _fill_usage(completion, data.get("usage"))
@@ -497,10 +480,11 @@ class Client:
     async def send(self, body: dict[str, Any]) -> Completion:
         """Send one request and return its completion.
 
-        On asyncio (every run) the attempt's deadline is the client's shared `Deadlines`:
-        safe as a cancel scope is, since its cancellation is asyncio's own and is taken back
-        here only when nothing else cancelled the task meanwhile. Elsewhere (trio) it is an
-        anyio cancel scope (`_send_in_scope`).
+        On asyncio with our aiohttp transport (every run by default) the attempt's deadline
+        is the client's shared `Deadlines`: safe as a cancel scope is, since its cancellation
+        is asyncio's own and is taken back here only when nothing else cancelled the task
+        meanwhile. Elsewhere (trio, httpx's own pool) it is an anyio cancel scope
+        (`_send_in_scope`).
 
         Raises:
             RetryableError: 429, 5xx, network faults, a deadline passed, a broken 200.
