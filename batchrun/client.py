@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
+import anyio.lowlevel
 import httpx
 import orjson
 
@@ -74,11 +75,7 @@ def chat_url(base_url: str) -> str:
     return base + "/chat/completions"
 
 
-#: the types a string field of an answer comes as when it needs no conversion
-_TEXT_TYPES = frozenset({str, type(None)})
-
-
-def _int(value: Any) -> int | None:
+def _count(value: Any) -> int | None:
     """A count of an answer's usage; anything but an int (a bool, a string) is None."""
     return value if type(value) is int else None
 
@@ -91,23 +88,17 @@ def _text(value: Any) -> str | None:
 
 
 def _fill_usage(completion: Completion, usage: Any) -> None:
-    # written out rather than looped over field names: this runs for every answer
     if type(usage) is not dict:
         return
-    value = usage.get("prompt_tokens")
-    completion.prompt_tokens = value if type(value) is int else None
-    value = usage.get("completion_tokens")
-    completion.completion_tokens = value if type(value) is int else None
-    value = usage.get("total_tokens")
-    completion.total_tokens = value if type(value) is int else None
-    value = usage.get("prompt_cache_hit_tokens")
-    completion.prompt_cache_hit_tokens = value if type(value) is int else None
-    value = usage.get("prompt_cache_miss_tokens")
-    completion.prompt_cache_miss_tokens = value if type(value) is int else None
-    details = usage.get("completion_tokens_details")
+    get = usage.get
+    completion.prompt_tokens = _count(get("prompt_tokens"))
+    completion.completion_tokens = _count(get("completion_tokens"))
+    completion.total_tokens = _count(get("total_tokens"))
+    completion.prompt_cache_hit_tokens = _count(get("prompt_cache_hit_tokens"))
+    completion.prompt_cache_miss_tokens = _count(get("prompt_cache_miss_tokens"))
+    details = get("completion_tokens_details")
     if type(details) is dict:
-        value = details.get("reasoning_tokens")
-        completion.reasoning_tokens = value if type(value) is int else None
+        completion.reasoning_tokens = _count(details.get("reasoning_tokens"))
 
 
 #: vendor headers that carry a plain delay in seconds, as Retry-After does (LiteLLM's proxy)
@@ -224,8 +215,7 @@ def _connect_failure(exc: BaseException) -> bool:
 
 
 def _completion_from_body(data: Any, status: int) -> Completion:
-    """The completion in a 200's parsed body; its string fields are taken as they are when
-    they are strings (a check of the type, not a call a field: this runs for every answer)."""
+    """The completion in a 200's parsed body."""
     choices = data.get("choices") if type(data) is dict else None
     if type(choices) is not list:
         raise RetryableError(
@@ -239,18 +229,12 @@ def _completion_from_body(data: Any, status: int) -> Completion:
             status=status,
             error_class="bad_response",
         )
-    text_types = _TEXT_TYPES
-    content = message.get("content")
-    reasoning = message.get("reasoning_content")
-    finish = choice.get("finish_reason")
-    model = data.get("model")
-    response_id = data.get("id")
     completion = Completion(
-        content=content if type(content) in text_types else _text(content),
-        reasoning_content=reasoning if type(reasoning) in text_types else _text(reasoning),
-        finish_reason=finish if type(finish) in text_types else _text(finish),
-        model=model if type(model) in text_types else _text(model),
-        response_id=response_id if type(response_id) in text_types else _text(response_id),
+        content=_text(message.get("content")),
+        reasoning_content=_text(message.get("reasoning_content")),
+        finish_reason=_text(choice.get("finish_reason")),
+        model=_text(data.get("model")),
+        response_id=_text(data.get("id")),
         http_status=status,
     )
     _fill_usage(completion, data.get("usage"))
@@ -386,8 +370,8 @@ class Client:
         transport: str | httpx.AsyncBaseTransport = "aiohttp",
     ) -> None:
         self.url = chat_url(base_url)
-        #: every attempt's total deadline, on asyncio (`send`)
-        self._deadlines = Deadlines(timeout)
+        #: every attempt's total deadline, on asyncio with our aiohttp transport (`send`)
+        self.deadlines = Deadlines(timeout)
         #: a stream with no data for this long (keep-alive comments aside) has stalled
         self.stream_idle_limit = read_timeout
         self._api_key = api_key
@@ -409,6 +393,9 @@ class Client:
         if isinstance(transport, str):
             transport = make_transport(transport, self._url, max_connections=max_connections)
         self._transport = transport
+        #: the shared `Deadlines` serve our aiohttp transport only: a plain task.cancel()
+        #: would break through httpcore's shielded connection clean-up, an anyio scope not
+        self._own_deadlines = isinstance(transport, AiohttpTransport)
         self._network_errors: tuple[type[BaseException], ...] = (
             httpx.HTTPError,
             *_transport_errors(),
@@ -417,14 +404,14 @@ class Client:
     @property
     def timeout(self) -> float:
         """Seconds an attempt may take in all, keep-alive lines included."""
-        return self._deadlines.seconds
+        return self.deadlines.seconds
 
     async def __aenter__(self) -> Client:
         await self._transport.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        self._deadlines.close()
+        self.deadlines.close()
         await self._transport.__aexit__(*exc_info)
 
     def _request(self, payload: bytes) -> httpx.Request:
@@ -493,10 +480,11 @@ class Client:
     async def send(self, body: dict[str, Any]) -> Completion:
         """Send one request and return its completion.
 
-        On asyncio (every run) the attempt's deadline is the client's shared `Deadlines`:
-        safe as a cancel scope is, since its cancellation is asyncio's own and is taken back
-        here only when nothing else cancelled the task meanwhile. Elsewhere (trio) it is an
-        anyio cancel scope (`_send_in_scope`).
+        On asyncio with our aiohttp transport (every run by default) the attempt's deadline
+        is the client's shared `Deadlines`: safe as a cancel scope is, since its cancellation
+        is asyncio's own and is taken back here only when nothing else cancelled the task
+        meanwhile. Elsewhere (trio, httpx's own pool) it is an anyio cancel scope
+        (`_send_in_scope`).
 
         Raises:
             RetryableError: 429, 5xx, network faults, a deadline passed, a broken 200.
@@ -505,15 +493,17 @@ class Client:
         """
         payload = orjson.dumps(body)
         streaming = bool(body.get("stream"))
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # not on asyncio
-            task = None
+        task = None
+        if self._own_deadlines:
+            try:
+                task = asyncio.current_task()
+            except RuntimeError:  # not on asyncio
+                pass
         try:
             if task is None:
                 return await self._send_in_scope(payload, streaming)
             # written here rather than in a method of its own: one coroutine less a request
-            deadlines = self._deadlines
+            deadlines = self.deadlines
             cancelling = deadlines.start(task)
             try:
                 if streaming:
@@ -521,6 +511,10 @@ class Client:
                 return await self._send_plain(payload)
             except asyncio.CancelledError:
                 if deadlines.expired(task, cancelling):
+                    # an anyio scope cancelled in the same loop pass, after our deadline,
+                    # leaves its task.cancel() for the next pass (the task was cancelled
+                    # already): wait for it here so a stop is not reported as a timeout
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                     raise TimeoutError from None
                 raise
             finally:

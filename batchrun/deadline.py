@@ -50,11 +50,32 @@ class Deadlines:
         already requested (for `expired`). A task has one deadline at a time."""
         loop = asyncio.get_running_loop()
         due = loop.time() + self.seconds
+        if self._loop is not loop:
+            self._meet(loop)
         self._due[task] = due
-        if self._timer is None or self._loop is not loop:  # none yet, or a closed loop's
-            self._loop = loop
+        if self._timer is None:
             self._timer = loop.call_at(due, self._fire)
         return task.cancelling()
+
+    def _meet(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start over on a new loop (a client used again after `asyncio.run` ended): a timer
+        or a task left on the old loop is dead, and cancelling such a task would raise."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
+        self._expired.clear()
+        self._loop = loop
+
+    @property
+    def pending(self) -> int:
+        """How many tasks hold a deadline: started and not yet stopped."""
+        return len(self._due) + len(self._expired)
+
+    @property
+    def armed(self) -> bool:
+        """Whether a timer waits for a deadline (none once `close`d)."""
+        return self._timer is not None
 
     def stop(self, task: asyncio.Task[object]) -> None:
         """Take `task`'s deadline away (whether it passed or not)."""

@@ -192,3 +192,37 @@ def test_a_socks_proxy_is_refused_not_spoken_to_as_http(no_proxy_env: pytest.Mon
     no_proxy_env.setenv("ALL_PROXY", "socks5://127.0.0.1:9")
     with pytest.raises(ConfigError, match="socks5://... .*only HTTP proxies"):
         Client("http://api.example.invalid", api_key=None, max_connections=1)
+
+
+async def test_an_odd_answer_s_counts_and_texts_are_normalised() -> None:
+    """A proxy's answer with counts that are not ints (a bool, a string, a float) gets no
+    count, and its text fields given as a number or an object come as their text."""
+    answer = {
+        "id": 7,
+        "model": {"name": "m"},
+        "choices": [
+            {"message": {"content": 12, "reasoning_content": None}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": True,
+            "completion_tokens": "3",
+            "total_tokens": 8.0,
+            "prompt_cache_hit_tokens": 2,
+            "prompt_cache_miss_tokens": None,
+            "completion_tokens_details": {"reasoning_tokens": False},
+        },
+    }
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=orjson.dumps(answer))
+
+    transport = httpx.MockTransport(reply)
+    async with Client(
+        "http://127.0.0.1:9", api_key=None, max_connections=1, transport=transport
+    ) as client:
+        completion = await client.send({"model": "m", "messages": []})
+    assert (completion.content, completion.reasoning_content) == ("12", None)
+    assert (completion.model, completion.response_id) == ('{"name":"m"}', "7")
+    assert completion.prompt_tokens is None and completion.completion_tokens is None
+    assert completion.total_tokens is None and completion.prompt_cache_miss_tokens is None
+    assert completion.prompt_cache_hit_tokens == 2 and completion.reasoning_tokens is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import anyio
 import httpx
@@ -52,9 +53,26 @@ async def test_the_deadline_leaves_a_prompt_answer_alone(fake: FakeServer) -> No
         async with anyio.create_task_group() as group:
             for _ in range(40):
                 group.start_soon(client.send, CHAT)
-        deadlines = client._deadlines
-        assert not deadlines._due and not deadlines._expired
-    assert deadlines._timer is None
+        deadlines = client.deadlines
+        assert deadlines.pending == 0 and deadlines.armed  # the timer waits for the next
+    assert not deadlines.armed
+
+
+@on_asyncio
+async def test_on_httpx_s_own_pool_the_deadline_is_an_anyio_scope(fake: FakeServer) -> None:
+    """`transport = "httpx"` keeps the anyio scope (httpcore shields its connection clean-up
+    from anyio cancellation, not from a plain task.cancel()): the shared deadlines stay
+    empty while the attempt waits, and the deadline still ends it."""
+    fake.update(keepalive_lines=200, keepalive_interval=0.02)
+    stalled = {**CHAT, "messages": [{"role": "user", "content": "x [[fault:keepalive]]"}]}
+    waiting: list[int] = []
+    async with Client(
+        fake.base_url, api_key=None, max_connections=1, timeout=0.3, transport="httpx"
+    ) as client:
+        asyncio.get_running_loop().call_later(0.1, lambda: waiting.append(client.deadlines.pending))
+        with pytest.raises(RetryableError, match=r"no complete answer within 0\.3 s"):
+            await client.send(stalled)
+    assert waiting == [0] and not client.deadlines.armed
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
@@ -75,14 +93,23 @@ async def test_off_asyncio_the_deadline_is_an_anyio_scope() -> None:
     async with client:
         with pytest.raises(RetryableError, match=r"no complete answer within 0\.1 s"):
             await client.send(CHAT)
-    assert not client._deadlines._due
+    assert client.deadlines.pending == 0
+
+
+def _in_one_pass(first_due: float, then: Callable[[], object]) -> None:
+    """Block the loop past `first_due` (a deadline's time) and call `then` just after it: the
+    next loop pass then runs the deadline's timer and `then` one after the other, before any
+    task sees either (as a stop landing with a deadline does)."""
+    loop = asyncio.get_running_loop()
+    loop.call_at(first_due + 0.02, then)
+    time.sleep(max(first_due - loop.time(), 0.0) + 0.1)
 
 
 @on_asyncio
 async def test_a_cancellation_from_elsewhere_wins_over_a_passed_deadline() -> None:
-    """When the deadline passes as something else cancels the task, the CancelledError goes
-    on: the task was cancelled, not merely timed out."""
-    deadlines = Deadlines(0.0)
+    """When the deadline passes and something else cancels the task in the same loop pass,
+    the CancelledError goes on: the task was cancelled, not merely timed out."""
+    deadlines = Deadlines(0.05)
     seen: list[bool] = []
 
     async def attempt() -> None:
@@ -97,13 +124,59 @@ async def test_a_cancellation_from_elsewhere_wins_over_a_passed_deadline() -> No
         finally:
             deadlines.stop(task)
 
+    loop = asyncio.get_running_loop()
     task = asyncio.create_task(attempt())
-    await asyncio.sleep(0)  # in the attempt, its deadline (now) about to fire
-    task.cancel()
+    await asyncio.sleep(0)  # in the attempt, its deadline 0.05 s away
+    _in_one_pass(loop.time() + 0.05, task.cancel)
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert seen == [False]
+    assert seen == [False] and deadlines.pending == 0
     deadlines.close()
+
+
+@on_asyncio
+async def test_a_stop_landing_with_the_deadline_leaves_send_as_a_cancellation(
+    fake: FakeServer,
+) -> None:
+    """An anyio scope cancelled (a stop's grace cancel, a second Ctrl-C) in the same loop
+    pass as the attempt's deadline, just after it: `send` lets the cancellation through
+    rather than raising a timeout, which would count the attempt as failed."""
+    fake.update(keepalive_lines=200, keepalive_interval=0.02)
+    stalled = {**CHAT, "messages": [{"role": "user", "content": "x [[fault:keepalive]]"}]}
+    outcome: list[str] = []
+    loop = asyncio.get_running_loop()
+    async with Client(fake.base_url, api_key=None, max_connections=1, timeout=0.3) as client:
+        with anyio.CancelScope() as scope:
+            # 0.1 s into the attempt: the deadline is 0.2 s away, the stop just after it
+            loop.call_later(0.1, _in_one_pass, loop.time() + 0.3, scope.cancel)
+            try:
+                await client.send(stalled)
+                outcome.append("answered")
+            except RetryableError as exc:
+                outcome.append(exc.error_class)
+            except asyncio.CancelledError:
+                outcome.append("cancelled")
+                raise
+        assert client.deadlines.pending == 0
+        completion = await client.send(CHAT)  # nothing left over for the next attempt
+    assert outcome == ["cancelled"] and scope.cancelled_caught and completion.content
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+
+
+@on_asyncio
+async def test_a_deadline_alone_still_comes_out_as_a_timeout_beside_an_idle_scope(
+    fake: FakeServer,
+) -> None:
+    """The slow way of the mend above is taken only when a scope was cancelled: inside an
+    anyio scope nobody cancels, a passed deadline is a timeout as before."""
+    fake.update(keepalive_lines=200, keepalive_interval=0.02)
+    stalled = {**CHAT, "messages": [{"role": "user", "content": "x [[fault:keepalive]]"}]}
+    async with Client(fake.base_url, api_key=None, max_connections=1, timeout=0.2) as client:
+        with anyio.CancelScope() as scope:
+            with pytest.raises(RetryableError) as caught:
+                await client.send(stalled)
+    assert caught.value.error_class == "timeout" and not scope.cancelled_caught
 
 
 @on_asyncio
@@ -218,3 +291,35 @@ def test_deadlines_used_again_from_a_new_loop_still_fire() -> None:
 
     asyncio.run(leave_a_timer())
     assert asyncio.run(attempt()) is True
+
+
+def test_deadlines_left_with_a_task_on_a_closed_loop_still_fire_on_the_next() -> None:
+    """A task still holding a deadline when its loop closed (a worker's loop ended mid
+    attempt) does not keep the next loop's deadlines from firing."""
+    deadlines = Deadlines(0.05)
+    old_loop = asyncio.new_event_loop()
+
+    async def stuck() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        deadlines.start(task)
+        await asyncio.sleep(100)
+
+    old_loop.create_task(stuck())
+    old_loop.run_until_complete(asyncio.sleep(0.01))
+    old_loop.close()
+
+    async def attempt() -> bool:
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = deadlines.start(task)
+        try:
+            await asyncio.sleep(2)
+        except asyncio.CancelledError:
+            return deadlines.expired(task, cancelling)
+        finally:
+            deadlines.stop(task)
+        return False
+
+    assert asyncio.run(attempt()) is True
+    assert deadlines.pending == 0
