@@ -501,20 +501,26 @@ def read_part(path: Path, schema: pa.Schema) -> pa.Table:
     return table if table.schema.equals(schema) else _cast(table, schema)
 
 
-def _kernel(name: str, *args: Any, options: Any = None) -> Any:
-    """Arrow's compute function `name`, called by name (issue 12): `pyarrow.compute` is
-    Python wrappers it generates at import over `pyarrow._compute.call_function` (~45 ms a
-    run); the kernels are the same, and `_compute` alone loads in ~5 ms."""
-    from pyarrow._compute import call_function
+def _kernels() -> Any:
+    """Arrow's compute module without its wrappers (issue 12): `pyarrow.compute` is Python
+    wrappers it generates at import over `pyarrow._compute` (~45 ms a run); the kernels,
+    `call_function` and the option classes are the same, and `_compute` loads in ~5 ms."""
+    try:
+        import pyarrow._compute as kernels
+    except ImportError:  # a pyarrow that moved it: the public module has the same names
+        import pyarrow.compute as kernels
+    return kernels
 
-    return call_function(name, list(args), options)
+
+def _kernel(name: str, *args: Any, options: Any = None) -> Any:
+    """Arrow's compute function `name` on `args`, called by name through `_kernels`."""
+    return _kernels().call_function(name, list(args), options)
 
 
 def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table.cast(schema)` (same checks: names, nulls in a non-null field, a safe cast)
     through `_kernel`, as `Table.cast` would import pyarrow.compute."""
     import pyarrow as pa
-    from pyarrow._compute import CastOptions
 
     if table.schema.names != schema.names:
         raise ValueError(f"cannot cast {table.schema.names} to {schema.names}")
@@ -523,7 +529,7 @@ def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
         if not field.nullable and column.null_count > 0:
             raise ValueError(f"casting a field with null values to non-nullable: {field}")
         if column.type != field.type:
-            column = _kernel("cast", column, options=CastOptions.safe(field.type))
+            column = _kernel("cast", column, options=_kernels().CastOptions.safe(field.type))
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=schema)
 
@@ -738,7 +744,6 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
     journaled before its final row, in the same segment).
     """
     import pyarrow as pa
-    from pyarrow._compute import SortOptions
 
     wanted = schema.append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
     tables = []
@@ -756,7 +761,7 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
         tables.append(table.append_column("_segment", segment))
     table = pa.concat_tables(tables)
     # a stable sort: rows of one position stay in segment order, and in file order within one
-    order = SortOptions([(INDEX_COLUMN, "ascending"), ("_segment", "ascending")])
+    order = _kernels().SortOptions([(INDEX_COLUMN, "ascending"), ("_segment", "ascending")])
     table = _kernel("take", table, _kernel("sort_indices", table, options=order))
     positions = table[INDEX_COLUMN].to_pylist()
     last = [i for i, here in enumerate(positions[:-1]) if here != positions[i + 1]]
