@@ -564,7 +564,40 @@ def read_part(path: Path, schema: pa.Schema) -> pa.Table:
         if field.name not in present:
             table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
     table = table.select(schema.names)
-    return table if table.schema.equals(schema) else table.cast(schema)
+    return table if table.schema.equals(schema) else _cast(table, schema)
+
+
+def _kernels() -> Any:
+    """Arrow's compute module without its wrappers (issue 12): `pyarrow.compute` is Python
+    wrappers it generates at import over `pyarrow._compute` (~45 ms a run); the kernels,
+    `call_function` and the option classes are the same, and `_compute` loads in ~5 ms."""
+    try:
+        import pyarrow._compute as kernels
+    except ImportError:  # a pyarrow that moved it: the public module has the same names
+        import pyarrow.compute as kernels
+    return kernels
+
+
+def _kernel(name: str, *args: Any, options: Any = None) -> Any:
+    """Arrow's compute function `name` on `args`, called by name through `_kernels`."""
+    return _kernels().call_function(name, list(args), options)
+
+
+def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table.cast(schema)` (same checks: names, nulls in a non-null field, a safe cast)
+    through `_kernel`, as `Table.cast` would import pyarrow.compute."""
+    import pyarrow as pa
+
+    if table.schema.names != schema.names:
+        raise ValueError(f"cannot cast {table.schema.names} to {schema.names}")
+    columns = []
+    for column, field in zip(table.itercolumns(), schema, strict=True):
+        if not field.nullable and column.null_count > 0:
+            raise ValueError(f"casting a field with null values to non-nullable: {field}")
+        if column.type != field.type:
+            column = _kernel("cast", column, options=_kernels().CastOptions.safe(field.type))
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def part_number(column: str = "_part") -> Any:
@@ -595,8 +628,8 @@ def keep_latest(frame: Any) -> Any:
 #: compaction writes the output this many input positions at a time, one row group each
 COMPACT_CHUNK_ROWS = 20_000
 #: up to this many rows, an output's rows are gathered as Python values
-#: (`_latest_rows_in_python`) rather than with Arrow's kernels, whose module alone
-#: (pyarrow.compute) costs a small run ~45 ms to import; past it the kernels are cheaper
+#: (`_latest_rows_in_python`) rather than with Arrow's kernels (`_kernel`, ~5 ms to load);
+#: past it the kernels are cheaper
 SMALL_COMPACT_ROWS = 2_000
 
 
@@ -777,7 +810,6 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
     journaled before its final row, in the same segment).
     """
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     wanted = schema.append(pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
     tables = []
@@ -785,18 +817,24 @@ def _latest_rows(holding: list[_PartSpan], schema: pa.Schema, low: int, high: in
         table = read_part(span.path, wanted)
         index = table[INDEX_COLUMN]
         if span.low < low or span.high >= high:
-            table = table.filter(pc.and_(pc.greater_equal(index, low), pc.less(index, high)))
+            within = _kernel(
+                "and",
+                _kernel("greater_equal", index, pa.scalar(low, pa.int64())),
+                _kernel("less", index, pa.scalar(high, pa.int64())),
+            )
+            table = _kernel("filter", table, within)
         segment = pa.array([span.segment] * table.num_rows, pa.int64())
         tables.append(table.append_column("_segment", segment))
     table = pa.concat_tables(tables)
     # a stable sort: rows of one position stay in segment order, and in file order within one
-    order = [(INDEX_COLUMN, "ascending"), ("_segment", "ascending")]
-    table = table.take(pc.sort_indices(table, sort_keys=order))
+    order = _kernels().SortOptions([(INDEX_COLUMN, "ascending"), ("_segment", "ascending")])
+    table = _kernel("take", table, _kernel("sort_indices", table, options=order))
     positions = table[INDEX_COLUMN].to_pylist()
     last = [i for i, here in enumerate(positions[:-1]) if here != positions[i + 1]]
     if positions:
         last.append(len(positions) - 1)
-    return table.take(last).select(schema.names).cast(schema)
+    picked = _kernel("take", table, pa.array(last, pa.int64()))
+    return _cast(picked.select(schema.names), schema)
 
 
 def _python_exact(kind: pa.DataType) -> bool:

@@ -278,13 +278,34 @@ def test_small_run_imports_only_what_it_uses(tmp_path: Path, fake: FakeServer) -
         "deferred = '_deferred' in context.__dict__\n"
         "context.cert_store_stats()\n"
         "print(deferred, '_deferred' in context.__dict__)\n"
+        # pydantic's plugins were never looked for (the command turns them off)
+        "import pydantic.plugin._loader as loader\n"
+        "print(loader._plugins is None)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
     )
     assert done.returncode == 0, done.stderr
     assert "complete: 20 ok" in done.stderr
-    assert done.stdout.splitlines() == [f"True {RUN_GC_THRESHOLD}", "", "True False"]
+    assert done.stdout.splitlines() == [f"True {RUN_GC_THRESHOLD}", "", "True False", "True"]
+
+
+def test_the_command_keeps_a_pydantic_plugins_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command turns pydantic's plugins off only when the environment says nothing;
+    importing batchrun as a library leaves them alone."""
+    import os
+
+    from batchrun import cli
+
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "some_plugin")
+    cli._without_pydantic_plugins()
+    assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "some_plugin"
+    monkeypatch.delenv("PYDANTIC_DISABLE_PLUGINS")
+    import batchrun.job  # noqa: F401
+
+    assert "PYDANTIC_DISABLE_PLUGINS" not in os.environ
+    cli._without_pydantic_plugins()
+    assert os.environ["PYDANTIC_DISABLE_PLUGINS"] == "__all__"
 
 
 PUBLIC = [

@@ -421,3 +421,36 @@ def test_the_kernels_compact_what_python_cannot(
     assert compact(tmp_path, out, schema=output_schema(carried), rows=2) == 2
     assert taken == [0]
     assert pq.read_table(out)["id"].to_pylist() == ["r0", "1" if case == "cast" else "r1"]
+
+
+KERNELS_WITHOUT_PYARROW_COMPUTE = """
+import sys
+from pathlib import Path
+import pyarrow as pa
+from batchrun import sinks
+from batchrun.sinks import compact, output_schema
+sinks.SMALL_COMPACT_ROWS = 1
+folder = Path(sys.argv[1])
+compact(folder, folder / "out.parquet", schema=output_schema({"id": pa.string()}), rows=3)
+print("pyarrow.compute" in sys.modules)
+"""
+
+
+def test_the_kernels_compact_without_importing_pyarrow_compute(tmp_path: Path) -> None:
+    """Past the small size compaction calls Arrow's kernels by name (issue 12): a run does
+    not pay pyarrow.compute's ~45 ms import, and a part needing a cast still gets it."""
+    import subprocess
+    import sys
+
+    write_parts(tmp_path, [[result(2, id=2), result(0, id=0)]], {"id": pa.int64()})
+    write_parts(tmp_path, [[result(1), result(0, content="again")]], {"id": pa.string()})
+    found = subprocess.run(
+        [sys.executable, "-c", KERNELS_WITHOUT_PYARROW_COMPUTE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout.strip() == "False"
+    made = pq.read_table(tmp_path / "out.parquet")
+    assert made["id"].to_pylist() == ["r0", "r1", "2"]  # "2": the int part, cast
+    assert made["content"].to_pylist() == ["again", "echo: 1", "echo: 2"]
