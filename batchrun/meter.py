@@ -51,9 +51,12 @@ def outcome_of(error: BaseException | None, answer: Completion | None) -> Outcom
     return Outcome.OTHER
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MeteredRequest:
-    """A request body with what its attempts reserve: estimated and priced once per row."""
+    """A request body with what its attempts reserve: estimated and priced once per row.
+
+    A value, never changed once made; not a frozen dataclass only because one is made per
+    row and a frozen one costs several times as much to make (issue 12)."""
 
     body: dict[str, Any]
     model: str
