@@ -502,8 +502,10 @@ class Limiter:
         if self._learner.since is None:
             self._learner.since = now
         adaptive = self.adaptive
-        # a send made while concurrency is at its maximum never counts for growth: growth
-        # stops there, and any later shrink marks every send made before it as old news
+        # a send made while concurrency is at its maximum is not tracked for growth: growth
+        # stops there, and a later shrink marks every send made before it as old news (only
+        # an episode's restore to a level below the maximum could have counted it: a credit
+        # of half a slot lost, at worst, against a dict entry a request saved)
         if adaptive is not None and adaptive.value < adaptive.maximum:
             self._unanswered[self._sends] = now
         taken, probe = took
