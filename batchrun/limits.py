@@ -316,6 +316,8 @@ _RATELIMIT_HEADERS = {
     )
     for kind in ("requests", "tokens")
 }
+_LIMIT_REQUESTS = _RATELIMIT_HEADERS["requests"][0]
+_LIMIT_TOKENS = _RATELIMIT_HEADERS["tokens"][0]
 #: answers after which the completion estimate is refreshed only every 50
 EARLY_ANSWERS = 20
 
@@ -381,6 +383,9 @@ class Reservation:
     taken_tokens: float = 0.0
     #: sent as the one probe of a header-less 429 episode
     probe: bool = False
+    #: what holds its concurrency slot (`CapacityLimiter` borrower): its own token, not the
+    #: reserving task, so no task look-up on taking or giving it back (issue 12)
+    slot: object = None
 
 
 class Limiter:
@@ -439,10 +444,11 @@ class Limiter:
     async def reserve(self, *, prompt_tokens: int, completion_cap: int) -> Reservation:
         """Wait for a concurrency slot, the end of any pause, and room in the buckets."""
         tokens = prompt_tokens + self.completion_allowance(completion_cap)
+        slot = object()  # the borrower of its slot: unique while held
         while True:
             self._waiting += 1
             try:
-                await self._acquire_slot()
+                await self._acquire_slot(slot)
             finally:
                 self._waiting -= 1
             took = self._take_unqueued(tokens, anyio.current_time())
@@ -452,14 +458,16 @@ class Limiter:
                 async with self._dispatch:  # one task at a time waits on the buckets, in order
                     took = await self._wait_for_budget(tokens)
             except BaseException:
-                self._slots.release()
+                self._slots.release_on_behalf_of(slot)
                 raise
             if took is not None:
                 break
             # concurrency shrank while this task waited: its slot is no longer one to use,
             # and it took nothing from the buckets
-            self._slots.release()
-        return self._reserved(tokens, prompt_tokens, completion_cap, took, anyio.current_time())
+            self._slots.release_on_behalf_of(slot)
+        return self._reserved(
+            tokens, prompt_tokens, completion_cap, took, anyio.current_time(), slot
+        )
 
     def try_reserve(
         self, *, prompt_tokens: int, completion_cap: int, now: float
@@ -470,13 +478,14 @@ class Limiter:
 
         Safe because it takes exactly what `reserve` takes on its first pass, and only when
         no task waits (a waiting task is never overtaken)."""
-        tokens = prompt_tokens + self.completion_allowance(completion_cap)
         if self._waiting:
             return None
-        took = self._take_unqueued(tokens, now, acquire=True)
+        tokens = prompt_tokens + self._completions.allowance(completion_cap)
+        slot = self._sends + 1  # its send number: unique among the slots held
+        took = self._take_unqueued(tokens, now, acquire=slot)
         if took is None:
             return None
-        return self._reserved(tokens, prompt_tokens, completion_cap, took, now)
+        return self._reserved(tokens, prompt_tokens, completion_cap, took, now, slot)
 
     def _reserved(
         self,
@@ -485,42 +494,42 @@ class Limiter:
         completion_cap: int,
         took: tuple[float, bool],
         now: float,
+        slot: object,
     ) -> Reservation:
-        """Count a request that holds its slot and has taken its budget."""
+        """Count a request that holds its slot (borrowed as `slot`) and has taken its budget."""
         self._in_flight += 1
         self._sends += 1
         if self._learner.since is None:
             self._learner.since = now
-        if self.adaptive is not None:
+        adaptive = self.adaptive
+        # a send made while concurrency is at its maximum is not tracked for growth: growth
+        # stops there, and a later shrink marks every send made before it as old news (only
+        # an episode's restore to a level below the maximum could have counted it: a credit
+        # of half a slot lost, at worst, against a dict entry a request saved)
+        if adaptive is not None and adaptive.value < adaptive.maximum:
             self._unanswered[self._sends] = now
         taken, probe = took
         self._reserved_tokens += tokens
         return Reservation(
-            tokens,
-            prompt_tokens,
-            completion_cap,
-            self._sends,
-            self._in_flight,
-            taken_tokens=taken,
-            probe=probe,
+            tokens, prompt_tokens, completion_cap, self._sends, self._in_flight, taken, probe, slot
         )
 
-    async def _acquire_slot(self) -> None:
+    async def _acquire_slot(self, slot: object) -> None:
         """Wait for a concurrency slot. While waiting, each request out for `ADMITTED_AFTER`
         without a refusal counts as a clean answer for growth, once a period: a concurrency
         429 comes back at once, so with long answers concurrency need not wait whole answers
         to climb (x1.5 every `ADMITTED_AFTER` rather than every answer's latency)."""
         try:  # a free slot is taken without a timer or a trip through the event loop
-            self._slots.acquire_nowait()
+            self._slots.acquire_on_behalf_of_nowait(slot)
             return
         except anyio.WouldBlock:
             pass
         if self.adaptive is None:  # no credit to give while waiting
-            await self._slots.acquire()
+            await self._slots.acquire_on_behalf_of(slot)
             return
         while True:
             with anyio.move_on_after(ADMITTED_AFTER):
-                await self._slots.acquire()
+                await self._slots.acquire_on_behalf_of(slot)
                 return
             self._credit_admitted(anyio.current_time())
 
@@ -544,11 +553,12 @@ class Limiter:
             self._slots.total_tokens = adaptive.limit
 
     def _take_unqueued(
-        self, tokens: int, now: float, *, acquire: bool = False
+        self, tokens: int, now: float, *, acquire: object = None
     ) -> tuple[float, bool] | None:
         """Take the request's budget at once if no task waits on the buckets and it may go
         now: no lock and no coroutine in the common case (issue 12). None: nothing taken,
-        wait in line (`_wait_for_budget`). `acquire`: take a free slot too (none is held)."""
+        wait in line (`_wait_for_budget`). `acquire`: take a free slot too (none is held), on
+        behalf of this borrower."""
         if (
             self._dispatch.locked()
             or self._in_flight >= self._slots.total_tokens
@@ -556,9 +566,9 @@ class Limiter:
             or self._delay(tokens, now) > 0
         ):
             return None
-        if acquire:
+        if acquire is not None:
             try:
-                self._slots.acquire_nowait()
+                self._slots.acquire_on_behalf_of_nowait(acquire)
             except anyio.WouldBlock:  # a task is in line for a slot
                 return None
         return self._take(tokens, now)
@@ -630,7 +640,7 @@ class Limiter:
             now = anyio.current_time()
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
-        self._slots.release()
+        self._slots.release_on_behalf_of(reservation.slot)
         self._unanswered.pop(reservation.send_number, None)
         if reservation.probe:
             self._backoff.probe_out = False
@@ -649,13 +659,15 @@ class Limiter:
             now = anyio.current_time()
         self._in_flight -= 1
         self._reserved_tokens -= reservation.tokens
-        self._slots.release()
+        self._slots.release_on_behalf_of(reservation.slot)
         self._unanswered.pop(reservation.send_number, None)
         if reservation.probe:
             self._backoff.probe_out = False
         outcome = settlement.outcome
-        if settlement.headers is not None:
-            self._follow_headers(settlement.headers, now)
+        headers = settlement.headers
+        # the common answer carries no x-ratelimit figures: two look-ups, no loop
+        if headers is not None and (_LIMIT_REQUESTS in headers or _LIMIT_TOKENS in headers):
+            self._follow_headers(headers, now)
         if outcome is Outcome.RATE_LIMITED:
             self._on_rate_limited(reservation, settlement.retry_after, now)
         else:
@@ -664,12 +676,15 @@ class Limiter:
                 self._on_ok(
                     reservation, settlement.prompt_tokens, settlement.completion_tokens, now
                 )
-                self._grow(reservation.send_number, now)
+                adaptive = self.adaptive
+                if adaptive is not None and adaptive.value < adaptive.maximum:
+                    self._grow(reservation.send_number, now)
             elif outcome is Outcome.SERVER_ERROR and self.adaptive is not None:
                 self.adaptive.on_server_error(now)
-            if outcome is not Outcome.OTHER:
+            if outcome is not Outcome.OTHER and self._backoff.active:
                 self._end_episode(reservation, now)
-        self._wake()
+        if self._budget_waiters:
+            self._wake()
 
     def _on_ok(
         self,

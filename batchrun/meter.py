@@ -51,9 +51,12 @@ def outcome_of(error: BaseException | None, answer: Completion | None) -> Outcom
     return Outcome.OTHER
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MeteredRequest:
-    """A request body with what its attempts reserve: estimated and priced once per row."""
+    """A request body with what its attempts reserve: estimated and priced once per row.
+
+    A value, never changed once made; not a frozen dataclass only because one is made per
+    row and a frozen one costs several times as much to make (issue 12)."""
 
     body: dict[str, Any]
     model: str
@@ -318,7 +321,9 @@ class AttemptMeter:
         self.last_answer = self.time()
 
     def request(self, body: dict[str, Any]) -> MeteredRequest:
-        model = str(body.get("model"))
+        model = body.get("model")
+        if type(model) is not str:
+            model = str(model)
         prompt_tokens, prompt_at_most = tokens.prompt_estimate(body)  # one pass for both
         cap = tokens.completion_cap(body)
         worst = 0.0
@@ -329,7 +334,7 @@ class AttemptMeter:
         return MeteredRequest(
             body=body,
             model=model,
-            scope=self._scope(model),
+            scope=self._scopes.get(model) or self._scope(model),
             prompt_tokens=prompt_tokens,
             prompt_at_most=prompt_at_most,
             completion_cap=cap,
@@ -373,6 +378,10 @@ class AttemptMeter:
         """`settle` with a limiter that `settles_at_once`: no coroutine, and no shield
         needed, since nothing here can be cancelled."""
         now = self.time()
+        answer, lease, started = attempt.answer, attempt.lease, attempt.started
+        if answer is not None and lease is not None and started is not None:
+            self._settle_answered(attempt, answer, lease, started, now)
+            return
         lease, settlement = attempt.lease, self._account(attempt, error, now)
         if lease is None:
             return
@@ -382,6 +391,23 @@ class AttemptMeter:
             immediate.cancel_now(lease, now)
         else:
             immediate.settle_now(lease, settlement, now)
+
+    def _settle_answered(
+        self, attempt: Attempt, answer: Completion, lease: Lease, started: float, now: float
+    ) -> None:
+        """`settle_at_once` of the common attempt, a sent request answered: what `_account`
+        and the limiter's `settle_now` do for an answer (whatever error, an answer is an OK
+        outcome), straight through (issue 12)."""
+        request = attempt.request
+        attempt.seconds = time.perf_counter() - started
+        charge = attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
+        self.spend.settle(request.worst_usd, charge.usd)
+        self.last_answer = now
+        settlement = Settlement(
+            Outcome.OK, answer.prompt_tokens, answer.completion_tokens, None, answer.headers
+        )
+        assert self._immediate is not None  # `settles_at_once`
+        self._immediate.settle_now(lease, settlement, now)
 
     def _account(
         self, attempt: Attempt, error: BaseException | None, now: float

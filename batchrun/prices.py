@@ -160,9 +160,12 @@ class Rates:
     output: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Charge:
-    """What one answer is counted as costing."""
+    """What one answer is counted as costing.
+
+    A value, never changed once made; not a frozen dataclass only because one is made per
+    answer and a frozen one costs several times as much to make (issue 12)."""
 
     #: USD, or None when the model has no price
     usd: float | None

@@ -68,9 +68,12 @@ class Scope:
     model: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lease:
-    """One attempt's permission to send: settle it, or cancel it if nothing was sent."""
+    """One attempt's permission to send: settle it, or cancel it if nothing was sent.
+
+    A value, never changed once made; not a frozen dataclass only because one is made per
+    attempt and a frozen one costs several times as much to make (issue 12)."""
 
     scope: Scope
     number: int

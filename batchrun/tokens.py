@@ -61,20 +61,25 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 
 def prompt_estimate(body: dict[str, Any]) -> tuple[int, int]:
     """`prompt_tokens(body)` and `prompt_tokens_at_most(body)` in one pass over the messages
-    (the meter needs both for every request): an ASCII message's length gives both."""
+    (the meter needs both for every request), with no string made for a plain text message:
+    an ASCII message's length gives both, summed once at the end (issue 12)."""
     total = 0.0
     most = 0
-    for text in _prompt_fields(body):
-        total += text_tokens(text)
-        most += TOKENS_PER_PROMPT_FIELD + _utf8_length(text)
-    for message in body.get("messages") or ():
-        total += TOKENS_PER_MESSAGE
-        most += TOKENS_PER_MESSAGE
+    if not _PROMPT_FIELD_SET.isdisjoint(body):  # most bodies: a look at each key, in C
+        for text in _prompt_fields(body):
+            total += text_tokens(text)
+            most += TOKENS_PER_PROMPT_FIELD + _utf8_length(text)
+    messages = body.get("messages") or ()
+    count = 0
+    ascii_chars = 0  # characters of ASCII text: one byte and 0.3 token each
+    for message in messages:
+        count += 1
         content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            if content.isascii():  # one byte and 0.3 token a character
-                total += len(content) * ASCII_TOKENS_PER_CHAR
-                most += len(content)
+        if type(content) is str and content.isascii():  # the common message
+            ascii_chars += len(content)
+        elif isinstance(content, str):
+            if content.isascii():
+                ascii_chars += len(content)
             else:
                 total += text_tokens(content)
                 most += len(content.encode("utf-8"))
@@ -84,6 +89,8 @@ def prompt_estimate(body: dict[str, Any]) -> tuple[int, int]:
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
                         total += text_tokens(part["text"])
             most += _utf8_length(str(content))
+    total += count * TOKENS_PER_MESSAGE + ascii_chars * ASCII_TOKENS_PER_CHAR
+    most += count * TOKENS_PER_MESSAGE + ascii_chars
     return max(1, int(total + 0.999)), max(1, most)
 
 
@@ -97,9 +104,10 @@ def completion_cap(body: dict[str, Any]) -> int:
     value = body.get("max_tokens") or body.get("max_completion_tokens")
     if isinstance(value, int) and value > 0:
         return value
-    if body.get("model") in deepseek.THINKING_MODELS:
+    model = body.get("model")
+    if model in deepseek.THINKING_MODELS:
         return deepseek.MAX_OUTPUT_TOKENS
-    if "reasoner" in str(body.get("model", "")):
+    if "reasoner" in str("" if model is None else model):
         return DEFAULT_REASONER_COMPLETION_TOKENS
     return DEFAULT_COMPLETION_TOKENS
 

@@ -586,3 +586,30 @@ async def test_try_reserve_never_overtakes_a_task_waiting_for_a_slot(adaptive: b
     assert len(served) == 1 and served[0].send_number == 3
     later = limiter.try_reserve(prompt_tokens=1, completion_cap=1, now=anyio.current_time())
     assert later is not None and later.send_number == 4
+
+
+@TRIO
+async def test_a_slot_comes_back_whichever_task_settles_it(anyio_backend: object) -> None:
+    """A slot is held by its reservation, not by the task that took it (issue 12: no task
+    look-up): one taken at once (`try_reserve`) or awaited, settled or cancelled from
+    another task, frees it for the next request."""
+    limiter = Limiter(concurrency=1, adaptive=False)
+    fast = limiter.try_reserve(prompt_tokens=1, completion_cap=1, now=anyio.current_time())
+    assert fast is not None
+    assert limiter.try_reserve(prompt_tokens=1, completion_cap=1, now=anyio.current_time()) is None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _settle_later(limiter, fast))
+        awaited = await limiter.reserve(prompt_tokens=1, completion_cap=1)  # waits for it
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _cancel_later(limiter, awaited))
+    assert limiter.try_reserve(prompt_tokens=1, completion_cap=1, now=anyio.current_time())
+    assert limiter.statistics().in_flight == 1
+
+
+async def _settle_later(limiter: Limiter, reservation: Reservation) -> None:
+    await anyio.sleep(1.0)
+    limiter.settle(reservation, Settlement(Outcome.OK, prompt_tokens=1, completion_tokens=1))
+
+
+async def _cancel_later(limiter: Limiter, reservation: Reservation) -> None:
+    limiter.cancel(reservation)

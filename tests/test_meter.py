@@ -10,7 +10,7 @@ import pytest
 from trio.testing import MockClock
 
 from batchrun.client import Completion
-from batchrun.errors import LeaseExpired
+from batchrun.errors import LeaseExpired, RateLimited
 from batchrun.limits import Limiter, LimiterStatistics, Settlement, SpendCap
 from batchrun.meter import AttemptMeter
 from batchrun.prices import PriceTable
@@ -358,3 +358,45 @@ async def test_a_fast_reserve_that_raises_gives_back_the_spend_reservation() -> 
         async with meter.attempt(meter.request(BODY), deferred_deadline=True):
             pass
     assert meter.spend.in_flight == 0.0 and meter.spend._requests == 0
+
+
+@pytest.mark.anyio
+async def test_an_answered_attempt_settles_by_the_answered_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An answer is settled straight through (`_settle_answered`, issue 12), not through
+    `_account`; the limiter still learns its usage and the spend cap its charge."""
+    meter = make_meter(cap=10.0)
+    monkeypatch.setattr(meter, "_account", None)  # any call to it fails
+    attempt = meter.attempt(meter.request(BODY), deferred_deadline=True)
+    async with attempt:
+        attempt.sending()
+        attempt.received(_answer())
+    assert meter.limiter.statistics().in_flight == 0
+    assert attempt.charge is not None and attempt.charge.usd is not None
+    assert meter.spend.spent == pytest.approx(attempt.charge.usd)
+    assert attempt.seconds > 0 and meter.answering(1.0)
+
+
+@pytest.mark.anyio
+async def test_a_refused_attempt_still_takes_the_accounting_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 429 (no answer) is no answered attempt: `_account` settles it, and its pause holds."""
+    meter = make_meter()
+    accounted: list[BaseException | None] = []
+    account = meter._account
+
+    def spy(attempt: Any, error: BaseException | None, now: float) -> Settlement | None:
+        accounted.append(error)
+        return account(attempt, error, now)
+
+    monkeypatch.setattr(meter, "_account", spy)
+    with pytest.raises(RateLimited):
+        async with meter.attempt(meter.request(BODY), deferred_deadline=True) as attempt:
+            attempt.sending()
+            raise RateLimited("429", retry_after=30.0)
+    assert len(accounted) == 1 and isinstance(accounted[0], RateLimited)
+    statistics = meter.limiter.statistics()
+    assert statistics.in_flight == 0 and statistics.rate_limited == 1
+    assert statistics.paused_for > 29
