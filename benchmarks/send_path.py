@@ -16,42 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
 import orjson
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-
-
-def start_fake(port: int) -> subprocess.Popen[bytes]:
-    available = cores()
-    argv = [sys.executable, "-m", "batchrun", "fake-server", "--port", str(port)]
-    if len(available) >= 2:
-        argv = ["taskset", "-c", str(available[0]), *argv]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/models", timeout=1).raise_for_status()
-            return process
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the fake server did not start")
 
 
 def body(i: int) -> dict[str, object]:
@@ -132,12 +101,15 @@ if __name__ == "__main__":
     parser.add_argument("--transport", default="aiohttp", choices=["aiohttp", "httpx"])
     parser.add_argument("--port", type=int, default=0, help="a fake already running there")
     args = parser.parse_args()
+    from throughput import cores, free_port, start_fake  # the sibling benchmark
+
+    fake_core, own_core = cores()
     port = args.port or free_port()
-    fake = None if args.port else start_fake(port)
+    fake = None if args.port else start_fake(port, fake_core)
     if (
-        len(cores()) >= 2
+        own_core is not None
     ):  # the fake on the first core (or where it was started), this on the second
-        os.sched_setaffinity(0, {cores()[1]})
+        os.sched_setaffinity(0, own_core)
     try:
         import uvloop
 

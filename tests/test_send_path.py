@@ -267,21 +267,23 @@ async def test_a_gzip_answer_through_the_aiohttp_transport(fake: FakeServer) -> 
     assert completion.headers is not None and completion.headers["content-encoding"] == "gzip"
 
 
+async def _cut_by_its_deadline(deadlines: Deadlines) -> bool:
+    """Whether a long sleep under one of `deadlines` ends as that deadline's expiry."""
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = deadlines.start(task)
+    try:
+        await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        return deadlines.expired(task, cancelling)
+    finally:
+        deadlines.stop(task)
+    return False
+
+
 def test_deadlines_used_again_from_a_new_loop_still_fire() -> None:
     """A timer left on a closed loop does not keep the next loop's deadlines from firing."""
     deadlines = Deadlines(0.01)
-
-    async def attempt() -> bool:
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = deadlines.start(task)
-        try:
-            await asyncio.sleep(5)
-        except asyncio.CancelledError:
-            return deadlines.expired(task, cancelling)
-        finally:
-            deadlines.stop(task)
-        return False
 
     async def leave_a_timer() -> None:
         task = asyncio.current_task()
@@ -290,7 +292,7 @@ def test_deadlines_used_again_from_a_new_loop_still_fire() -> None:
         deadlines.stop(task)  # the timer stays armed on this loop, which then closes
 
     asyncio.run(leave_a_timer())
-    assert asyncio.run(attempt()) is True
+    assert asyncio.run(_cut_by_its_deadline(deadlines)) is True
 
 
 def test_deadlines_left_with_a_task_on_a_closed_loop_still_fire_on_the_next() -> None:
@@ -309,17 +311,5 @@ def test_deadlines_left_with_a_task_on_a_closed_loop_still_fire_on_the_next() ->
     old_loop.run_until_complete(asyncio.sleep(0.01))
     old_loop.close()
 
-    async def attempt() -> bool:
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = deadlines.start(task)
-        try:
-            await asyncio.sleep(2)
-        except asyncio.CancelledError:
-            return deadlines.expired(task, cancelling)
-        finally:
-            deadlines.stop(task)
-        return False
-
-    assert asyncio.run(attempt()) is True
+    assert asyncio.run(_cut_by_its_deadline(deadlines)) is True
     assert deadlines.pending == 0
