@@ -476,9 +476,8 @@ def _journal_column(values: list[Any], kind: pa.DataType) -> pa.Array:
     import pyarrow as pa
 
     types = pa.types
-    if types.is_timestamp(kind):
-        epoch_us = pa.array(values, pa.int64()).cast(pa.timestamp("us", tz=kind.tz))
-        return epoch_us.cast(kind, safe=False)  # truncates as writing a datetime does
+    if types.is_timestamp(kind):  # epoch microseconds, as `part_table` converts them
+        return _epoch_us_column(values, kind)
     if types.is_duration(kind):
         return pa.array(values, pa.int64()).cast(pa.duration("us")).cast(kind, safe=False)
     if types.is_binary(kind) or types.is_large_binary(kind) or types.is_fixed_size_binary(kind):

@@ -90,6 +90,17 @@ def test_journal_rows_round_trip_to_the_part_schema(tmp_path: Path) -> None:
     assert from_journal.equals(pa.Table.from_pylist(rows, schema=writer.schema))
 
 
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_journalled_times_before_1970_come_back_as_written(unit: str) -> None:
+    """Epoch microseconds read from a journal become the timestamps writing the `datetime`
+    makes, in every unit, before 1970 too (a cast truncated those toward zero)."""
+    kind = pa.timestamp(unit, tz="UTC")
+    times = [datetime(1969, 12, 31, 23, 59, 59, 999500, tzinfo=UTC), None]
+    schema = pa.schema([("t", kind)])
+    rows = [{"t": None if t is None else sinks.epoch_us(t)} for t in times]
+    assert journal_table(rows, schema).equals(pa.table({"t": pa.array(times, kind)}))
+
+
 @pytest.mark.parametrize("times", ["epoch_us", "datetime"])
 def test_a_part_holds_the_same_timestamps_from_epoch_microseconds_or_datetimes(
     tmp_path: Path, times: str
