@@ -7,8 +7,12 @@ seconds per request (user + system, from the child's rusage, not wall time). Wit
 or more the fake is pinned to one core and the client to another; the fake's own CPU share of
 the wall time says whether the fake, not the client, was the ceiling.
 
+With `--repeat N` each pair runs N times, batchrun and the bare loop in turn (the order
+swapped each round, so neither always runs first), and a last table gives each client's medians
+and the median of the N paired ratios: on a shared machine one run's rate moves by +-20%.
+
     python benchmarks/throughput.py [--requests 10000 100000] [--concurrency 64]
-                                    [--httpx-requests 10000]
+                                    [--httpx-requests 10000] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import compileall
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,6 +143,9 @@ def main() -> None:
         default=10_000,
         help="requests for transport = 'httpx' (0: leave it out)",
     )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of each pair; medians when more than one"
+    )
     args = parser.parse_args()
 
     # batchrun's bytecode cached, as a wheel install leaves it: otherwise, under
@@ -153,14 +161,16 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
-            cases = [(n, "aiohttp") for n in args.requests]
+            cases = [(n, "aiohttp", round_) for round_ in range(args.repeat) for n in args.requests]
             if args.httpx_requests:
-                cases.append((args.httpx_requests, "httpx"))
-            for n, transport in cases:
+                cases.append((args.httpx_requests, "httpx", 0))
+            for n, transport, round_ in cases:
                 prompts = tmp / f"prompts-{n}.jsonl"
                 if not prompts.exists():
                     write_prompts(prompts, n)
-                job = tmp / f"job-{n}-{transport}.toml"
+                # a job (and so an output and a checkpoint) of its own each round: the same
+                # job again would find its rows done and send nothing
+                job = tmp / f"job-{n}-{transport}-{round_}.toml"
                 write_job(
                     job,
                     prompts=prompts,
@@ -170,10 +180,10 @@ def main() -> None:
                 )
                 batchrun = [sys.executable, "-m", "batchrun", "run", str(job), "-q"]
                 label = "batchrun" if transport == "aiohttp" else "batchrun, transport=httpx"
-                rows.append(
-                    measure(label, batchrun, requests=n, core=client_core, fake_pid=fake.pid)
-                )
                 if transport != "aiohttp":
+                    rows.append(
+                        measure(label, batchrun, requests=n, core=client_core, fake_pid=fake.pid)
+                    )
                     continue
                 bare = [
                     sys.executable,
@@ -184,9 +194,11 @@ def main() -> None:
                     "--concurrency",
                     str(args.concurrency),
                 ]
-                rows.append(
-                    measure("bare aiohttp", bare, requests=n, core=client_core, fake_pid=fake.pid)
-                )
+                pair = [(label, batchrun), ("bare aiohttp", bare)]
+                for name, argv in pair if round_ % 2 == 0 else pair[::-1]:
+                    rows.append(
+                        measure(name, argv, requests=n, core=client_core, fake_pid=fake.pid)
+                    )
     finally:
         fake.terminate()
         fake.wait(timeout=10)
@@ -196,18 +208,67 @@ def main() -> None:
         f"zero-latency fake, concurrency {args.concurrency}, {os.cpu_count()} cores, {pinning}, "
         f"load average {load:.2f} at start"
     )
-    print(
-        f"{'client':<27}{'requests':>9}{'wall s':>8}{'req/s':>8}{'CPU ms/req':>12}"
-        f"{'fake busy':>11}{'vs bare':>9}"
-    )
-    bare_rate = {row.requests: row.rate for row in rows if row.name == "bare aiohttp"}
+    print_runs(rows)
+    if args.repeat > 1:
+        print_medians(rows, args.repeat)
+
+
+HEADER = (
+    f"{'client':<27}{'requests':>9}{'wall s':>8}{'req/s':>8}{'CPU ms/req':>12}"
+    f"{'fake busy':>11}{'vs bare':>9}"
+)
+
+
+def paired(rows: list[Figures]) -> list[tuple[Figures, Figures]]:
+    """Each batchrun run with the bare loop's run of the same round and request count."""
+    bare_runs: dict[int, list[Figures]] = {}
     for row in rows:
-        ratio = row.rate / bare_rate[row.requests] if row.requests in bare_rate else None
+        if row.name == "bare aiohttp":
+            bare_runs.setdefault(row.requests, []).append(row)
+    ours: dict[int, list[Figures]] = {}
+    for row in rows:
+        if row.name == "batchrun":
+            ours.setdefault(row.requests, []).append(row)
+    return [
+        pair for n, runs in ours.items() for pair in zip(runs, bare_runs.get(n, []), strict=True)
+    ]
+
+
+def print_runs(rows: list[Figures]) -> None:
+    print(HEADER)
+    ratios = {id(ours): ours.rate / bare.rate for ours, bare in paired(rows)}
+    for row in rows:
+        ratio = ratios.get(id(row), 1.0 if row.name == "bare aiohttp" else None)
         print(
             f"{row.name:<27}{row.requests:>9,}{row.wall:>8.2f}{row.rate:>8,.0f}"
             f"{row.cpu / row.requests * 1e3:>12.3f}{row.fake_cpu / row.wall:>10.0%}"
             f"{'' if ratio is None else f'{ratio:.2f}':>9}"
         )
+
+
+def print_medians(rows: list[Figures], rounds: int) -> None:
+    """Each client's median figures over the rounds; "vs bare" is the median of the rounds'
+    paired ratios (each batchrun run against the bare run beside it), with their range."""
+    print(f"\nmedians of {rounds} rounds")
+    print(HEADER + "  (range)")
+    pairs = paired(rows)
+    for name in ("batchrun", "bare aiohttp"):
+        for n in sorted({row.requests for row in rows if row.name == name}):
+            runs = [row for row in rows if row.name == name and row.requests == n]
+            wall = statistics.median(row.wall for row in runs)
+            cpu = statistics.median(row.cpu for row in runs)
+            busy = statistics.median(row.fake_cpu / row.wall for row in runs)
+            vs = ""
+            if name == "batchrun":
+                ratios = [ours.rate / bare.rate for ours, bare in pairs if ours.requests == n]
+                if ratios:
+                    vs = f"{statistics.median(ratios):>9.2f}  ({min(ratios):.2f}-{max(ratios):.2f})"
+            else:
+                vs = f"{1:>9.2f}"
+            print(
+                f"{name:<27}{n:>9,}{wall:>8.2f}{n / wall:>8,.0f}{cpu / n * 1e3:>12.3f}"
+                f"{busy:>10.0%}{vs}"
+            )
 
 
 if __name__ == "__main__":
