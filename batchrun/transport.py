@@ -1,6 +1,7 @@
 """An httpx transport over one aiohttp session, doing per request only what a batch run needs.
 
-httpx stays the client API: `client.py` builds `httpx.Request`s and reads `httpx.Response`s.
+httpx stays the client API: `client.py` builds `httpx.Request`s and hands them to a transport's
+`handle_async_request` (a streamed answer) or `answer_whole` (a plain one, `WholeAnswers`).
 Unlike the general `httpx_aiohttp.AiohttpTransport`, this one builds its timeouts and parses
 its URL once a run rather than once a request, keeps no cookie jar, maps aiohttp's errors to
 httpx's only when one is raised (the same mapping as httpx-aiohttp's), gives a run's fixed
@@ -10,7 +11,7 @@ headers to aiohttp once (`FixedHeaders`) and hands a plain answer back whole in 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import httpx
@@ -281,7 +282,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._last_timeout = (dict(given), timeout)
         return timeout
 
-    def _send(self, request: httpx.Request) -> Any:
+    def _send(self, request: httpx.Request) -> Awaitable[aiohttp.ClientResponse]:
         """aiohttp's request for `request`, to be awaited for its `ClientResponse`."""
         url, host = self._yarl(request.url)
         headers = request.headers
@@ -316,7 +317,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         url: URL,
         headers: list[tuple[str, str]] | None,
         data: bytes | httpx.AsyncByteStream | None,
-    ) -> Any:
+    ) -> Awaitable[aiohttp.ClientResponse]:
         extensions = request.extensions
         options = self._options
         server_hostname = extensions.get("sni_hostname")
