@@ -1,4 +1,4 @@
-"""An httpx transport over one aiohttp session, doing per request only what a batch run needs.
+"""An httpx transport over aiohttp (one pool), doing per request only what a batch run needs.
 
 httpx stays the client API: `client.py` builds `httpx.Request`s and hands them to a transport's
 `handle_async_request` (a streamed answer) or `answer_whole` (a plain one, `WholeAnswers`).
