@@ -476,27 +476,3 @@ async def test_a_broken_gzip_answer_read_whole_is_a_network_error() -> None:
             with pytest.raises(RetryableError, match="network error") as caught:
                 await client.send(CHAT)
     assert caught.value.error_class == "network"
-
-
-def test_a_request_made_without_init_has_what_init_would_give_it() -> None:
-    """`Client._request` skips `httpx.Request.__init__`: the request has the same attributes,
-    with the same values, as one made by `__init__` (this fails should httpx add one)."""
-    client = Client("http://127.0.0.1:9", api_key=KEY, max_connections=1)
-    payload = orjson.dumps(CHAT)
-    ours = client._request(payload)
-    made = httpx.Request(
-        "POST",
-        client.url,
-        headers=ours.headers,
-        stream=httpx.ByteStream(payload),
-        extensions=ours.extensions,
-    )
-    assert vars(ours).keys() == vars(made).keys()
-    assert (ours.method, ours.url, ours.headers, ours.extensions) == (
-        made.method,
-        made.url,
-        made.headers,
-        made.extensions,
-    )
-    assert ours.read() == made.read() == payload and ours.content == payload
-    assert ours.headers["content-length"] == str(len(payload))
