@@ -11,7 +11,7 @@ import asyncio
 import email.utils
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -33,7 +33,12 @@ from batchrun.errors import (
 from batchrun.limits import parse_duration
 from batchrun.logs import MIN_SECRET_LENGTH
 from batchrun.sse import StreamAccumulator, StreamBroken
-from batchrun.transport import AiohttpTransport, WholeBody
+from batchrun.transport import (
+    AiohttpTransport,
+    FixedHeaders,
+    ReadWhole,
+    WholeAnswers,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -260,32 +265,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return (aiohttp.ClientError,) if aiohttp is not None else ()
 
 
-class FixedHeaders(httpx.Headers):
-    """A request's header set that never changes once made, shared by the requests of a run
-    with the same body length: the forms the transports read (`multi_items` for aiohttp,
-    `raw` for httpcore) are worked out once, not once a request (issue 12).
-
-    Changing it raises TypeError; `httpx.Headers(fixed)` is a changeable copy.
-    """
-
-    def __init__(self, headers: httpx.Headers) -> None:
-        super().__init__(headers, encoding=headers.encoding)
-        self._multi_items = super().multi_items()
-        self._raw = super().raw
-
-    @property
-    def raw(self) -> list[tuple[bytes, bytes]]:
-        return list(self._raw)
-
-    def multi_items(self) -> list[tuple[str, str]]:
-        return list(self._multi_items)
-
-    def _fixed(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError("a request's FixedHeaders cannot change; change a copy: httpx.Headers()")
-
-    __setitem__ = __delitem__ = update = _fixed
-
-
 def _fixed_headers(url: httpx.URL, api_key: str | None) -> httpx.Headers:
     """The headers every request of a run carries, Host included; only Content-Length varies."""
     headers = {
@@ -393,6 +372,11 @@ class Client:
         if isinstance(transport, str):
             transport = make_transport(transport, self._url, max_connections=max_connections)
         self._transport = transport
+        #: how a plain answer is read: in one call where the transport can (ours), else
+        #: through its `httpx.Response`
+        self._answers: WholeAnswers = (
+            transport if isinstance(transport, WholeAnswers) else ReadWhole(transport)
+        )
         #: the shared `Deadlines` serve our aiohttp transport only: a plain task.cancel()
         #: would break through httpcore's shielded connection clean-up, an anyio scope not
         self._own_deadlines = isinstance(transport, AiohttpTransport)
@@ -433,8 +417,10 @@ class Client:
             "POST", self._url, stream=httpx.ByteStream(payload), extensions=self._extensions
         )
         # the set itself rather than a copy of it (what `headers=` makes): the transports
-        # read a request's headers and never change those of a body in memory
+        # read a request's headers and never change those of a body in memory; and the URL
+        # itself (httpx.Request copies it): a transport may know it again by identity
         request.headers = headers
+        request.url = self._url
         # not `request.read()`: the body is in memory already, and the transports take a
         # ByteStream's bytes as they are (aiohttp's here, httpcore's iterating it)
         return request
@@ -451,8 +437,7 @@ class Client:
             return KeyWanted(self._key_variable, message)
         return AuthError(message)
 
-    def _raise_for_status(self, response: httpx.Response, body: bytes) -> None:
-        status = response.status_code
+    def _raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         message = self._redact(_error_message(status, body))
         if status == 401 or status == 403:
             raise self._refused(message)
@@ -468,9 +453,9 @@ class Client:
         if status == 402:
             raise BalanceError(message)
         if status == 429:
-            raise RateLimited(
-                message, retry_after=parse_retry_after(response.headers), headers=response.headers
-            )
+            if not isinstance(headers, httpx.Headers):  # as httpx reads them, repeats joined
+                headers = httpx.Headers(list(headers.items()))
+            raise RateLimited(message, retry_after=parse_retry_after(headers), headers=headers)
         if status in RETRYABLE_STATUS or status >= 500:
             raise RetryableError(message, status=status, error_class="server")
         raise PermanentError(
@@ -547,25 +532,10 @@ class Client:
         raise TimeoutError
 
     async def _send_plain(self, payload: bytes) -> Completion:
-        response = await self._transport.handle_async_request(self._request(payload))
-        stream = response.stream
-        headers: Mapping[str, str]
-        if isinstance(stream, WholeBody):  # this transport's answer: read in one call
-            try:
-                body = await (response.aread() if stream.encoded() else stream.read())
-            finally:
-                await stream.aclose()  # not response.aclose(): no context manager around it
-            # the limiter reads a few headers of every answer: from the transport's own mapping
-            headers = stream.header_map()
-        else:
-            try:
-                body = await response.aread()
-            finally:
-                await response.aclose()
-            headers = response.headers
-        status = response.status_code
+        # the limiter reads a few headers of every answer: the transport's own mapping
+        status, headers, body = await self._answers.answer_whole(self._request(payload))
         if status != 200:
-            self._raise_for_status(response, body)
+            self._raise_for_status(status, headers, body)
         try:
             data = orjson.loads(body)  # leading keep-alive blank lines are JSON whitespace
         except orjson.JSONDecodeError:
@@ -583,7 +553,7 @@ class Client:
         try:
             status = response.status_code
             if status != 200:
-                self._raise_for_status(response, await response.aread())
+                self._raise_for_status(status, response.headers, await response.aread())
             stream = StreamAccumulator()
             last_data = anyio.current_time()
             try:

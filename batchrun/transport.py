@@ -1,22 +1,23 @@
-"""An httpx transport over one aiohttp session, doing per request only what a batch run needs.
+"""An httpx transport over aiohttp (one pool), doing per request only what a batch run needs.
 
-httpx stays the client API: `client.py` builds `httpx.Request`s and reads `httpx.Response`s.
+httpx stays the client API: `client.py` builds `httpx.Request`s and hands them to a transport's
+`handle_async_request` (a streamed answer) or `answer_whole` (a plain one, `WholeAnswers`).
 Unlike the general `httpx_aiohttp.AiohttpTransport`, this one builds its timeouts and parses
 its URL once a run rather than once a request, keeps no cookie jar, maps aiohttp's errors to
-httpx's only when one is raised (the same mapping as httpx-aiohttp's), and lets a plain answer
-be read in one call (`WholeBody.read`) rather than through an async generator.
+httpx's only when one is raised (the same mapping as httpx-aiohttp's), gives a run's fixed
+headers to aiohttp once (`FixedHeaders`) and hands a plain answer back whole in one call
+(`WholeAnswers`), with no `httpx.Response` made for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import httpx
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Mapping
 
     import aiohttp
     from yarl import URL
@@ -33,37 +34,82 @@ def _reraise_mapped() -> NoReturn:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-class WholeBody(httpx.AsyncByteStream):
-    """A response stream that can also hand over the whole body in one call, and the
-    answer's headers as the transport parsed them."""
-
-    async def read(self) -> bytes:
-        raise NotImplementedError
-
-    def header_map(self) -> Mapping[str, str]:
-        """The answer's headers, case-insensitive: the transport's own mapping, cheaper to
-        read than the `httpx.Headers` built from them (issue 12)."""
-        raise NotImplementedError
-
-    def encoded(self) -> bool:
-        """Whether the body is compressed (then httpx must decode it)."""
-        return "content-encoding" in self.header_map()
+#: an answer read whole: its status, its headers (case-insensitive) and its body, decoded
+WholeAnswer = tuple[int, Mapping[str, str], bytes]
 
 
-class _Body(WholeBody):
-    """An aiohttp answer's body as httpx's stream; `read` takes it whole in one call."""
+@runtime_checkable
+class WholeAnswers(Protocol):
+    """A transport that can send a plain (not streamed) request and hand back its whole
+    answer in one call, with no `httpx.Response` made for it (issue 12). `Client` checks for
+    it once a run; any other transport is read through `ReadWhole`."""
+
+    async def answer_whole(self, request: httpx.Request) -> WholeAnswer:
+        """Send `request` and read its answer to the end (the connection back in the pool).
+
+        Raises httpx's errors, as `handle_async_request` and reading the response would."""
+        ...
+
+
+class ReadWhole:
+    """Any httpx transport as `WholeAnswers`: its response read to the end and closed."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self._transport = transport
+
+    async def answer_whole(self, request: httpx.Request) -> WholeAnswer:
+        response = await self._transport.handle_async_request(request)
+        try:
+            body = await response.aread()
+        finally:
+            await response.aclose()
+        return response.status_code, response.headers, body
+
+
+class FixedHeaders(httpx.Headers):
+    """A request's header set that never changes once made, shared by the requests of a run
+    with the same body length: the forms the transports read are worked out once, not once
+    a request (issue 12): `multi_items` and `raw` (httpcore), and for `AiohttpTransport` the
+    set split into what aiohttp writes itself from a request's URL and body (Host,
+    Content-Length) and the rest, which an aiohttp session can hold as its defaults.
+
+    Changing it raises TypeError; `httpx.Headers(fixed)` is a changeable copy.
+    """
+
+    def __init__(self, headers: httpx.Headers) -> None:
+        super().__init__(headers, encoding=headers.encoding)
+        self._multi_items = super().multi_items()
+        self._raw = super().raw
+        #: the Host header, if the set has one
+        self.host = self.get("host")
+        length = self.get("content-length")
+        #: the Content-Length header's number, if the set has a plain one
+        self.length = int(length) if length is not None and length.isdecimal() else None
+        #: every header but those two, in order (names in lower case, as `multi_items`)
+        self.common = tuple(
+            (name, value)
+            for name, value in self._multi_items
+            if name != "host" and name != "content-length"
+        )
+
+    @property
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        return list(self._raw)
+
+    def multi_items(self) -> list[tuple[str, str]]:
+        return list(self._multi_items)
+
+    def _fixed(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("a request's FixedHeaders cannot change; change a copy: httpx.Headers()")
+
+    __setitem__ = __delitem__ = update = _fixed
+
+
+class _Body(httpx.AsyncByteStream):
+    """An aiohttp answer's body as httpx's stream."""
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
-
-    async def read(self) -> bytes:
-        try:
-            return await self._response.read()
-        except Exception:
-            _reraise_mapped()
-
-    def header_map(self) -> Mapping[str, str]:
-        return self._response.headers
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -86,8 +132,7 @@ _EXTENSIONS: dict[str | None, dict[str, bytes]] = {
 
 class _Answer(httpx.Response):
     """An aiohttp answer as an `httpx.Response` whose `headers` are made from aiohttp's only
-    when first read: `client.py` reads a plain answer's headers from aiohttp's own mapping
-    (`WholeBody.header_map`), so most answers never need httpx's copy (issue 12)."""
+    when first read (a streamed answer's are read once; issue 12)."""
 
     def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
         extensions = _EXTENSIONS.get(response.reason)
@@ -118,8 +163,19 @@ class _Answer(httpx.Response):
         self._headers = value
 
 
+#: aiohttp sessions with default headers made at most, one a distinct `FixedHeaders.common`
+#: (a run has one; more fall back to headers given with each request)
+MAX_SESSIONS = 8
+
+
 class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends httpx requests over one aiohttp session (made on first use, in the loop).
+    """Sends httpx requests over aiohttp (its sessions made on first use, in the loop).
+
+    A request whose headers are a `FixedHeaders` matching its URL and body goes through a
+    session holding the set's common headers as its defaults: aiohttp then merges no
+    per-request headers into them (~4 us a request) and writes Host and Content-Length
+    itself, the same values. Any other request carries its headers through a session with
+    none. The sessions share one connection pool.
 
     Args:
         max_connections: connections in the pool at most.
@@ -154,38 +210,61 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             self._options["proxy_headers"] = dict(proxy.headers)
             if proxy.auth:
                 self._options["proxy_auth"] = aiohttp.BasicAuth(*proxy.auth)
-        self._session: aiohttp.ClientSession | None = None
-        #: the last URL sent to (its parts) and its parsed form: a run sends to one URL
-        self._url: tuple[tuple[bytes, bytes, bytes], URL] | None = None
+        self._connector: aiohttp.TCPConnector | None = None
+        #: the sessions by the default headers they hold: () for the one with none
+        self._sessions: dict[tuple[tuple[str, str], ...], aiohttp.ClientSession] = {}
+        #: the last URL sent to: its httpx form, its parts, its parsed form and the Host
+        #: aiohttp writes for it (a run sends to one URL)
+        self._url: tuple[httpx.URL, tuple[bytes, bytes, bytes], URL, str | None] | None = None
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
         self._last_timeout: tuple[dict[str, float | None], aiohttp.ClientTimeout] | None = None
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _session(self, defaults: tuple[tuple[str, str], ...]) -> aiohttp.ClientSession | None:
+        """The session holding `defaults` as its default headers, made on first use; None
+        once `MAX_SESSIONS` are made."""
+        session = self._sessions.get(defaults)
+        if session is not None:
+            return session
+        if len(self._sessions) >= MAX_SESSIONS:
+            return None
         import aiohttp
 
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            keepalive_timeout=self._keepalive_expiry,
-            ssl=self._ssl,
-        )
+        connector = self._connector
+        if connector is None:
+            connector = self._connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                keepalive_timeout=self._keepalive_expiry,
+                ssl=self._ssl,
+            )
         # no cookie jar: cookies mean nothing to a batch run, and a jar is work every request;
         # no decompression by aiohttp: httpx decodes what is compressed
-        self._session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+        session = aiohttp.ClientSession(
+            connector=connector,
+            connector_owner=False,  # closed by aclose, after every session
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            headers=defaults or None,
         )
-        return self._session
+        self._sessions[defaults] = session
+        return session
 
-    def _yarl(self, url: httpx.URL) -> URL:
-        # keyed by parts, not by identity: httpx.Request copies the URL it is given
-        key = (url.raw_scheme, url.netloc, url.raw_path)  # netloc: the host and the port
+    def _yarl(self, url: httpx.URL) -> tuple[URL, str | None]:
+        """The URL parsed by yarl, and the Host header aiohttp writes for it."""
         cached = self._url
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None:
+            if cached[0] is url:  # the client's own URL object (`Client._request`)
+                return cached[2], cached[3]
+            # else by parts, not identity: httpx.Request copies the URL it is given
+            key = (url.raw_scheme, url.netloc, url.raw_path)  # netloc: the host and the port
+            if cached[1] == key:
+                return cached[2], cached[3]
+        else:
+            key = (url.raw_scheme, url.netloc, url.raw_path)
         from yarl import URL
 
         parsed = URL(str(url), encoded=True)
-        self._url = (key, parsed)
-        return parsed
+        self._url = (url, key, parsed, parsed.host_port_subcomponent)
+        return parsed, self._url[3]
 
     def _timeout(self, given: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
         """httpx's timeouts as httpx-aiohttp maps them; the last ones again when equal (a
@@ -203,38 +282,88 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._last_timeout = (dict(given), timeout)
         return timeout
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session or self._open()
+    def _send(self, request: httpx.Request) -> Awaitable[aiohttp.ClientResponse]:
+        """aiohttp's request for `request`, to be awaited for its `ClientResponse`."""
+        url, host = self._yarl(request.url)
+        headers = request.headers
         data: bytes | httpx.AsyncByteStream | None
         stream = request.stream
         if isinstance(stream, httpx.ByteStream):
             # a body in memory, read or not: its bytes without `request.read()`'s checks
-            data = b"".join(stream) or None
+            data = b"".join(stream)
+            if (
+                type(headers) is FixedHeaders
+                and headers.length == len(data)
+                and headers.host == host
+            ):
+                session = self._session(headers.common)
+                if session is not None:  # the rest of the set is the session's defaults
+                    return self._call(session, request, url, None, data or None)
+            data = data or None
         else:
             try:
                 data = request.content or None
             except httpx.RequestNotRead:
                 data = stream  # type: ignore[assignment]  # an async client's stream
-                request.headers.pop("transfer-encoding", None)  # aiohttp frames it itself
+                headers.pop("transfer-encoding", None)  # aiohttp frames it itself
+        session = self._session(())
+        assert session is not None  # the first made
+        return self._call(session, request, url, headers.multi_items(), data)
+
+    def _call(
+        self,
+        session: aiohttp.ClientSession,
+        request: httpx.Request,
+        url: URL,
+        headers: list[tuple[str, str]] | None,
+        data: bytes | httpx.AsyncByteStream | None,
+    ) -> Awaitable[aiohttp.ClientResponse]:
         extensions = request.extensions
         options = self._options
         server_hostname = extensions.get("sni_hostname")
         if server_hostname is not None:
             options = {**options, "server_hostname": server_hostname}
+        return session.request(
+            request.method,
+            url,
+            headers=headers,
+            data=data,
+            timeout=self._timeout(extensions.get("timeout", {})),
+            **options,
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            response = await session.request(
-                request.method,
-                self._yarl(request.url),
-                headers=request.headers.multi_items(),
-                data=data,
-                timeout=self._timeout(extensions.get("timeout", {})),
-                **options,
-            )
+            response = await self._send(request)
         except Exception:
             _reraise_mapped()
         return _Answer(response, request)
 
+    async def answer_whole(self, request: httpx.Request) -> WholeAnswer:
+        """`WholeAnswers`: the body taken in one read; a compressed one decoded by httpx's
+        decoders, as `handle_async_request`'s response would be."""
+        try:
+            response = await self._send(request)
+        except Exception:
+            _reraise_mapped()
+        try:
+            body = await response.read()
+        except Exception:
+            _reraise_mapped()
+        finally:
+            response.release()  # back to the pool if read to its end, else closed
+        headers = response.headers
+        if "content-encoding" in headers:
+            body = httpx.Response(
+                response.status, headers=response.raw_headers, content=body
+            ).content
+        return response.status, headers, body
+
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions = list(self._sessions.values())
+        self._sessions.clear()
+        for session in sessions:
+            await session.close()
+        if self._connector is not None:
+            await self._connector.close()
+            self._connector = None

@@ -11,10 +11,11 @@ import httpx
 import orjson
 import pytest
 
-from batchrun.client import Client, FixedHeaders
+from batchrun.client import Client
 from batchrun.deadline import Deadlines
-from batchrun.errors import RetryableError
+from batchrun.errors import RateLimited, RetryableError
 from batchrun.fake import FakeServer
+from batchrun.transport import FixedHeaders, ReadWhole
 
 pytestmark = pytest.mark.anyio
 
@@ -313,3 +314,165 @@ def test_deadlines_left_with_a_task_on_a_closed_loop_still_fire_on_the_next() ->
 
     assert asyncio.run(_cut_by_its_deadline(deadlines)) is True
     assert deadlines.pending == 0
+
+
+# --- the run's fixed headers and the answer read whole (aiohttp transport) ------------------
+
+ANSWER = orjson.dumps(
+    {"id": "x", "model": "m", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
+)
+KEY = "sk-send-path-test-0123456789"
+
+
+class WireServer:
+    """A raw HTTP/1.1 server on 127.0.0.1: keeps every request's head as sent (names, order,
+    values) and answers each with `answer`, whole bytes given by the test."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.heads: list[list[tuple[str, str]]] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> WireServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                lines = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")[1:-2]
+                head = [(name, value.strip()) for name, value in (x.split(":", 1) for x in lines)]
+                self.heads.append(head)
+                length = next(int(v) for n, v in head if n.lower() == "content-length")
+                await reader.readexactly(length)
+                writer.write(self.answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def seen(self, index: int = -1) -> list[tuple[str, str]]:
+        """A request's headers, names in lower case (HTTP's are case-insensitive)."""
+        return [(name.lower(), value) for name, value in self.heads[index]]
+
+
+def _ok(answer: bytes = ANSWER, *headers: str) -> bytes:
+    head = "".join(f"{line}\r\n" for line in ("Content-Type: application/json", *headers))
+    return b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        head.encode(),
+        len(answer),
+        answer,
+    )
+
+
+def _fixed_set(port: int, length: int) -> list[tuple[str, str]]:
+    return [
+        ("host", f"127.0.0.1:{port}"),
+        ("accept", "*/*"),
+        ("accept-encoding", "gzip, deflate"),
+        ("content-type", "application/json"),
+        ("user-agent", "batchrun/0.1"),
+        ("authorization", f"Bearer {KEY}"),
+        ("content-length", str(length)),
+    ]
+
+
+@on_asyncio
+async def test_a_run_s_fixed_headers_go_once_to_a_session_and_reach_the_wire_whole() -> None:
+    """A request's `FixedHeaders` go through the session holding them as its defaults (no
+    session for requests' own headers is made), and the server sees the same headers, in
+    the same order, for bodies of two lengths."""
+    async with WireServer(_ok()) as server:
+        async with Client(
+            f"http://127.0.0.1:{server.port}", api_key=KEY, max_connections=1
+        ) as client:
+            short, longer = CHAT, {**CHAT, "model": "deepseek-reasoner"}
+            for body in (short, longer):
+                assert (await client.send(body)).content == "hi"
+            sessions = list(client._transport._sessions)  # type: ignore[attr-defined]
+    assert sessions == [tuple(_fixed_set(server.port, 0)[1:-1])]
+    for index, body in enumerate((short, longer)):
+        assert server.seen(index) == _fixed_set(server.port, len(orjson.dumps(body)))
+
+
+@on_asyncio
+async def test_requests_with_other_headers_carry_their_own_and_no_defaults() -> None:
+    """Beside a run's requests, a request with headers of its own, or a fixed set naming
+    another Host, is sent with exactly its headers: the session defaults do not leak in."""
+    async with WireServer(_ok()) as server:
+        async with Client(
+            f"http://127.0.0.1:{server.port}", api_key=KEY, max_connections=1
+        ) as client:
+            await client.send(CHAT)
+            transport = client._transport
+            other = httpx.Request("POST", client.url, headers={"x-other": "1"}, content=b"{}")
+            elsewhere = client._request(b"{}")
+            moved = httpx.Headers(elsewhere.headers)
+            moved["host"] = "proxied.example"
+            elsewhere.headers = FixedHeaders(moved)
+            for request in (other, elsewhere):
+                response = await transport.handle_async_request(request)
+                await response.aread()
+                await response.aclose()
+    own = dict(server.seen(1))
+    assert own["x-other"] == "1" and own["content-length"] == "2"
+    assert "authorization" not in own and own["user-agent"] != "batchrun/0.1"  # aiohttp's
+    assert server.seen(2) == [("host", "proxied.example"), *_fixed_set(server.port, 2)[1:]]
+
+
+@on_asyncio
+async def test_a_plain_answer_is_read_whole_from_our_transport_else_through_httpx(
+    fake: FakeServer,
+) -> None:
+    """Our transport answers a plain request in one call (`WholeAnswers`), with aiohttp's
+    own header mapping; httpx's pool is read through its `httpx.Response` (`ReadWhole`) —
+    the same completion either way."""
+    completions = []
+    for name in ("aiohttp", "httpx"):
+        async with Client(fake.base_url, api_key=None, max_connections=1, transport=name) as client:
+            completions.append(await client.send(CHAT))
+            whole: object = client._answers
+            assert (whole is client._transport) == (name == "aiohttp")
+            assert isinstance(whole, ReadWhole) == (name == "httpx")
+    ours, theirs = completions
+    assert ours.headers is not None and theirs.headers is not None
+    assert not isinstance(ours.headers, httpx.Headers) and isinstance(theirs.headers, httpx.Headers)
+    assert ours.headers["Content-Type"] == theirs.headers["Content-Type"] == "application/json"
+    assert (ours.content, ours.prompt_tokens) == (theirs.content, theirs.prompt_tokens)
+
+
+@on_asyncio
+async def test_a_429_read_whole_keeps_its_headers_as_httpx_reads_them() -> None:
+    """A 429's headers come out as `httpx.Headers` (a repeated header joined), its
+    Retry-After read from them, as through an `httpx.Response`."""
+    limited = orjson.dumps({"error": {"message": "slow down"}})
+    answer = _ok(limited, "Retry-After: 7", "X-Note: a", "X-Note: b").replace(
+        b"200 OK", b"429 Too Many Requests"
+    )
+    async with WireServer(answer) as server:
+        async with Client(
+            f"http://127.0.0.1:{server.port}", api_key=KEY, max_connections=1
+        ) as client:
+            with pytest.raises(RateLimited, match="HTTP 429: slow down") as caught:
+                await client.send(CHAT)
+    headers = caught.value.headers
+    assert isinstance(headers, httpx.Headers) and headers["x-note"] == "a, b"
+    assert caught.value.retry_after == 7.0
+
+
+@on_asyncio
+async def test_a_broken_gzip_answer_read_whole_is_a_network_error() -> None:
+    """A body that says it is gzip and is not fails in httpx's decoder, as it did when
+    httpx read the response: a retryable network error, not JSON of garbage."""
+    async with WireServer(_ok(b"not gzip", "Content-Encoding: gzip")) as server:
+        async with Client(
+            f"http://127.0.0.1:{server.port}", api_key=KEY, max_connections=1
+        ) as client:
+            with pytest.raises(RetryableError, match="network error") as caught:
+                await client.send(CHAT)
+    assert caught.value.error_class == "network"
