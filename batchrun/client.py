@@ -453,8 +453,6 @@ class Client:
         if status == 402:
             raise BalanceError(message)
         if status == 429:
-            if not isinstance(headers, httpx.Headers):  # as httpx reads them, repeats joined
-                headers = httpx.Headers(list(headers.items()))
             raise RateLimited(message, retry_after=parse_retry_after(headers), headers=headers)
         if status in RETRYABLE_STATUS or status >= 500:
             raise RetryableError(message, status=status, error_class="server")

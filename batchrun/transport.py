@@ -205,6 +205,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         #: what every request passes besides its own URL, headers, body and timeouts: the
         #: proxy's arguments only when there is a proxy (fewer arguments, less binding)
         self._options: dict[str, Any] = {"allow_redirects": False}
+        self._proxy = proxy
         if proxy is not None:
             self._options["proxy"] = str(proxy.url)
             self._options["proxy_headers"] = dict(proxy.headers)
@@ -225,8 +226,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         session = self._sessions.get(defaults)
         if session is not None:
             return session
-        if len(self._sessions) >= MAX_SESSIONS:
-            return None
+        if defaults and len(self._sessions) >= MAX_SESSIONS:
+            return None  # the session without defaults () is always made
         import aiohttp
 
         connector = self._connector
@@ -295,6 +296,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 type(headers) is FixedHeaders
                 and headers.length == len(data)
                 and headers.host == host
+                # aiohttp merges a session's default headers into a proxy's too: the key
+                # would reach the proxy (as Proxy-Authorization); with one, each request
+                # carries its own headers
+                and self._proxy is None
             ):
                 session = self._session(headers.common)
                 if session is not None:  # the rest of the set is the session's defaults
@@ -352,18 +357,22 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             _reraise_mapped()
         finally:
             response.release()  # back to the pool if read to its end, else closed
-        headers = response.headers
+        status = response.status
+        headers: Mapping[str, str] = response.headers
+        if status != 200:
+            # an error's headers as httpx reads them (a repeated header joined, bytes that
+            # are not ASCII kept): a 429's go on to the limiter in `RateLimited`
+            headers = httpx.Headers(response.raw_headers)
         if "content-encoding" in headers:
-            body = httpx.Response(
-                response.status, headers=response.raw_headers, content=body
-            ).content
-        return response.status, headers, body
+            body = httpx.Response(status, headers=response.raw_headers, content=body).content
+        return status, headers, body
 
     async def aclose(self) -> None:
+        # the pool detached first: a send starting while these close makes a new one
+        connector, self._connector = self._connector, None
         sessions = list(self._sessions.values())
         self._sessions.clear()
         for session in sessions:
             await session.close()
-        if self._connector is not None:
-            await self._connector.close()
-            self._connector = None
+        if connector is not None:
+            await connector.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 
@@ -11,11 +12,11 @@ import httpx
 import orjson
 import pytest
 
-from batchrun.client import Client
+from batchrun.client import USER_AGENT, Client
 from batchrun.deadline import Deadlines
 from batchrun.errors import RateLimited, RetryableError
 from batchrun.fake import FakeServer
-from batchrun.transport import FixedHeaders, ReadWhole
+from batchrun.transport import MAX_SESSIONS, AiohttpTransport, FixedHeaders, ReadWhole
 
 pytestmark = pytest.mark.anyio
 
@@ -376,7 +377,7 @@ def _fixed_set(port: int, length: int) -> list[tuple[str, str]]:
         ("accept", "*/*"),
         ("accept-encoding", "gzip, deflate"),
         ("content-type", "application/json"),
-        ("user-agent", "batchrun/0.1"),
+        ("user-agent", USER_AGENT),
         ("authorization", f"Bearer {KEY}"),
         ("content-length", str(length)),
     ]
@@ -421,7 +422,7 @@ async def test_requests_with_other_headers_carry_their_own_and_no_defaults() -> 
                 await response.aclose()
     own = dict(server.seen(1))
     assert own["x-other"] == "1" and own["content-length"] == "2"
-    assert "authorization" not in own and own["user-agent"] != "batchrun/0.1"  # aiohttp's
+    assert "authorization" not in own and own["user-agent"] != USER_AGENT  # aiohttp's
     assert server.seen(2) == [("host", "proxied.example"), *_fixed_set(server.port, 2)[1:]]
 
 
@@ -451,9 +452,9 @@ async def test_a_429_read_whole_keeps_its_headers_as_httpx_reads_them() -> None:
     """A 429's headers come out as `httpx.Headers` (a repeated header joined), its
     Retry-After read from them, as through an `httpx.Response`."""
     limited = orjson.dumps({"error": {"message": "slow down"}})
-    answer = _ok(limited, "Retry-After: 7", "X-Note: a", "X-Note: b").replace(
-        b"200 OK", b"429 Too Many Requests"
-    )
+    answer = _ok(
+        limited, "Retry-After: 7", "X-Note: a", "X-Note: b", "X-Msg: trop de requêtes"
+    ).replace(b"200 OK", b"429 Too Many Requests")
     async with WireServer(answer) as server:
         async with Client(
             f"http://127.0.0.1:{server.port}", api_key=KEY, max_connections=1
@@ -462,6 +463,7 @@ async def test_a_429_read_whole_keeps_its_headers_as_httpx_reads_them() -> None:
                 await client.send(CHAT)
     headers = caught.value.headers
     assert isinstance(headers, httpx.Headers) and headers["x-note"] == "a, b"
+    assert headers["x-msg"] == "trop de requêtes"  # UTF-8 on the wire, read as httpx reads it
     assert caught.value.retry_after == 7.0
 
 
@@ -476,3 +478,46 @@ async def test_a_broken_gzip_answer_read_whole_is_a_network_error() -> None:
             with pytest.raises(RetryableError, match="network error") as caught:
                 await client.send(CHAT)
     assert caught.value.error_class == "network"
+
+
+@on_asyncio
+async def test_through_a_proxy_each_request_carries_its_own_headers_and_the_key_stays_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp merges a session's default headers into a proxy's: with a proxy, the fixed
+    set is not made a session's defaults, so the key goes to the API only (as Authorization)
+    and the proxy is sent no Proxy-Authorization made of it."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    async with WireServer(_ok()) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        async with Client("http://api.example.invalid", api_key=KEY, max_connections=1) as client:
+            assert (await client.send(CHAT)).content == "hi"
+    seen = dict(proxy.seen())
+    assert seen.pop("authorization") == f"Bearer {KEY}"
+    assert "proxy-authorization" not in seen and KEY not in str(seen)
+
+
+@on_asyncio
+async def test_fixed_sets_past_the_sessions_cap_are_sent_with_their_own_headers() -> None:
+    """A transport shared by more distinct fixed sets than `MAX_SESSIONS` sends the ones past
+    the cap with their headers given each request: every request answered, each with its
+    own set on the wire."""
+    async with WireServer(_ok()) as server:
+        transport = AiohttpTransport(
+            max_connections=1, keepalive_expiry=5.0, verify=ssl.create_default_context()
+        )
+        url = f"http://127.0.0.1:{server.port}/chat/completions"
+        try:
+            for agent in range(MAX_SESSIONS + 1):
+                headers = httpx.Headers(_fixed_set(server.port, 2))
+                headers["user-agent"] = f"agent-{agent}"
+                request = httpx.Request("POST", url, stream=httpx.ByteStream(b"{}"))
+                request.headers = FixedHeaders(headers)
+                status, _, body = await transport.answer_whole(request)
+                assert status == 200 and body == ANSWER
+        finally:
+            await transport.aclose()
+    for agent in range(MAX_SESSIONS + 1):
+        assert dict(server.seen(agent))["user-agent"] == f"agent-{agent}"
