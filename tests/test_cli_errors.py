@@ -265,7 +265,7 @@ def test_cli_import_leaves_heavy_modules_out() -> None:
 
 #: what a small run leaves out: polars; rich and pygments (which structlog and httpx would
 #: pull in); pyarrow's kernels and datasets (resume and compaction read parts without them);
-#: the fake server's command and config
+#: the fake server's command and config; tenacity (no row was retried)
 SMALL_RUN_LEAVES_OUT = (
     "polars",
     "rich",
@@ -273,6 +273,7 @@ SMALL_RUN_LEAVES_OUT = (
     "pyarrow.compute",
     "pyarrow.dataset",
     "batchrun.fake",
+    "tenacity",
 )
 
 
