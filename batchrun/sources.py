@@ -295,7 +295,8 @@ class RowIds:
                 "false (--id-column '') to number the rows by position",
                 column=column,
             )
-        if isinstance(value, dict | list):
+        # a tuple, not `dict | list`, which would build a union type on each call (a row's)
+        if isinstance(value, (dict, list)):
             raise row.where(path, "an id must be a single value, not a list or object", column)
         return value
 

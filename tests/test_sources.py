@@ -209,6 +209,17 @@ def test_row_id_from_id_column() -> None:
     assert RowIds.choose(None, row.data).value(row, Path("in.jsonl")) == 7
 
 
+@pytest.mark.parametrize(
+    "value", [pytest.param([1, 2], id="list"), pytest.param({"a": 1}, id="object")]
+)
+def test_row_id_must_be_a_single_value(value: Any) -> None:
+    """A list or an object is no id: refused naming the line and the id column."""
+    row = InputRow(2, 3, {"id": value, "prompt": "x"})
+    with pytest.raises(InputError, match="an id must be a single value") as raised:
+        RowIds("id").value(row, Path("in.jsonl"))
+    assert (raised.value.line, raised.value.column) == (3, "id")
+
+
 def test_row_id_from_position() -> None:
     """Without an id column, the row's position, as text."""
     row = InputRow(4, 5, {"prompt": "x"})
