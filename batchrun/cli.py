@@ -449,11 +449,8 @@ def main() -> None:
 def _without_pydantic_plugins() -> None:
     """The command runs with pydantic's plugins off unless `PYDANTIC_DISABLE_PLUGINS` is
     set (issue 12): looking for them scans every installed package's entry points, ~10-20 ms
-    of each run, and batchrun's models use none; `plugins_off` keeps pydantic from importing
-    importlib.metadata to be told so. Library users' processes are untouched."""
-    from batchrun import plugins_off
-
-    plugins_off.turn_off()
+    of each run, and batchrun's models use none. Library users' processes are untouched."""
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 
 def _main() -> None:
