@@ -19,7 +19,6 @@ import click
 
 from batchrun import __version__, collector
 from batchrun.errors import EXIT_USAGE, BatchrunError, ConfigError, Interrupted, RunStopped
-from batchrun.fake.command import fake_server_command
 
 
 def _absolute(value: Path | None) -> Path | None:
@@ -123,7 +122,23 @@ def _echo_summary(summary: Any, limit: int | None = None) -> None:
         click.echo(line, file=err)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group, with `fake-server` (a tool for tests and benchmarks) loaded only
+    when it is named or listed: its module, its options and the fake's config are no part of
+    a run (issue 12)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "fake-server"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "fake-server":
+            from batchrun.fake.command import fake_server_command
+
+            return fake_server_command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batchrun")
 def cli() -> None:
     """Run large batches of chat-completion requests against OpenAI-compatible APIs."""
@@ -415,9 +430,6 @@ def report_command(output: Path, as_json: bool, html_file: Path | None) -> None:
 def estimate(ctx: click.Context, /, **options: Any) -> None:
     """Estimate a job (requests, tokens, cost range, time) without sending anything."""
     ctx.invoke(run, dry_run=True, **options)
-
-
-cli.add_command(fake_server_command)
 
 
 def main() -> None:

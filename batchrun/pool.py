@@ -16,14 +16,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from tenacity import RetryCallState
 
 from batchrun.cache import RequestCache
 from batchrun.client import Client, Completion
@@ -50,6 +49,9 @@ from batchrun.rows import Abandoned, RowMaker, Work
 from batchrun.schedule import OFF_PEAK, OffPeakSchedule
 from batchrun.sinks import PartWriter
 from batchrun.sources import InputRow, InputSummary, RowStart, iter_batches
+
+if TYPE_CHECKING:  # tenacity loads with a run's first retry (retry.py)
+    from tenacity import RetryCallState
 
 log = structlog.get_logger("batchrun")
 

@@ -11,20 +11,15 @@ through the limiter again.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
-from tenacity.wait import wait_base
 
 from batchrun.errors import RateLimited, RetryableError
 from batchrun.job import Limits
+
+if TYPE_CHECKING:  # tenacity loads with a run's first retry (`RetryPolicy.retry`)
+    from tenacity import AsyncRetrying, RetryCallState
 
 T = TypeVar("T")
 
@@ -32,10 +27,11 @@ T = TypeVar("T")
 MAX_SERVER_DELAY = 900.0
 
 
-class wait_retry_after(wait_base):
-    """Wait what a 429's Retry-After asks for; fall back to another wait otherwise."""
+class wait_retry_after:
+    """Wait what a 429's Retry-After asks for; fall back to another wait otherwise (a
+    tenacity wait: any callable of the retry state)."""
 
-    def __init__(self, fallback: wait_base) -> None:
+    def __init__(self, fallback: Callable[[RetryCallState], float]) -> None:
         self.fallback = fallback
 
     def __call__(self, retry_state: RetryCallState) -> float:
@@ -53,6 +49,13 @@ def build_policy(
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> AsyncRetrying:
     """The tenacity policy; reuse it call after call, never share it between tasks."""
+    from tenacity import (
+        AsyncRetrying,
+        retry_if_exception_type,
+        stop_after_attempt,
+        wait_exponential_jitter,
+    )
+
     return AsyncRetrying(
         stop=stop_after_attempt(limits.max_attempts),
         wait=wait_retry_after(
@@ -77,7 +80,8 @@ class RetryPolicy:
     tenacity's per-call bookkeeping costs about a quarter of the runner's throughput at high
     request rates. After a retryable failure, tenacity takes over; the first failure is
     replayed as its attempt 1, so its stop, wait and before_sleep see the true attempt
-    numbers. One policy per task.
+    numbers. One policy per task. The tenacity policy is built at the first retry: a run
+    whose every first send succeeds never imports tenacity (~5 ms of start-up, issue 12).
     """
 
     def __init__(
@@ -88,7 +92,10 @@ class RetryPolicy:
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self.max_attempts = limits.max_attempts
-        self._retrying = build_policy(limits, before_sleep=before_sleep, sleep=sleep)
+        self._limits = limits
+        self._before_sleep = before_sleep
+        self._sleep = sleep
+        self._retrying: AsyncRetrying | None = None
 
     async def retry(self, first: RetryableError, attempt: Callable[[], Awaitable[T]]) -> T:
         """Go on after a first attempt that failed with `first` (made by the caller, so that
@@ -97,6 +104,10 @@ class RetryPolicy:
         is raised)."""
         if self.max_attempts <= 1:
             raise first
+        if self._retrying is None:
+            self._retrying = build_policy(
+                self._limits, before_sleep=self._before_sleep, sleep=self._sleep
+            )
         async for trial in self._retrying:
             with trial:
                 if trial.retry_state.attempt_number == 1:

@@ -48,6 +48,7 @@ from batchrun.sources import InputSummary, RowStart, scan_input
 
 if TYPE_CHECKING:
     from batchrun.limits import SpendBudget
+    from batchrun.prices import PriceTable
     from batchrun.ratelimit import RateLimiter
 
 
@@ -222,7 +223,7 @@ def _run_job(
     if restart or checkpoint.exists() or not output_exists(job.output):
         checkpoint.check_writable()  # before the scan, which may take minutes on a big input
     scan = scan_input(job)
-    _check_prices(job, scan)
+    prices = _checked_prices(job, scan)
     job = for_server(job, scan.models)  # DeepSeek's own URL: its limits, its retired names
     if job.cache is not None:
         from batchrun.cache import RequestCache
@@ -263,6 +264,7 @@ def _run_job(
             settings or PoolSettings(),
             rate_limiter=rate_limiter,
             spend_cap=spend_cap,
+            prices=prices,
         )
     except OSError as exc:
         if is_disk_full(exc):
@@ -272,9 +274,11 @@ def _run_job(
         checkpoint.release_lock()
 
 
-def _check_prices(job: Job, scan: InputSummary) -> None:
-    """Refuse a price file or a spend cap that cannot be kept before the checkpoint is made: a
-    refused run leaves no checkpoint behind to call the corrected job "changed".
+def _checked_prices(job: Job, scan: InputSummary) -> PriceTable:
+    """The run's price table, the one the pool uses (loaded once: parsing the shipped table
+    is ~1-2 ms). A price file or a spend cap that cannot be kept is refused before the
+    checkpoint is made: a refused run leaves no checkpoint behind to call the corrected job
+    "changed".
 
     Raises:
         ConfigError: the price file does not load (another currency), or `max_cost` is set and
@@ -291,6 +295,7 @@ def _check_prices(job: Job, scan: InputSummary) -> None:
                 "add its price with --prices FILE",
                 path=job.source,
             )
+    return prices
 
 
 def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -326,6 +331,7 @@ def _run_with_checkpoint(
     *,
     rate_limiter: Callable[[Limits], RateLimiter] | None,
     spend_cap: SpendBudget | None = None,
+    prices: PriceTable | None = None,
 ) -> RunSummary:
     from batchrun.limits import SpendCap
 
@@ -368,6 +374,7 @@ def _run_with_checkpoint(
                     api_key=api_key,
                     settings=settings,
                     rate_limiter=rate_limiter,
+                    prices=prices,
                 )
                 statistics = tally.statistics()
         state = checkpoint.resume_state(rows=scan.rows)
@@ -420,6 +427,7 @@ def run_pool(
     rate_limiter: Callable[[Limits], RateLimiter] | None,
     first_segment: int = 1,
     start: RowStart | None = None,
+    prices: PriceTable | None = None,
 ) -> RunStopped | None:
     """One pass of the pool over the rows not in `skip`, journalled and written as part files
     in `directory`; the caller holds the run lock and compacts. Returns why it stopped early.
@@ -428,6 +436,7 @@ def run_pool(
         spend: the spend cap (`limits.SpendCap`, or a run-wide one under `--engine ray`).
         first_segment: the lowest part number to write (`PartWriter`).
         start: where to begin reading the input (`sources.locate_rows`).
+        prices: the run's price table, if the caller loaded it (else from `job.prices`).
     """
     import anyio
 
@@ -438,7 +447,8 @@ def run_pool(
     from batchrun.ratelimit import LocalRateLimiter, key_digest
     from batchrun.sinks import PartWriter
 
-    prices = PriceTable.load(job.prices)
+    if prices is None:
+        prices = PriceTable.load(job.prices)
     writer = PartWriter(directory, carried=scan.carried_types, first_segment=first_segment)
 
     async def main() -> RunStopped | None:

@@ -13,8 +13,9 @@ import array
 import contextlib
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -73,17 +74,25 @@ def detect_format(path: Path) -> Format:
 SkipRows = Callable[[int, int], bool]
 
 
-def _parse_lines(path: Path, start: int, lines: list[tuple[int, bytes]]) -> list[InputRow]:
-    rows = []
-    for offset, (line_no, line) in enumerate(lines):
-        try:
-            data = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON ({exc})", path=path, line=line_no) from None
-        if not isinstance(data, dict):
-            raise InputError("each line must be a JSON object", path=path, line=line_no)
-        rows.append(InputRow(start + offset, line_no, data))
-    return rows
+def _parse_lines(
+    path: Path, start: int, numbers: Sequence[int], lines: list[bytes]
+) -> list[InputRow]:
+    """The rows of `lines` (JSON objects), the first at input position `start`; `numbers`
+    are their line numbers in the file. Each row is parsed in C (`map`), not in a Python
+    loop; a bad line is then looked for one by one, to name it."""
+    try:
+        values = list(map(orjson.loads, lines))
+    except orjson.JSONDecodeError:
+        values = []
+    if len(values) != len(lines) or set(map(type, values)) != {dict}:
+        for line_no, line in zip(numbers, lines, strict=True):
+            try:
+                data = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise InputError(f"not valid JSON ({exc})", path=path, line=line_no) from None
+            if not isinstance(data, dict):
+                raise InputError("each line must be a JSON object", path=path, line=line_no)
+    return list(map(InputRow, range(start, start + len(lines)), numbers, values))
 
 
 @dataclass(frozen=True)
@@ -141,35 +150,37 @@ def locate_rows(path: Path, rows: list[int]) -> list[RowStart]:
 def _iter_jsonl(
     path: Path, batch_size: int, skip: SkipRows | None, start: RowStart | None = None
 ) -> Iterator[list[InputRow] | int]:
+    """Batches of at most `batch_size` rows, read `batch_size` lines at a time (`islice`: the
+    lines are split and gathered in C, the scan and the pool each read every line). A chunk
+    with blank lines (rare: looked for in C) drops them, each line keeping its number."""
     try:
         file = path.open("rb")
     except OSError as exc:
         raise InputError(f"cannot read the file ({exc.strerror})", path=path) from None
     index = start.read_from if start else 0
-    lines: list[tuple[int, bytes]] = []
+    line_no = start.line if start else 1  # the number of the next line read
     with file:
         if start is not None:
             file.seek(start.offset)
-        for line_no, line in enumerate(file, start=start.line if start else 1):
-            if line_no == 1 and line.startswith(_BOM):
-                line = line[len(_BOM) :]
-            if not line.strip():
-                continue
-            lines.append((line_no, line))
-            if len(lines) >= batch_size:
-                yield _batch(path, index, lines, skip)
+        while lines := list(islice(file, batch_size)):
+            numbers: Sequence[int] = range(line_no, line_no + len(lines))
+            line_no += len(lines)
+            if numbers[0] == 1 and lines[0].startswith(_BOM):
+                lines[0] = lines[0][len(_BOM) :]
+            if not lines[0] or any(map(bytes.isspace, lines)):
+                kept = [(n, line) for n, line in zip(numbers, lines, strict=True) if line.strip()]
+                numbers, lines = [n for n, _ in kept], [line for _, line in kept]
+            if lines:
+                yield _batch(path, index, numbers, lines, skip)
                 index += len(lines)
-                lines = []
-    if lines:
-        yield _batch(path, index, lines, skip)
 
 
 def _batch(
-    path: Path, start: int, lines: list[tuple[int, bytes]], skip: SkipRows | None
+    path: Path, start: int, numbers: Sequence[int], lines: list[bytes], skip: SkipRows | None
 ) -> list[InputRow] | int:
     if skip is not None and skip(start, start + len(lines)):
         return len(lines)
-    return _parse_lines(path, start, lines)
+    return _parse_lines(path, start, numbers, lines)
 
 
 def _open_parquet(path: Path) -> Any:
@@ -284,7 +295,8 @@ class RowIds:
                 "false (--id-column '') to number the rows by position",
                 column=column,
             )
-        if isinstance(value, dict | list):
+        # a tuple, not `dict | list`, which would build a union type on each call (a row's)
+        if isinstance(value, (dict, list)):
             raise row.where(path, "an id must be a single value, not a list or object", column)
         return value
 

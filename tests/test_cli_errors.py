@@ -236,6 +236,17 @@ def test_python_m_batchrun_help() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "run" in done.stdout
+    assert "fake-server" in done.stdout  # listed, though its module loads only when asked
+
+
+def test_fake_server_command_through_the_group() -> None:
+    """`batchrun fake-server` is found through the command group, which loads it on demand."""
+    from batchrun.cli import cli
+
+    result = CliRunner().invoke(cli, ["fake-server", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--latency" in result.output
+    assert CliRunner().invoke(cli, ["fake-servers"]).exit_code == 2  # others: click's answer
 
 
 HEAVY = ("polars", "pyarrow", "httpx", "structlog", "aiohttp", "pydantic", "ray", "plotly")
@@ -252,8 +263,17 @@ def test_cli_import_leaves_heavy_modules_out() -> None:
 
 
 #: what a small run leaves out: polars; rich and pygments (which structlog and httpx would
-#: pull in); pyarrow's kernels and datasets (resume and compaction read parts without them)
-SMALL_RUN_LEAVES_OUT = ("polars", "rich", "pygments", "pyarrow.compute", "pyarrow.dataset")
+#: pull in); pyarrow's kernels and datasets (resume and compaction read parts without them);
+#: the fake server's command and config; tenacity (no row was retried)
+SMALL_RUN_LEAVES_OUT = (
+    "polars",
+    "rich",
+    "pygments",
+    "pyarrow.compute",
+    "pyarrow.dataset",
+    "batchrun.fake",
+    "tenacity",
+)
 
 
 def test_small_run_imports_only_what_it_uses(tmp_path: Path, fake: FakeServer) -> None:

@@ -682,3 +682,30 @@ def test_a_directory_left_by_a_killed_compaction_is_cleared_and_redone(
     assert summary.complete and summary.rows_ok == 5
     assert not list(tmp_path.glob(".out.parquet.tmp-*"))
     assert len(list((tmp_path / "out.parquet").iterdir())) == 3
+
+
+def test_the_price_table_checked_before_the_run_is_the_one_rows_are_priced_with(
+    tmp_path: Path, fake: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run loads its price table (the shipped one with a user's file laid over it) once,
+    before the checkpoint, and the pool prices every row with that same table. (`run_pool`
+    called without one, as Ray's workers call it, loads its own: tests/test_ray_engine.py.)"""
+    from batchrun.prices import PriceTable
+
+    loads: list[Path | None] = []
+    load = PriceTable.load.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[PriceTable], extra: Path | None = None) -> PriceTable:
+        loads.append(extra)
+        return load(cls, extra)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(PriceTable, "load", classmethod(counted))
+    extra = tmp_path / "prices.toml"
+    extra.write_text(  # deepseek-chat at $1 a million tokens in and out
+        '[[price]]\nmodel = "deepseek-chat"\nfrom = "2025-09-29"\ncache_hit = 1\n'
+        "cache_miss = 1\noutput = 1\n"
+    )
+    summary = run(tmp_path, fake, prompts(3), model="deepseek-chat", prices=str(extra))
+    assert summary.rows_ok == 3 and loads == [extra]
+    for row in read_output(tmp_path):
+        assert row["cost_usd"] == pytest.approx(row["total_tokens"] / 1e6)

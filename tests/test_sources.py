@@ -98,6 +98,30 @@ def test_jsonl_blank_lines_skipped(tmp_path: Path) -> None:
     assert [(r.index, r.line, r.data["prompt"]) for r in flat] == [(0, 2, "a"), (1, 5, "b")]
 
 
+def test_jsonl_blank_lines_across_batches_keep_numbers(tmp_path: Path) -> None:
+    """Batches read a few lines at a time: a blank line in a later one is left out, the rows
+    after it keep their positions and line numbers, and a batch without one is whole."""
+    path = tmp_path / "in.jsonl"
+    lines = [f'{{"prompt": "p{i}"}}' for i in range(7)]
+    lines.insert(4, "  ")  # line 5, in the second batch of three lines
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    batches = list(iter_batches(path, batch_size=3))
+    assert [len(batch) for batch in batches] == [3, 2, 2]
+    flat = [(r.index, r.line, r.data["prompt"]) for batch in batches for r in batch]
+    assert flat == [(i, i + 1 if i < 4 else i + 2, f"p{i}") for i in range(7)]
+
+
+def test_malformed_json_in_the_middle_of_a_batch_names_its_line(tmp_path: Path) -> None:
+    """A bad line among good ones in the same batch is the one named, by its own number
+    (the batch is parsed at once first, then line by line to find it)."""
+    path = tmp_path / "in.jsonl"
+    good = '{"prompt": "a"}\n'
+    path.write_text(good * 3 + "[1, 2]\n" + good + "{oops}\n", encoding="utf-8")
+    with pytest.raises(InputError, match="must be a JSON object") as raised:
+        list(iter_batches(path, batch_size=100))
+    assert raised.value.line == 4
+
+
 def test_jsonl_crlf_line_endings(tmp_path: Path) -> None:
     """Windows line endings are read like any other."""
     path = tmp_path / "in.jsonl"
@@ -183,6 +207,17 @@ def test_row_id_from_id_column() -> None:
     """The id column's value, in its own type."""
     row = InputRow(0, 1, {"id": 7, "prompt": "x"})
     assert RowIds.choose(None, row.data).value(row, Path("in.jsonl")) == 7
+
+
+@pytest.mark.parametrize(
+    "value", [pytest.param([1, 2], id="list"), pytest.param({"a": 1}, id="object")]
+)
+def test_row_id_must_be_a_single_value(value: Any) -> None:
+    """A list or an object is no id: refused naming the line and the id column."""
+    row = InputRow(2, 3, {"id": value, "prompt": "x"})
+    with pytest.raises(InputError, match="an id must be a single value") as raised:
+        RowIds("id").value(row, Path("in.jsonl"))
+    assert (raised.value.line, raised.value.column) == (3, "id")
 
 
 def test_row_id_from_position() -> None:
