@@ -36,6 +36,25 @@ def test_minimal_job_loads_with_defaults(tmp_path: Path) -> None:
     assert job.limits.concurrency == 32
 
 
+def test_two_jobs_share_no_default_object(tmp_path: Path) -> None:
+    """Each job gets defaults of its own (the factories make new ones): one job's changed
+    lists, dicts and sections leave another's as they were."""
+    first, second = (load_job(write_job(tmp_path, MINIMAL)) for _ in range(2))
+    for get in (
+        lambda job: job.params,
+        lambda job: job.params.extra_body,
+        lambda job: job.prompt,
+        lambda job: job.prompt.carry,
+        lambda job: job.prompt.row_params,
+        lambda job: job.limits,
+        lambda job: job.ray,
+    ):
+        assert get(first) is not get(second)
+    first.prompt.carry.append("topic")
+    first.params.extra_body["seed"] = 1
+    assert second.prompt.carry == [] and second.params.extra_body == {}
+
+
 def test_ray_engine_keys_load(tmp_path: Path) -> None:
     """`engine` and the `[ray]` table set the engine, the cluster and the workers."""
     text = MINIMAL + 'engine = "ray"\n[ray]\naddress = "auto"\nworkers = 3\n'

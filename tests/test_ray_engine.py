@@ -61,19 +61,28 @@ def _cli(*args: str) -> list[str]:
 def test_output_equals_the_local_engine(
     ray_address: str, fake: FakeServer, tmp_path: Path, suffix: str
 ) -> None:
-    """The Ray engine's output equals the single-process engine's, row for row."""
+    """The Ray engine's output equals the single-process engine's, row for row, priced by
+    the job's own price file in both (Ray's workers load the table themselves)."""
     source = tmp_path / f"in.{suffix}"
     if suffix == "jsonl":
         write_jsonl(source, _rows(40))
     else:  # row groups of 7, which the shards begin at
         pq.write_table(pa.Table.from_pylist(_rows(40)), source, row_group_size=7)
-    local = fast_job_data(tmp_path, fake.base_url, input=str(source))
+    prices = tmp_path / "prices.toml"
+    prices.write_text(  # deepseek-chat at $1 a million tokens in and out
+        '[[price]]\nmodel = "deepseek-chat"\nfrom = "2025-09-29"\ncache_hit = 1\n'
+        "cache_miss = 1\noutput = 1\n"
+    )
+    own = {"input": str(source), "model": "deepseek-chat", "prices": str(prices)}
+    local = fast_job_data(tmp_path, fake.base_url, **own)
     run_job(build_job({**local, "output": str(tmp_path / "local.pq")}))
-    summary = run_job(_ray_job(tmp_path, fake, input=str(source), output=str(tmp_path / "r.pq")))
+    summary = run_job(_ray_job(tmp_path, fake, **own, output=str(tmp_path / "r.pq")))
     expected, got = pq.read_table(tmp_path / "local.pq"), pq.read_table(tmp_path / "r.pq")
     columns = [name for name in expected.column_names if name not in _TIMING]
     assert summary.complete and got.num_rows == 40
     assert got.select(columns).to_pylist() == expected.select(columns).to_pylist()
+    for row in got.to_pylist():
+        assert row["cost_usd"] == pytest.approx(row["total_tokens"] / 1e6)
 
 
 def test_output_file_rows_on_ray_writes_the_same_rows_as_a_directory(

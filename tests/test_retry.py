@@ -43,6 +43,8 @@ async def test_a_retry_waits_what_retry_after_asks_then_succeeds() -> None:
     with pytest.raises(RetryableError, match="boom"):
         await policy.retry(RetryableError("first", error_class="server"), failing)
     assert len(sleeps.waits) == 3  # two more waits: attempts 2 and 3 of this row
+    # backed off from initial_backoff (0.5 s, then doubled), not Retry-After's 2.5 again
+    assert 0.5 <= sleeps.waits[1] <= 1.0 and 1.0 <= sleeps.waits[2] <= 1.5
 
 
 async def test_one_attempt_means_no_retry() -> None:

@@ -689,7 +689,8 @@ def test_the_price_table_checked_before_the_run_is_the_one_rows_are_priced_with(
 ) -> None:
     """The run loads its price table (the shipped one with a user's file laid over it) once,
     before the checkpoint, and the pool prices every row with that same table. (`run_pool`
-    called without one, as Ray's workers call it, loads its own: tests/test_ray_engine.py.)"""
+    called without one, as Ray's workers call it, loads its own: test_ray_engine.py's
+    test_output_equals_the_local_engine.)"""
     from batchrun.prices import PriceTable
 
     loads: list[Path | None] = []

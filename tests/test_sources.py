@@ -111,13 +111,20 @@ def test_jsonl_blank_lines_across_batches_keep_numbers(tmp_path: Path) -> None:
     assert flat == [(i, i + 1 if i < 4 else i + 2, f"p{i}") for i in range(7)]
 
 
-def test_malformed_json_in_the_middle_of_a_batch_names_its_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("bad", "problem"),
+    [("[1, 2]", "must be a JSON object"), ("{oops}", "not valid JSON")],
+    ids=["not-an-object", "malformed"],
+)
+def test_a_bad_line_in_the_middle_of_a_batch_names_its_line(
+    tmp_path: Path, bad: str, problem: str
+) -> None:
     """A bad line among good ones in the same batch is the one named, by its own number
     (the batch is parsed at once first, then line by line to find it)."""
     path = tmp_path / "in.jsonl"
     good = '{"prompt": "a"}\n'
-    path.write_text(good * 3 + "[1, 2]\n" + good + "{oops}\n", encoding="utf-8")
-    with pytest.raises(InputError, match="must be a JSON object") as raised:
+    path.write_text(good * 3 + bad + "\n" + good + "{oops}\n", encoding="utf-8")
+    with pytest.raises(InputError, match=problem) as raised:
         list(iter_batches(path, batch_size=100))
     assert raised.value.line == 4
 
