@@ -22,7 +22,6 @@ import structlog
 
 from batchrun.cache import RequestCache, request_key
 from batchrun.client import Completion
-from batchrun.clock import SYSTEM_CLOCK, Clock
 from batchrun.errors import PermanentError, RateLimited, RequestError, RetryableError, RunStopped
 from batchrun.job import Job
 from batchrun.meter import Attempt, AttemptMeter, MeteredRequest
@@ -33,7 +32,6 @@ from batchrun.sinks import (
     INDEX_COLUMN,
     PAID_BEFORE_COLUMN,
     USAGE_COLUMNS,
-    epoch_us,
     result_column_names,
 )
 from batchrun.sources import InputRow, InputSummary
@@ -55,20 +53,6 @@ def summed(answers: list[Completion]) -> Completion:
 
 #: result columns that a parsed field of the same name does not replace
 _SET_LAST = ("cost_usd", "cost_worst_case", "cached", PAID_BEFORE_COLUMN)
-
-
-def _now_us(clock: Clock) -> Callable[[], int]:
-    """How a row reads the time it is finished, in epoch microseconds: the machine's clock
-    is read as an int (`time.time_ns`), without the `datetime` that `Clock.now` builds and
-    the journal would only turn back into this number; an injected clock (tests set the
-    time of day) is asked as ever."""
-    if clock is SYSTEM_CLOCK:
-        return _system_now_us
-    return lambda: epoch_us(clock.now())
-
-
-def _system_now_us() -> int:
-    return time.time_ns() // 1000
 
 
 class Abandoned(Exception):
@@ -124,8 +108,7 @@ class RowState:
             self.attempts += 1
             if self.first_sent is None:
                 self.first_sent = attempt.started
-                sent_at = attempt.sent_at
-                self.started_at = None if sent_at is None else epoch_us(sent_at)
+                self.started_at = attempt.sent_us
             self.in_requests += attempt.seconds
         charge = attempt.charge
         if charge is not None:
@@ -179,7 +162,7 @@ class RowMaker:
         self.variant_columns = [v.columns() for v in self.variants] if self.job.sweep else None
         self.carry = tuple(self.job.prompt.carry)
         self.parse = self.job.parse
-        self.now_us = _now_us(self.meter.clock)
+        self.now_us = self.meter.now_us  # when a row is finished, read once a row
         #: a result row before its values: every column, in output order (`_finish`)
         self._blank: dict[str, Any] = dict.fromkeys(
             (INDEX_COLUMN, "id", *result_column_names(), PAID_BEFORE_COLUMN)
