@@ -429,13 +429,22 @@ class Pool:
         deadline (`timeout`) ends it before the lease expires (`Attempt.outlasts`). What
         follows a failure, and any send that may outlive the lease, goes under
         `attempt.deadline()`.
+
+        The fast path awaits `client.send` itself, not through `_send_one`: every time the
+        request in flight resumes, it passes through each coroutine it is awaited from, and
+        one layer fewer costs less CPU a request (issue 12). What it does with the answer
+        or the failure is `_send_one`'s (`_answered`, `_failed`).
         """
         gate = self.gate
         if gate.open and attempt.outlasts(self.client.timeout):
             sent_at = self.meter.time()
-            result = await self._send_one(body, probing=False, sent_at=sent_at)
-            if isinstance(result, Completion):
-                return result
+            try:
+                answer = await self.client.send(body)
+            except BaseException as exc:
+                result = self._failed(exc, probing=False, sent_at=sent_at)
+            else:
+                gate.answered(probing=False, sent_at=sent_at)
+                return answer
             with attempt.deadline():
                 await self._judge(result, position, probing=False, sent_at=sent_at)
                 return await self._send_through_gate(body, position, attempt)
@@ -467,24 +476,31 @@ class Pool:
     ) -> Completion | RetryableError | NotAnEndpoint:
         """One send: the answer, or the failure to reach the endpoint that the gate judges
         (`_judge`). Any other error is raised once the gate knows the endpoint answered."""
-        gate = self.gate
         try:
             answer = await self.client.send(body)
-        except (ConnectFailed, NotAnEndpoint) as exc:
+        except BaseException as exc:
+            return self._failed(exc, probing=probing, sent_at=sent_at)
+        self.gate.answered(probing=probing, sent_at=sent_at)
+        return answer
+
+    def _failed(
+        self, exc: BaseException, *, probing: bool, sent_at: float
+    ) -> RetryableError | NotAnEndpoint:
+        """A send's failure: returned if it is a failure to reach the endpoint, for the gate
+        to judge (`_judge`); any other error is raised again once the gate knows whether
+        the endpoint answered."""
+        gate = self.gate
+        if isinstance(exc, ConnectFailed | NotAnEndpoint):
             return exc
-        except RetryableError as exc:
+        if isinstance(exc, RetryableError):
             if exc.error_class == "network":
                 return exc
             gate.answered(probing=probing, sent_at=sent_at)
-            raise
-        except (RequestError, RunStopped):
+        elif isinstance(exc, RequestError | RunStopped):
             gate.answered(probing=probing, sent_at=sent_at)
-            raise
-        except BaseException:
+        else:
             gate.release(probing=probing)
-            raise
-        gate.answered(probing=probing, sent_at=sent_at)
-        return answer
+        raise exc
 
     async def _judge(
         self,
