@@ -355,6 +355,17 @@ class Pool:
                 await anyio.sleep(GROW_EVERY_SECONDS)
 
     async def _work(self, receive: MemoryObjectReceiveStream[Work]) -> None:
+        """Make rows until the stream ends, journalling each finished row with the rows of
+        the other workers that finish in the same turn of the event loop (one write for them
+        all) and counting them as done.
+
+        The row is queued, then this worker lets the tasks already woken in this turn run
+        (they queue theirs), and the first of them back writes every queued row: no task or
+        event is needed to gather a turn's rows. A worker sends its next request only once
+        its row is written (or the write failed and the run stops): what a failed write or a
+        kill can cost stays the requests in flight, one a worker. (Written out here, not in
+        a coroutine of its own: that would cost one more coroutine a row.)
+        """
         async with receive:
             rows = self.rows
             retries = _RetryLog(self.tally, rows.row_id)
@@ -380,21 +391,10 @@ class Pool:
                 if end.stop is not None:
                     self.stop(end.stop)
                 if end.result is not None:  # paid answers of a row cut short are kept too
-                    await self._journal(end.result)
-
-    async def _journal(self, result: dict[str, Any]) -> None:
-        """Journal a finished row, with the rows of the other workers that finish in the same
-        turn of the event loop (one write for them all), and count them as done.
-
-        The row is queued, then this worker lets the tasks already woken in this turn run
-        (they queue theirs), and the first of them back writes every queued row: no task or
-        event is needed to gather a turn's rows. A worker sends its next request only once
-        its row is written (or the write failed and the run stops): what a failed write or a
-        kill can cost stays the requests in flight, one a worker.
-        """
-        self.writer.queue(result)
-        await self._next_turn()
-        self._write_journal()  # nothing left to write if another worker wrote this turn's
+                    # journalled with the other rows finished in this turn (see above)
+                    self.writer.queue(end.result)
+                    await self._next_turn()
+                    self._write_journal()  # nothing left if another worker wrote this turn's
 
     def _keep(self, result: dict[str, Any]) -> None:
         """Queue a row for the journal; the next write (at the latest, the last flush of the
