@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 
 import anyio
+
+from batchrun.epoch import epoch_us
 
 #: how long the system clock sleeps at a time before reading the wall clock again (a
 #: suspended laptop or a clock step must not make a wait of hours overshoot)
@@ -47,22 +49,6 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MICROSECOND = timedelta(microseconds=1)
-
-
-def epoch_us(value: datetime) -> int:
-    """A timestamp as microseconds since the epoch, exactly (naive: taken as UTC): how the
-    journal holds times, and how the meter stamps a request."""
-    if value.tzinfo is None:  # a naive timestamp column: wall time, stored as if UTC
-        value = value.replace(tzinfo=UTC)
-    return (value - EPOCH) // MICROSECOND
-
-
-def from_epoch_us(value: int) -> datetime:
-    """`epoch_us` back to a timezone-aware UTC `datetime`, exactly."""
-    return EPOCH + timedelta(microseconds=value)
 
 
 def epoch_us_reader(clock: Clock) -> Callable[[], int]:

@@ -28,7 +28,8 @@ import anyio
 
 from batchrun import tokens
 from batchrun.client import Completion
-from batchrun.clock import SYSTEM_CLOCK, Clock, epoch_us_reader, from_epoch_us, loop_clock
+from batchrun.clock import SYSTEM_CLOCK, Clock, epoch_us_reader, loop_clock
+from batchrun.epoch import from_epoch_us
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
 from batchrun.limits import ImmediateSpendBudget, Outcome, Settlement, SpendBudget
 from batchrun.prices import Charge, PriceTable

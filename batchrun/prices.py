@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 
-from batchrun.clock import epoch_us, from_epoch_us
+from batchrun.epoch import epoch_us, from_epoch_us
 from batchrun.errors import ConfigError
 
 log = structlog.get_logger("batchrun.prices")

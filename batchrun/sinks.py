@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from batchrun.clock import MICROSECOND, epoch_us
+from batchrun.epoch import MICROSECOND, epoch_us
 from batchrun.logs import has_secrets, scrub, secret_in
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from batchrun.cli import cli
-from batchrun.clock import epoch_us
+from batchrun.epoch import epoch_us
 from batchrun.errors import ConfigError
 from batchrun.fake import FakeServer
 from batchrun.prices import PriceTable
