@@ -138,6 +138,19 @@ class Attempt:
         assert self.lease is not None
         return LeaseDeadline(self.lease.expires_at)
 
+    def enter_at_once(self) -> bool:
+        """`async with attempt:`'s entry and exit without a coroutine, when both can be had
+        at once (issue 12): the deadline is deferred, the limiter settles at once, and the
+        budgets are taken without a wait (`_lease_at_once`). True: entered; the caller
+        must then call `leave_at_once` exactly once, whatever happens. False: nothing is
+        taken; use `async with` (a new attempt)."""
+        return self._deferred and self._meter.settles_at_once and self._lease_at_once()
+
+    def leave_at_once(self, error: BaseException | None) -> None:
+        """Leave an attempt entered with `enter_at_once`, as `__aexit__` would: settled
+        with the answer received, or `error`."""
+        self._meter.settle_at_once(self, error)
+
     async def __aenter__(self) -> Attempt:
         if not self._lease_at_once():
             await self._lease_waiting()
