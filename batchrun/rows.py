@@ -216,6 +216,8 @@ class RowMaker:
         each coroutine layer costs CPU at every resumption of a request in flight. Only a
         failed first send goes on through the 429 re-sends and the retry policy
         (`_ask_again`), which then see exactly what they would have seen from the start.
+        When the attempt's budgets are at hand, even `_send_once` is skipped: the request is
+        awaited here (`_sending_at_once`).
         """
         asks_left = 1 + (self.parse.parse_attempts if self.parse else 0)
         while asks_left:
@@ -226,7 +228,7 @@ class RowMaker:
                     attempt = self._sending_at_once(state, request)
                     if attempt is None:
                         completion = await self._send_once(state, request)
-                    else:  # `_send_once` written out: one coroutine layer fewer (see there)
+                    else:  # `_send_once`'s steps, awaited here: see `_sending_at_once`
                         try:
                             completion = await self.send(request.body, state.work.position, attempt)
                         except BaseException as exc:
