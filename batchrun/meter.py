@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -29,7 +28,8 @@ import anyio
 
 from batchrun import tokens
 from batchrun.client import Completion
-from batchrun.clock import SYSTEM_CLOCK, Clock, loop_clock
+from batchrun.clock import SYSTEM_CLOCK, Clock, epoch_us_reader, loop_clock
+from batchrun.epoch import from_epoch_us
 from batchrun.errors import LeaseExpired, RateLimited, RetryableError
 from batchrun.limits import ImmediateSpendBudget, Outcome, Settlement, SpendBudget
 from batchrun.prices import Charge, PriceTable
@@ -73,7 +73,7 @@ class Attempt:
     """One attempt's metering; an async context manager made by `AttemptMeter.attempt`."""
 
     __slots__ = (
-        "_cleared_at",
+        "_cleared_us",
         "_deadline",
         "_deferred",
         "_meter",
@@ -82,7 +82,7 @@ class Attempt:
         "lease",
         "request",
         "seconds",
-        "sent_at",
+        "sent_us",
         "started",
     )
 
@@ -94,10 +94,11 @@ class Attempt:
         self._deadline: anyio.CancelScope | None = None
         #: the block puts its own waits under `deadline()`: see `AttemptMeter.attempt`
         self._deferred = deferred
-        #: wall-clock time and `perf_counter()` when the request left (None: never sent)
-        self.sent_at: datetime | None = None
+        #: wall-clock time (epoch microseconds, `clock.epoch_us`) and `perf_counter()` when
+        #: the request left (None: never sent)
+        self.sent_us: int | None = None
         #: the wall-clock time the attempt got its budgets (and the schedule let it go)
-        self._cleared_at: datetime | None = None
+        self._cleared_us: int | None = None
         self.started: float | None = None
         #: seconds the request took, once the block is left
         self.seconds = 0.0
@@ -111,16 +112,15 @@ class Attempt:
 
     def sending(self) -> None:
         """Note that the request is leaving now: from here on, the lease is settled."""
-        self.sent_at, self.started = (
-            self._cleared_at or self._meter.clock.now(),
-            time.perf_counter(),
-        )
+        cleared = self._cleared_us
+        self.sent_us = self._meter.now_us() if cleared is None else cleared
+        self.started = time.perf_counter()
 
     def resent(self) -> None:
         """The request goes again after waiting for the endpoint to come back (an outage):
         it is priced at the hour it really leaves."""
-        self._cleared_at = None
-        self.sent_at = self._meter.clock.now()
+        self._cleared_us = None
+        self.sent_us = self._meter.now_us()
 
     def received(self, answer: Completion) -> None:
         self.answer = answer
@@ -137,6 +137,19 @@ class Attempt:
         known to end before it (`outlasts`)."""
         assert self.lease is not None
         return LeaseDeadline(self.lease.expires_at)
+
+    def enter_at_once(self) -> bool:
+        """`async with attempt:`'s entry and exit without a coroutine, when both can be had
+        at once (issue 12): the deadline is deferred, the limiter settles at once, and the
+        budgets are taken without a wait (`_lease_at_once`). True: entered; the caller
+        must then call `leave_at_once` exactly once, whatever happens. False: nothing is
+        taken; use `async with` (a new attempt)."""
+        return self._deferred and self._meter.settles_at_once and self._lease_at_once()
+
+    def leave_at_once(self, error: BaseException | None) -> None:
+        """Leave an attempt entered with `enter_at_once`, as `__aexit__` would: settled
+        with the answer received, or `error`."""
+        self._meter.settle_at_once(self, error)
 
     async def __aenter__(self) -> Attempt:
         if not self._lease_at_once():
@@ -161,9 +174,9 @@ class Attempt:
             return False
         request, schedule = self.request, meter.schedule
         # the moment the request leaves, read once: the schedule's check and the price agree
-        cleared_at = meter.clock.now()
+        cleared = meter.now_us()
         if schedule is not None and (
-            schedule.stopping or schedule.at_peak(request.model, cleared_at)
+            schedule.stopping or schedule.at_peak(request.model, from_epoch_us(cleared))
         ):
             return False
         spend = meter.spend_now
@@ -182,7 +195,7 @@ class Attempt:
                 spend.settle(request.worst_usd, None)
         if lease is None:
             return False
-        self.lease, self._cleared_at = lease, cleared_at
+        self.lease, self._cleared_us = lease, cleared
         return True
 
     async def _lease_waiting(self) -> None:
@@ -206,11 +219,11 @@ class Attempt:
                 raise
             # the caller sends with no wait between here and `sending()`: this is the moment
             # the request leaves, read once, so the schedule's check and the price agree
-            self._cleared_at = meter.clock.now()
+            self._cleared_us = cleared = meter.now_us()
             if (
                 schedule is None
                 or schedule.stopping
-                or not schedule.at_peak(request.model, self._cleared_at)
+                or not schedule.at_peak(request.model, from_epoch_us(cleared))
             ):
                 return
             # peak began while the attempt waited for its budgets: give them back, wait again
@@ -298,6 +311,8 @@ class AttemptMeter:
         self._scopes: dict[str, Scope] = {}
         #: the event loop's clock (`anyio.current_time()`), read cheaply
         self.time = loop_clock()
+        #: `clock` as epoch microseconds: when a request is sent, so what it costs
+        self.now_us = epoch_us_reader(clock)
         # which fast paths apply is decided here, once per run, from the methods the
         # limiter and the spend cap have (`ImmediateRateLimiter`, `ImmediateSpendBudget`)
         immediate = limiter if isinstance(limiter, ImmediateRateLimiter) else None
@@ -400,7 +415,7 @@ class AttemptMeter:
         outcome), straight through (issue 12)."""
         request = attempt.request
         attempt.seconds = time.perf_counter() - started
-        charge = attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
+        charge = attempt.charge = self._charge(request, answer, attempt.sent_us)
         self.spend.settle(request.worst_usd, charge.usd)
         self.last_answer = now
         settlement = Settlement(
@@ -421,7 +436,7 @@ class AttemptMeter:
         attempt.seconds = time.perf_counter() - attempt.started
         usd: float | None = None
         if answer is not None:
-            attempt.charge = self._charge(request, answer, attempt.sent_at or self.clock.now())
+            attempt.charge = self._charge(request, answer, attempt.sent_us)
             usd = attempt.charge.usd
         self.spend.settle(request.worst_usd, usd)
         outcome = outcome_of(error, answer)
@@ -441,11 +456,12 @@ class AttemptMeter:
             headers=limited.headers if limited else None,
         )
 
-    def _charge(self, request: MeteredRequest, answer: Completion, at: datetime) -> Charge:
+    def _charge(self, request: MeteredRequest, answer: Completion, sent_us: int | None) -> Charge:
+        """What an answer sent at `sent_us` (epoch microseconds; None: now) costs."""
         model = request.model
         return self.prices.charge(
             model if answer.model is None or self.prices.knows(model) else answer.model,
-            at,
+            self.now_us() if sent_us is None else sent_us,
             prompt_tokens=answer.prompt_tokens,
             cache_hit_tokens=answer.prompt_cache_hit_tokens,
             cache_miss_tokens=answer.prompt_cache_miss_tokens,

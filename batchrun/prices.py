@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from batchrun.epoch import epoch_us, from_epoch_us
 from batchrun.errors import ConfigError
 
 log = structlog.get_logger("batchrun.prices")
@@ -187,9 +188,16 @@ class InForce:
     start: datetime
     #: the first instant the price or its rates may change (None: never)
     end: datetime | None
+    #: `start` and `end` in epoch microseconds (`clock.epoch_us`), as the meter stamps times
+    start_us: int
+    end_us: int | None
 
     def covers(self, at: datetime) -> bool:
         return self.start <= at and (self.end is None or at < self.end)
+
+    def covers_us(self, at: int) -> bool:
+        """`covers` for a time in epoch microseconds."""
+        return self.start_us <= at and (self.end_us is None or at < self.end_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,9 +467,29 @@ class PriceTable:
         factor = 1.0 - off.discount if off is not None and off.applies(at) else None
         peak = price.is_peak(at)
         end = self._next_change(model, price, at)
-        span = InForce(price, price.rates(at), factor, peak, at, end)
+        span = InForce(
+            price,
+            price.rates(at),
+            factor,
+            peak,
+            at,
+            end,
+            epoch_us(at),
+            None if end is None else epoch_us(end),
+        )
         self._in_force[model] = span
         return span
+
+    def _in_force_at(self, model: str, at: datetime | int) -> InForce | None:
+        """`in_force`, with `at` a `datetime` or epoch microseconds (the meter's stamps): a
+        time in the model's last span is priced with no `datetime` made (issue 12)."""
+        if type(at) is int:
+            span = self._in_force.get(model)
+            if span is not None and span.covers_us(at):
+                return span
+            at = from_epoch_us(at)
+        assert isinstance(at, datetime)
+        return self.in_force(model, at)
 
     def _next_change(self, model: str, price: Price, at: datetime) -> datetime | None:
         """The first instant after `at` where `model`'s price or rates may change: its next
@@ -477,17 +505,18 @@ class PriceTable:
     def cost(
         self,
         model: str | None,
-        at: datetime,
+        at: datetime | int,
         *,
         prompt_tokens: int | None,
         cache_hit_tokens: int | None,
         cache_miss_tokens: int | None,
         completion_tokens: int | None,
     ) -> float | None:
-        """Cost of one answer in the price's currency, or None for an unknown model or usage."""
+        """Cost of one answer in the price's currency, or None for an unknown model or usage.
+        `at`: when it was sent, a `datetime` or epoch microseconds (`clock.epoch_us`)."""
         if model is None or prompt_tokens is None:
             return None
-        span = self.in_force(model, at)
+        span = self._in_force_at(model, at)
         if span is None:
             if model not in self._warned:
                 self._warned.add(model)
@@ -510,7 +539,7 @@ class PriceTable:
     def charge(
         self,
         model: str | None,
-        at: datetime,
+        at: datetime | int,
         *,
         prompt_tokens: int | None,
         cache_hit_tokens: int | None,

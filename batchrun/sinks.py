@@ -19,13 +19,14 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
+from batchrun.epoch import MICROSECOND, epoch_us
 from batchrun.logs import has_secrets, scrub, secret_in
 
 if TYPE_CHECKING:
@@ -60,8 +61,6 @@ PART_PREFIX = "part-"
 JOURNAL_PREFIX = "journal-"
 #: `--engine ray` checkpoints each shard of the input in a folder of its own in OUTPUT.parts/
 SHARD_PREFIX = "shard-"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 _JOURNAL_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_APPEND_NEWLINE
 
 
@@ -190,14 +189,6 @@ def _carried_value(value: Any, kind: pa.DataType) -> Any:
 EPOCH_US_COLUMNS = ("started_at", "finished_at")
 
 
-def epoch_us(value: datetime) -> int:
-    """A timestamp as microseconds since the epoch, exactly (naive: taken as UTC), as the
-    journal holds it."""
-    if value.tzinfo is None:  # a naive timestamp column: wall time, stored as if UTC
-        value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH) // _MICROSECOND
-
-
 def _journal_default(value: Any) -> Any:
     """JSON for the values orjson leaves to us; `journal_table` turns them back."""
     if isinstance(value, datetime):
@@ -205,7 +196,7 @@ def _journal_default(value: Any) -> Any:
     if isinstance(value, date | time):
         return value.isoformat()
     if isinstance(value, timedelta):
-        return value // _MICROSECOND
+        return value // MICROSECOND
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, bytes | bytearray | memoryview):

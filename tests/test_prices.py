@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from batchrun.cli import cli
+from batchrun.epoch import epoch_us
 from batchrun.errors import ConfigError
 from batchrun.fake import FakeServer
 from batchrun.prices import PriceTable
@@ -216,6 +217,20 @@ def test_flash_is_priced_by_the_hour_it_was_sent(at: datetime, rates: tuple[floa
     """deepseek-flash costs the peak price in a weekday peak window and half outside it."""
     cost = PriceTable.load().cost("deepseek-flash", at, **V4_USAGE)
     assert cost == pytest.approx(_by_hand(rates))
+
+
+def test_a_time_in_epoch_microseconds_is_priced_as_its_datetime() -> None:
+    """The meter stamps requests in epoch microseconds: one inside the model's last span is
+    priced from that span with no `datetime` made (the fast path), and one past the span's
+    end (peak 03:59:59.999999 -> off-peak 04:00) is looked up again, as a `datetime` is."""
+    table = PriceTable.load()
+    before = datetime(2026, 12, 1, 3, 59, 59, 999999, tzinfo=UTC)
+    table.cost("deepseek-flash", before - timedelta(minutes=5), **V4_USAGE)  # the peak span
+    peak = table.cost("deepseek-flash", epoch_us(before), **V4_USAGE)
+    off = table.cost("deepseek-flash", epoch_us(before) + 1, **V4_USAGE)
+    assert peak == pytest.approx(_by_hand(FLASH_PEAK))
+    assert off == pytest.approx(_by_hand(FLASH_OFF_PEAK))
+    assert table.cost("deepseek-flash", epoch_us(before), **V4_USAGE) == peak  # and back
 
 
 def test_legacy_flash_names_are_billed_at_the_flash_price() -> None:

@@ -13,9 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.client import Client, Completion
+from batchrun.epoch import epoch_us
 from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
+from batchrun.meter import Attempt
 from batchrun.pool import PoolSettings
+from batchrun.ratelimit import Lease, LocalRateLimiter, Scope
 from batchrun.retry import RetryPolicy
 from batchrun.rows import _SET_LAST
 from batchrun.runner import run_job
@@ -24,7 +27,6 @@ from batchrun.sinks import (
     PAID_BEFORE_COLUMN,
     USAGE_COLUMNS,
     PartWriter,
-    epoch_us,
     result_column_names,
 )
 from tests.conftest import ManualClock, fast_job_data, write_jsonl
@@ -107,6 +109,55 @@ def test_rows_answered_at_once_never_reach_the_retry_policy(
     out = pq.read_table(tmp_path / "out.parquet").to_pylist()
     assert summary.rows_ok == 6 and {row["attempts"] for row in out} == {1}
     assert retries.calls == 0
+
+
+class _AwaitedLimiter(LocalRateLimiter):
+    """A limiter whose `reserve` is its own: it loses `reserves_at_once`, so every attempt
+    waits for its lease through `async with` (what Ray's leased limiter does)."""
+
+    async def reserve(self, scope: Scope, *, prompt_tokens: int, completion_cap: int) -> Lease:
+        return await super().reserve(
+            scope, prompt_tokens=prompt_tokens, completion_cap=completion_cap
+        )
+
+
+@pytest.mark.parametrize(
+    ("limiter", "entered"),
+    [
+        pytest.param(LocalRateLimiter, 0, id="budget-at-hand-no-async-with"),
+        pytest.param(_AwaitedLimiter, 6, id="awaited-lease-through-async-with"),
+    ],
+)
+def test_a_first_send_whose_budgets_are_at_hand_is_awaited_by_the_ask_itself(
+    tmp_path: Path,
+    fake: FakeServer,
+    monkeypatch: pytest.MonkeyPatch,
+    limiter: type[LocalRateLimiter],
+    entered: int,
+) -> None:
+    """With the budgets at hand, the first send is entered and settled without an `async
+    with` (`RowMaker._sending_at_once`); a limiter that must be awaited still goes through
+    it, once an attempt. Either way each row is sent, settled and priced once."""
+    calls = []
+    original = Attempt.__aenter__
+
+    async def aenter(attempt: Attempt) -> Attempt:
+        calls.append(attempt)
+        return await original(attempt)
+
+    monkeypatch.setattr(Attempt, "__aenter__", aenter)
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"question {i}"} for i in range(6)])
+    summary = run_job(
+        build_job(fast_job_data(tmp_path, fake.base_url)),
+        settings=SETTINGS,
+        rate_limiter=limiter.for_limits,
+    )
+    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    stats = summary.statistics
+    assert summary.rows_ok == 6 and len(calls) == entered
+    assert stats is not None and stats.requests == 6 and stats.in_flight == 0
+    assert {row["attempts"] for row in out} == {1}
+    assert all(row["cost_usd"] and row["cost_usd"] > 0 for row in out)
 
 
 @pytest.mark.parametrize(
