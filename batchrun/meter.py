@@ -94,7 +94,7 @@ class Attempt:
         self._deadline: anyio.CancelScope | None = None
         #: the block puts its own waits under `deadline()`: see `AttemptMeter.attempt`
         self._deferred = deferred
-        #: wall-clock time (epoch microseconds, `clock.epoch_us`) and `perf_counter()` when
+        #: wall-clock time (epoch microseconds, `epoch.epoch_us`) and `perf_counter()` when
         #: the request left (None: never sent)
         self.sent_us: int | None = None
         #: the wall-clock time the attempt got its budgets (and the schedule let it go)

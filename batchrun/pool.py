@@ -435,7 +435,7 @@ class Pool:
         The fast path awaits `client.send` itself, not through `_send_one`: every time the
         request in flight resumes, it passes through each coroutine it is awaited from, and
         one layer fewer costs less CPU a request (issue 12). What it does with the answer
-        or the failure is `_send_one`'s (`_answered`, `_failed`).
+        or the failure is `_send_one`'s (`gate.answered`, `_failed`).
         """
         gate = self.gate
         if gate.open and attempt.outlasts(self.client.timeout):

@@ -188,7 +188,7 @@ class InForce:
     start: datetime
     #: the first instant the price or its rates may change (None: never)
     end: datetime | None
-    #: `start` and `end` in epoch microseconds (`clock.epoch_us`), as the meter stamps times
+    #: `start` and `end` in epoch microseconds (`epoch.epoch_us`), as the meter stamps times
     start_us: int
     end_us: int | None
 
@@ -513,7 +513,7 @@ class PriceTable:
         completion_tokens: int | None,
     ) -> float | None:
         """Cost of one answer in the price's currency, or None for an unknown model or usage.
-        `at`: when it was sent, a `datetime` or epoch microseconds (`clock.epoch_us`)."""
+        `at`: when it was sent, a `datetime` or epoch microseconds (`epoch.epoch_us`)."""
         if model is None or prompt_tokens is None:
             return None
         span = self._in_force_at(model, at)

@@ -329,14 +329,12 @@ class RowMaker:
             async with attempt:
                 if self.stopping():  # stopped while waiting for the budget: nothing is sent
                     raise Abandoned
-                attempt.sending()
-                self.tally.requests += 1
-                self.tally.in_flight += 1
+                self._begin(attempt)
+                answer: Completion | None = None
                 try:
                     answer = await self.send(request.body, state.work.position, attempt)
-                    attempt.received(answer)
                 finally:
-                    self.tally.in_flight -= 1
+                    self._back(attempt, answer)
         finally:
             state.count(attempt)
         assert attempt.answer is not None
@@ -356,11 +354,21 @@ class RowMaker:
         attempt = self.meter.attempt(request, deferred_deadline=True)
         if not attempt.enter_at_once():
             return None
+        self._begin(attempt)
+        return attempt
+
+    def _begin(self, attempt: Attempt) -> None:
+        """Count an entered attempt's request as sent (both ways of sending)."""
         attempt.sending()
         tally = self.tally
         tally.requests += 1
         tally.in_flight += 1
-        return attempt
+
+    def _back(self, attempt: Attempt, answer: Completion | None) -> None:
+        """Count a sent request as back: answered with `answer`, or failed (None)."""
+        self.tally.in_flight -= 1
+        if answer is not None:
+            attempt.received(answer)
 
     def _sent(
         self,
@@ -370,9 +378,7 @@ class RowMaker:
         error: BaseException | None,
     ) -> None:
         """End an attempt begun by `_sending_at_once`: answered, or failed with `error`."""
-        self.tally.in_flight -= 1
-        if answer is not None:
-            attempt.received(answer)
+        self._back(attempt, answer)
         try:
             attempt.leave_at_once(error)
         finally:
@@ -443,7 +449,7 @@ class RowMaker:
             result["error"] = failure.message
             result["error_class"] = failure.error_class
         now = self.now_us()
-        result["started_at"] = state.started_at or now
+        result["started_at"] = now if state.started_at is None else state.started_at
         result["finished_at"] = now
         result["cost_usd"] = 0.0 if cached else state.cost
         result["cost_worst_case"] = False if cached else state.worst_case

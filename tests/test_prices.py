@@ -219,15 +219,29 @@ def test_flash_is_priced_by_the_hour_it_was_sent(at: datetime, rates: tuple[floa
     assert cost == pytest.approx(_by_hand(rates))
 
 
-def test_a_time_in_epoch_microseconds_is_priced_as_its_datetime() -> None:
+def test_a_time_in_epoch_microseconds_is_priced_as_its_datetime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The meter stamps requests in epoch microseconds: one inside the model's last span is
     priced from that span with no `datetime` made (the fast path), and one past the span's
     end (peak 03:59:59.999999 -> off-peak 04:00) is looked up again, as a `datetime` is."""
+    import batchrun.prices
+
+    made: list[int] = []
+    convert = batchrun.prices.from_epoch_us
+
+    def counted(stamp: int) -> datetime:
+        made.append(stamp)
+        return convert(stamp)
+
+    monkeypatch.setattr(batchrun.prices, "from_epoch_us", counted)
     table = PriceTable.load()
     before = datetime(2026, 12, 1, 3, 59, 59, 999999, tzinfo=UTC)
     table.cost("deepseek-flash", before - timedelta(minutes=5), **V4_USAGE)  # the peak span
     peak = table.cost("deepseek-flash", epoch_us(before), **V4_USAGE)
+    assert made == []  # inside the span: no datetime made
     off = table.cost("deepseek-flash", epoch_us(before) + 1, **V4_USAGE)
+    assert made == [epoch_us(before) + 1]  # past its end: looked up again
     assert peak == pytest.approx(_by_hand(FLASH_PEAK))
     assert off == pytest.approx(_by_hand(FLASH_OFF_PEAK))
     assert table.cost("deepseek-flash", epoch_us(before), **V4_USAGE) == peak  # and back

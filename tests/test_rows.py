@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,6 +17,7 @@ from batchrun.client import Client, Completion
 from batchrun.epoch import epoch_us
 from batchrun.fake import FakeConfig, FakeServer
 from batchrun.job import build_job
+from batchrun.limits import LimiterStatistics, Settlement
 from batchrun.meter import Attempt
 from batchrun.pool import PoolSettings
 from batchrun.ratelimit import Lease, LocalRateLimiter, Scope
@@ -158,6 +160,55 @@ def test_a_first_send_whose_budgets_are_at_hand_is_awaited_by_the_ask_itself(
     assert stats is not None and stats.requests == 6 and stats.in_flight == 0
     assert {row["attempts"] for row in out} == {1}
     assert all(row["cost_usd"] and row["cost_usd"] > 0 for row in out)
+
+
+class _AwaitedSettleLimiter(LocalRateLimiter):
+    """A limiter whose `settle` and `cancel` are its own: it loses `settles_at_once`, so an
+    attempt's lease is closed through the awaited, shielded path (as Ray's leased limiter's)."""
+
+    async def settle(self, lease: Lease, settlement: Settlement) -> None:
+        await super().settle(lease, settlement)
+
+    async def cancel(self, lease: Lease) -> None:
+        await super().cancel(lease)
+
+
+@pytest.mark.parametrize(
+    "limiter",
+    [
+        pytest.param(LocalRateLimiter, id="at-once"),
+        pytest.param(_AwaitedLimiter, id="awaited-reserve"),
+        pytest.param(_AwaitedSettleLimiter, id="awaited-settle"),
+    ],
+)
+def test_every_lease_is_closed_once_whatever_the_answer(
+    tmp_path: Path, fake: FakeServer, limiter: type[LocalRateLimiter]
+) -> None:
+    """Rows answered at once, refused with a 429 then answered, failed for good (400) and
+    retried after a 5xx: whichever way each attempt was entered and settled, the limiter
+    ends with no lease open, nothing in flight and no tokens reserved."""
+    made: list[LocalRateLimiter] = []
+
+    def keep(limits: Any) -> LocalRateLimiter:
+        made.append(limiter.for_limits(limits))
+        return made[-1]
+
+    prompts = ["question", "[[fault:429*1@0.01]] q", "[[fault:400]] q", "[[fault:500*1]] q"]
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"{p} {i}"} for i, p in enumerate(prompts)])
+    summary = run_job(
+        build_job(fast_job_data(tmp_path, fake.base_url)), settings=SETTINGS, rate_limiter=keep
+    )
+    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary.rows_ok == 3 and summary.rows_error == 1 and len(out) == 4
+    assert [row["attempts"] for row in out] == [1, 2, 1, 2]  # requests sent
+    assert [row["rate_limited"] for row in out] == [0, 1, 0, 0]
+    (used,) = made
+
+    async def snapshot() -> LimiterStatistics:  # it reads the loop's clock
+        return used.statistics()
+
+    stats = anyio.run(snapshot)
+    assert stats.in_flight == 0 and stats.reserved_tokens == 0
 
 
 @pytest.mark.parametrize(
