@@ -19,6 +19,7 @@ from batchrun.sources import (
     detect_format,
     input_identity,
     iter_batches,
+    locate_rows,
     scan_input,
 )
 from tests.conftest import write_jsonl
@@ -662,3 +663,24 @@ def test_batch_line_stream_as_text_is_refused(tmp_path: Path) -> None:
     line["body"]["stream"] = "True"
     path = write_jsonl(tmp_path / "in.jsonl", [line])
     assert scan_error(path).column == "body.stream"
+
+
+def test_reading_from_any_located_row_gives_the_rest_of_a_full_read(tmp_path: Path) -> None:
+    """`locate_rows` (Ray's shard starts) and the batch reader agree on which lines are rows:
+    from each located row on, a read yields exactly the full read's rows from there, with
+    the same positions and line numbers (a BOM, blank and whitespace-only lines, CRLF)."""
+    path = tmp_path / "in.jsonl"
+    lines = ['{"prompt": "p0"}', "", '{"prompt": "p1"}', "   ", "\t", '{"prompt": "p2"}']
+    lines += [f'{{"prompt": "p{i}"}}' for i in range(3, 9)] + [" ", '{"prompt": "p9"}']
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    full = [(r.index, r.line, r.data) for b in iter_batches(path, batch_size=3) for r in b]
+    assert [data["prompt"] for _, _, data in full] == [f"p{i}" for i in range(10)]
+    starts = locate_rows(path, list(range(10)))
+    assert [start.row for start in starts] == list(range(10))
+    for start in starts:
+        rest = [
+            (r.index, r.line, r.data)
+            for b in iter_batches(path, batch_size=3, start=start)
+            for r in b
+        ]
+        assert rest == full[start.row :]
