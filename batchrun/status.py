@@ -161,19 +161,20 @@ def describe(status: JobStatus) -> list[str]:
         state = "complete" + (f" up to --limit {status.limit}" if status.limit else "")
     else:
         state = "stopped, no run active: run the same command again to resume"
-    total = "?" if status.rows_total is None else str(status.rows_total)
+    # counts with thousands separators, as the run's summary and the `partial:` line print them
+    total = "?" if status.rows_total is None else f"{status.rows_total:,}"
     rows = (
-        f"{status.rows_done} done of {total}: {status.rows_ok} ok, {status.rows_error} errors; "
-        f"{'?' if remaining is None else remaining} remaining"
+        f"{status.rows_done:,} done of {total}: {status.rows_ok:,} ok, "
+        f"{status.rows_error:,} errors; {'?' if remaining is None else f'{remaining:,}'} remaining"
     )
     if status.limit is not None and status.source == "checkpoint":
         rows += f" (the last run had --limit {status.limit})"
-    errors = ", ".join(f"{name} {n}" for name, n in status.errors_by_class.items()) or "none"
-    tokens = f"{status.prompt_tokens} prompt, {status.completion_tokens} completion"
+    errors = ", ".join(f"{name} {n:,}" for name, n in status.errors_by_class.items()) or "none"
+    tokens = f"{status.prompt_tokens:,} prompt, {status.completion_tokens:,} completion"
     if status.rows_without_usage and status.rows_without_usage == status.rows_ok:
         tokens = "not reported (the server sent no usage)"
     elif status.rows_without_usage:
-        tokens += f" (not reported for {status.rows_without_usage} ok rows)"
+        tokens += f" (not reported for {status.rows_without_usage:,} ok rows)"
     lines = [
         f"output:  {where}",
         f"state:   {state}",

@@ -243,7 +243,7 @@ def test_status_of_a_stopped_checkpoint(tmp_path: Path, fake: FakeServer) -> Non
     completion_tokens = in_parts["completion_tokens"].to_pylist()
     prompt = sum(n or 0 for n in prompt_tokens) + 10
     completion = sum(n or 0 for n in completion_tokens) + 14
-    assert f"tokens:  {prompt} prompt, {completion} completion" in lines
+    assert f"tokens:  {prompt:,} prompt, {completion:,} completion" in lines
 
 
 def test_status_of_a_finished_output(tmp_path: Path, fake: FakeServer) -> None:
@@ -258,7 +258,7 @@ def test_status_of_a_finished_output(tmp_path: Path, fake: FakeServer) -> None:
         "state:   complete",
         "rows:    5 done of 5: 5 ok, 0 errors; 0 remaining",
         "errors:  none",
-        f"tokens:  {prompt} prompt, {completion} completion",
+        f"tokens:  {prompt:,} prompt, {completion:,} completion",
     ]
     missing = invoke("status", str(tmp_path / "other.parquet"))
     assert missing.exit_code == 2
@@ -353,3 +353,27 @@ def test_lock_left_by_a_dead_run_does_not_block(tmp_path: Path, fake: FakeServer
     (directory / "lock").write_text('{"pid": 999999999}')
     result = invoke(*cli_args(tmp_path, fake))
     assert result.exit_code == 0, result.output
+
+
+def test_status_counts_read_with_thousands_separators(tmp_path: Path) -> None:
+    """Big counts in `status` carry separators, as the run's summary and `partial:` line do."""
+    from batchrun.status import JobStatus, describe
+
+    status = JobStatus(
+        output=tmp_path / "out.parquet",
+        source="checkpoint",
+        rows_total=1_000_000,
+        limit=None,
+        rows_done=558_000,
+        rows_ok=557_000,
+        errors_by_class={"server": 1_000},
+        prompt_tokens=12_345_678,
+        completion_tokens=2_000_000,
+        active_pid=None,
+    )
+    lines = describe(status)
+    assert (
+        "rows:    558,000 done of 1,000,000: 557,000 ok, 1,000 errors; 442,000 remaining" in lines
+    )
+    assert "errors:  server 1,000" in lines
+    assert "tokens:  12,345,678 prompt, 2,000,000 completion" in lines
