@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -107,3 +109,12 @@ class ManualClock:
         finally:
             with self._lock:
                 self.sleepers -= 1
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """`code` run in a fresh interpreter (what it imports is its own), its exit checked."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done

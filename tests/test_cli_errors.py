@@ -20,7 +20,7 @@ import batchrun
 from batchrun.cli import cli
 from batchrun.collector import RUN_GC_THRESHOLD
 from batchrun.fake import FakeServer
-from tests.conftest import fast_job_data, write_jsonl
+from tests.conftest import fast_job_data, run_python, write_jsonl
 
 UNSET_KEY_VAR = "BATCHRUN_TEST_UNSET_KEY"
 
@@ -255,10 +255,7 @@ HEAVY = ("polars", "pyarrow", "httpx", "structlog", "aiohttp", "pydantic", "ray"
 def test_cli_import_leaves_heavy_modules_out() -> None:
     """`import batchrun.cli` loads none of the heavy dependencies."""
     code = f"import sys, batchrun.cli\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_python(code)
     assert done.stdout.strip() == ""
 
 
@@ -302,10 +299,7 @@ def test_small_run_imports_only_what_it_uses(tmp_path: Path, fake: FakeServer) -
         "import pydantic.plugin._loader as loader\n"
         "print(loader._plugins is None)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_python(code)
     assert "complete: 20 ok" in done.stderr
     assert done.stdout.splitlines() == [f"True {RUN_GC_THRESHOLD}", "", "True False", "True"]
 

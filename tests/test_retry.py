@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from batchrun.errors import RateLimited, RetryableError
 from batchrun.job import Limits
 from batchrun.retry import RetryPolicy
+from tests.conftest import run_python
 
 
 class _Sleeps:
@@ -75,8 +73,5 @@ def test_tenacity_loads_with_the_first_retry() -> None:
         "first = RetryableError('x', error_class='server')\n"
         "print(anyio.run(policy.retry, first, attempt), 'tenacity' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_python(code)
     assert done.stdout.splitlines() == ["False", "ok True"]
