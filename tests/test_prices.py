@@ -19,6 +19,16 @@ from tests.conftest import write_jsonl
 LATE_2025 = datetime(2025, 11, 1, 12, 0, tzinfo=UTC)
 
 
+def _usage(prompt: int, completion: int, *, hit: int = 0) -> dict[str, int]:
+    """An answer's usage as `PriceTable.cost` takes it: `hit` of the prompt from the cache."""
+    return {
+        "prompt_tokens": prompt,
+        "cache_hit_tokens": hit,
+        "cache_miss_tokens": prompt - hit,
+        "completion_tokens": completion,
+    }
+
+
 def test_chat_cost_with_cache_hits() -> None:
     """A deepseek-chat answer: hits, misses and completion at the V3.2 prices."""
     table = PriceTable.load()
@@ -51,12 +61,7 @@ def test_reasoner_cost_before_v31_uses_its_own_prices() -> None:
 def test_off_peak_discount_applies_across_midnight() -> None:
     """Between 16:30 and 00:30 UTC in 2025, before V3.1, chat is half price."""
     table = PriceTable.load()
-    usage = {
-        "prompt_tokens": 1000,
-        "cache_hit_tokens": 0,
-        "cache_miss_tokens": 1000,
-        "completion_tokens": 0,
-    }
+    usage = _usage(1000, 0)
     day = table.cost("deepseek-chat", datetime(2025, 6, 1, 12, 0, tzinfo=UTC), **usage)
     night = table.cost("deepseek-chat", datetime(2025, 6, 1, 23, 59, tzinfo=UTC), **usage)
     after_midnight = table.cost("deepseek-chat", datetime(2025, 6, 2, 0, 15, tzinfo=UTC), **usage)
@@ -79,12 +84,7 @@ def test_missing_cache_fields_price_the_prompt_as_misses() -> None:
 def test_unknown_model_costs_none_with_one_warning() -> None:
     """An unknown model is never given a made-up price, and is warned about once."""
     table = PriceTable.load()
-    usage = {
-        "prompt_tokens": 10,
-        "cache_hit_tokens": 0,
-        "cache_miss_tokens": 10,
-        "completion_tokens": 5,
-    }
+    usage = _usage(10, 5)
     with capture_logs() as logs:
         assert table.cost("mystery-model", LATE_2025, **usage) is None
         assert table.cost("mystery-model", LATE_2025, **usage) is None
@@ -100,12 +100,7 @@ def test_user_file_adds_and_overrides(tmp_path: Path) -> None:
         "cache_miss = 1\noutput = 1\n"
     )
     table = PriceTable.load(extra)
-    usage = {
-        "prompt_tokens": 10,
-        "cache_hit_tokens": 0,
-        "cache_miss_tokens": 10,
-        "completion_tokens": 10,
-    }
+    usage = _usage(10, 10)
     assert table.cost("my-model", LATE_2025, **usage) == pytest.approx(50 / 1e6)
     assert table.cost("deepseek-chat", LATE_2025, **usage) == pytest.approx(20 / 1e6)
 
@@ -188,12 +183,7 @@ def test_a_refused_price_file_or_cap_leaves_no_checkpoint_and_the_fixed_job_runs
 # DeepSeek V4.1, from 2026-08-16 16:00 UTC: peak 01:00-04:00 and 06:00-10:00 UTC, Mon-Fri
 FLASH_PEAK = (0.006, 0.30, 1.20)
 FLASH_OFF_PEAK = (0.003, 0.15, 0.60)
-V4_USAGE = {
-    "prompt_tokens": 1000,
-    "cache_hit_tokens": 400,
-    "cache_miss_tokens": 600,
-    "completion_tokens": 2000,
-}
+V4_USAGE = _usage(1000, 2000, hit=400)
 
 
 def _by_hand(rates: tuple[float, float, float]) -> float:
@@ -348,13 +338,8 @@ def test_prices_kept_per_span_agree_with_a_fresh_look_up(
     window and discount window, that is what looking the price up afresh says."""
     kept = PriceTable.load()
     looked_up: set[float | None] = set()
+    usage = _usage(1000, 500, hit=600)
     for at in _walk(start, days):
-        usage = {
-            "prompt_tokens": 1000,
-            "cache_hit_tokens": 600,
-            "cache_miss_tokens": 400,
-            "completion_tokens": 500,
-        }
         fresh = PriceTable.load().cost(model, at, **usage)
         assert kept.cost(model, at, **usage) == fresh, at
         looked_up.add(fresh)
@@ -365,12 +350,7 @@ def test_a_kept_span_is_not_used_for_an_earlier_answer() -> None:
     """An answer sent before the span kept for its model (settled after a later one) is
     priced by its own hour."""
     table = PriceTable.load()
-    usage = {
-        "prompt_tokens": 10,
-        "cache_hit_tokens": 0,
-        "cache_miss_tokens": 10,
-        "completion_tokens": 10,
-    }
+    usage = _usage(10, 10)
     off_peak = datetime(2026, 9, 1, 5, 0, tzinfo=UTC)  # a Tuesday, between the windows
     peak = off_peak - timedelta(hours=2)
     assert table.cost("deepseek-flash", off_peak, **usage) == pytest.approx(10 * 0.75 / 1e6)

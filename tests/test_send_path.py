@@ -107,6 +107,23 @@ def _in_one_pass(first_due: float, then: Callable[[], object]) -> None:
     time.sleep(max(first_due - loop.time(), 0.0) + 0.1)
 
 
+async def _cut_by_its_deadline(deadlines: Deadlines) -> bool:
+    """Whether a long sleep under one of `deadlines` ends as that deadline's expiry (the
+    deadline taken back); a cancellation from elsewhere goes on, as `Deadlines` says."""
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = deadlines.start(task)
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        if deadlines.expired(task, cancelling):
+            return True
+        raise
+    finally:
+        deadlines.stop(task)
+    return False
+
+
 @on_asyncio
 async def test_a_cancellation_from_elsewhere_wins_over_a_passed_deadline() -> None:
     """When the deadline passes and something else cancels the task in the same loop pass,
@@ -115,16 +132,11 @@ async def test_a_cancellation_from_elsewhere_wins_over_a_passed_deadline() -> No
     seen: list[bool] = []
 
     async def attempt() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = deadlines.start(task)
         try:
-            await asyncio.sleep(30)
+            seen.append(await _cut_by_its_deadline(deadlines))
         except asyncio.CancelledError:
-            seen.append(deadlines.expired(task, cancelling))
+            seen.append(False)  # not taken for the deadline's: it goes on
             raise
-        finally:
-            deadlines.stop(task)
 
     loop = asyncio.get_running_loop()
     task = asyncio.create_task(attempt())
@@ -187,15 +199,10 @@ async def test_a_passed_deadline_alone_is_taken_back() -> None:
     seen: list[tuple[bool, int]] = []
 
     async def attempt() -> None:
+        expired = await _cut_by_its_deadline(deadlines)
         task = asyncio.current_task()
         assert task is not None
-        cancelling = deadlines.start(task)
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            seen.append((deadlines.expired(task, cancelling), task.cancelling()))
-        finally:
-            deadlines.stop(task)
+        seen.append((expired, task.cancelling()))
 
     await asyncio.wait_for(asyncio.create_task(attempt()), 5)
     assert seen == [(True, 0)]
@@ -267,20 +274,6 @@ async def test_a_gzip_answer_through_the_aiohttp_transport(fake: FakeServer) -> 
         completion = await client.send(CHAT)
     assert completion.content == "echo: hello" and completion.prompt_tokens
     assert completion.headers is not None and completion.headers["content-encoding"] == "gzip"
-
-
-async def _cut_by_its_deadline(deadlines: Deadlines) -> bool:
-    """Whether a long sleep under one of `deadlines` ends as that deadline's expiry."""
-    task = asyncio.current_task()
-    assert task is not None
-    cancelling = deadlines.start(task)
-    try:
-        await asyncio.sleep(5)
-    except asyncio.CancelledError:
-        return deadlines.expired(task, cancelling)
-    finally:
-        deadlines.stop(task)
-    return False
 
 
 def test_deadlines_used_again_from_a_new_loop_still_fire() -> None:
