@@ -590,13 +590,6 @@ def _cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def part_number(column: str = "_part") -> Any:
-    """A polars expression: the N of the `part-N.parquet` path in `column`."""
-    import polars as pl
-
-    return pl.col(column).str.extract(r"(\d+)\.parquet$").cast(pl.Int64)
-
-
 def keep_latest(frame: Any) -> Any:
     """One row per input position, in input order: the latest result written for it.
 
