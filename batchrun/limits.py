@@ -895,16 +895,13 @@ class SpendCap:
         Raises:
             CostCapReached: it cannot fit even with nothing else in flight.
         """
-        if self.cap is None:
-            return
-        while self.spent + self.in_flight + worst > self.cap + 1e-12:
+        while not self.try_reserve(worst):
+            assert self.cap is not None  # with no cap, everything fits
             if self._requests == 0:
                 raise CostCapReached(spent=self.spent, cap=self.cap, next_worst=worst)
             if self._settled is None:
                 self._settled = anyio.Event()
             await self._settled.wait()
-        self.in_flight += worst
-        self._requests += 1
 
     def settle(self, worst: float, actual: float | None) -> None:
         if self.cap is None:

@@ -106,10 +106,6 @@ class Attempt:
         #: what the answer is counted as costing, once the block is left
         self.charge: Charge | None = None
 
-    @property
-    def sent(self) -> bool:
-        return self.started is not None
-
     def sending(self) -> None:
         """Note that the request is leaving now: from here on, the lease is settled."""
         cleared = self._cleared_us
@@ -240,9 +236,6 @@ class Attempt:
     ) -> None:
         meter = self._meter
         deadline = self._deadline
-        if deadline is None and meter.settles_at_once:  # the common case: nothing to await
-            meter.settle_at_once(self, exc)
-            return
         error = exc
         if deadline is not None:
             deadline.__exit__(exc_type, exc, tb)
