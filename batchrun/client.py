@@ -332,7 +332,7 @@ def make_transport(name: str, url: httpx.URL, *, max_connections: int) -> httpx.
 
 
 class Client:
-    """Sends chat-completion requests over one pooled httpx client.
+    """Sends chat-completion requests through one httpx transport (aiohttp's pool by default).
 
     Use as an async context manager; `send` is safe to call from many tasks at once.
     """
@@ -521,7 +521,8 @@ class Client:
         raise RetryableError(f"no complete answer within {self.timeout:g} s", error_class="timeout")
 
     async def _send_in_scope(self, payload: bytes, streaming: bool) -> Completion:
-        """The attempt in an anyio cancel scope with the deadline: off asyncio (trio)."""
+        """The attempt in an anyio cancel scope with the deadline: off asyncio (trio), or with
+        a transport other than ours (`_own_deadlines`)."""
         # leaving the block without a return means the deadline passed
         with anyio.CancelScope(deadline=anyio.current_time() + self.timeout):
             if streaming:

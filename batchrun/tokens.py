@@ -65,20 +65,17 @@ def prompt_estimate(body: dict[str, Any]) -> tuple[int, int]:
     an ASCII message's length gives both, summed once at the end (issue 12)."""
     total = 0.0
     most = 0
-    if not _PROMPT_FIELD_SET.isdisjoint(body):  # most bodies: a look at each key, in C
-        for text in _prompt_fields(body):
-            total += text_tokens(text)
-            most += TOKENS_PER_PROMPT_FIELD + _utf8_length(text)
+    for text in _prompt_fields(body):  # most bodies have none: a look at each key, in C
+        total += text_tokens(text)
+        most += TOKENS_PER_PROMPT_FIELD + _utf8_length(text)
     messages = body.get("messages") or ()
     count = 0
     ascii_chars = 0  # characters of ASCII text: one byte and 0.3 token each
     for message in messages:
         count += 1
         content = message.get("content") if isinstance(message, dict) else None
-        if type(content) is str and content.isascii():  # the common message
-            ascii_chars += len(content)
-        elif isinstance(content, str):
-            if content.isascii():
+        if isinstance(content, str):
+            if content.isascii():  # the common message
                 ascii_chars += len(content)
             else:
                 total += text_tokens(content)

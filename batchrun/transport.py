@@ -217,7 +217,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         #: the last URL sent to: its httpx form, its parts, its parsed form and the Host
         #: aiohttp writes for it (a run sends to one URL)
         self._url: tuple[httpx.URL, tuple[bytes, bytes, bytes], URL, str | None] | None = None
-        self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
         self._last_timeout: tuple[dict[str, float | None], aiohttp.ClientTimeout] | None = None
 
     def _session(self, defaults: tuple[tuple[str, str], ...]) -> aiohttp.ClientSession | None:
@@ -252,15 +251,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def _yarl(self, url: httpx.URL) -> tuple[URL, str | None]:
         """The URL parsed by yarl, and the Host header aiohttp writes for it."""
         cached = self._url
-        if cached is not None:
-            if cached[0] is url:  # the client's own URL object (`Client._request`)
-                return cached[2], cached[3]
-            # else by parts, not identity: httpx.Request copies the URL it is given
-            key = (url.raw_scheme, url.netloc, url.raw_path)  # netloc: the host and the port
-            if cached[1] == key:
-                return cached[2], cached[3]
-        else:
-            key = (url.raw_scheme, url.netloc, url.raw_path)
+        if cached is not None and cached[0] is url:  # the client's own URL (`Client._request`)
+            return cached[2], cached[3]
+        # else by parts, not identity: httpx.Request copies the URL it is given
+        key = (url.raw_scheme, url.netloc, url.raw_path)  # netloc: the host and the port
+        if cached is not None and cached[1] == key:
+            return cached[2], cached[3]
         from yarl import URL
 
         parsed = URL(str(url), encoded=True)
@@ -269,17 +265,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     def _timeout(self, given: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
         """httpx's timeouts as httpx-aiohttp maps them; the last ones again when equal (a
-        run's requests all carry the same: a dict comparison, not a lookup)."""
+        run's requests all carry the same: a dict comparison, made once a run)."""
         last = self._last_timeout
         if last is not None and last[0] == given:
             return last[1]
-        key = (given.get("connect"), given.get("read"), given.get("pool"))
-        timeout = self._timeouts.get(key)
-        if timeout is None:
-            import aiohttp
+        import aiohttp
 
-            timeout = aiohttp.ClientTimeout(sock_connect=key[0], sock_read=key[1], connect=key[2])
-            self._timeouts[key] = timeout
+        timeout = aiohttp.ClientTimeout(
+            sock_connect=given.get("connect"),
+            sock_read=given.get("read"),
+            connect=given.get("pool"),
+        )
         self._last_timeout = (dict(given), timeout)
         return timeout
 

@@ -38,8 +38,6 @@ from batchrun.job import build_job
 # parent, and the sibling `throughput` benchmark, which starts the fake, imports the pool).
 
 LIMIT_RSS_MB = 300
-#: rows a part file holds, as a run writes them (`pool.FLUSH_ROWS`)
-PART_ROWS = 5000
 
 
 def peak_rss_mb() -> float:
@@ -150,6 +148,7 @@ def write_done_parts(directory: Path, rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from batchrun.pool import FLUSH_ROWS  # rows a part file holds, as a run writes them
     from batchrun.sinks import part_path, part_schema
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -180,9 +179,9 @@ def write_done_parts(directory: Path, rows: int) -> None:
         for f in schema
     ]
     table = pa.Table.from_arrays(columns, schema=schema)
-    for number, start in enumerate(range(0, rows, PART_ROWS), start=1):
+    for number, start in enumerate(range(0, rows, FLUSH_ROWS), start=1):
         pq.write_table(
-            table.slice(start, PART_ROWS), part_path(directory, number), compression="zstd"
+            table.slice(start, FLUSH_ROWS), part_path(directory, number), compression="zstd"
         )
 
 
@@ -224,6 +223,8 @@ def main() -> None:
     args = parser.parse_args()
     from throughput import free_port, start_fake  # the sibling benchmark
 
+    from batchrun.pool import FLUSH_ROWS
+
     port = free_port()
     fake = start_fake(port, None)  # not pinned: the steps run one at a time
     base_url = f"http://127.0.0.1:{port}"
@@ -250,7 +251,7 @@ def main() -> None:
             skip_output = folder / "skipset.parquet"
             start = time.perf_counter()
             write_done_parts(Checkpoint(skip_output).directory, rows)
-            parts = -(-rows // PART_ROWS)
+            parts = -(-rows // FLUSH_ROWS)
             print(
                 f"built {rows:,} done rows in {parts:,} part files in "
                 f"{time.perf_counter() - start:.1f} s"
