@@ -194,10 +194,9 @@ class Pool:
             scan=self.scan,
             meter=self.meter,
             tally=self.tally,
-            send=self._send,
-            send_keeps_deadline=True,  # `_send` puts its waits under `attempt.deadline()`
+            send=self._send,  # it puts its waits under `attempt.deadline()`
             journal=self.writer.add,
-            keep=self._keep,
+            keep=self.writer.queue,
             stopping=lambda: self.stopping,
             sleep=self._sleep_unless_stopping,
             variants=self.variants,
@@ -397,11 +396,6 @@ class Pool:
                     self.writer.queue(end.result)
                     await self._next_turn()
                     self._write_journal()  # nothing left if another worker wrote this turn's
-
-    def _keep(self, result: dict[str, Any]) -> None:
-        """Queue a row for the journal; the next write (at the latest, the last flush of the
-        run) journals it and counts it as done."""
-        self.writer.queue(result)
 
     def _write_journal(self) -> None:
         """Journal the queued rows, then count them as done."""

@@ -97,6 +97,10 @@ def add_reported(total: int | None, value: int | None) -> int | None:
     return value if total is None else total + value
 
 
+#: the usage columns a run's statistics sum (nothing reads a sum of `total_tokens`)
+TALLIED_USAGE = tuple(name for name in USAGE_COLUMNS if name != "total_tokens")
+
+
 @dataclass
 class Tally:
     """Mutable counters, updated by the workers of one run."""
@@ -108,9 +112,9 @@ class Tally:
     rows_error: int = 0
     requests: int = 0
     in_flight: int = 0
-    #: each usage figure summed over the journalled rows, by its column's name
-    #: (`sinks.USAGE_COLUMNS`); None until some row reports it
-    usage: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(USAGE_COLUMNS))
+    #: each usage figure the statistics report summed over the journalled rows, by its
+    #: column's name (`TALLIED_USAGE`); None until some row reports it
+    usage: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(TALLIED_USAGE))
     cost_usd: float = 0.0
     rows_worst_case: int = 0
     rows_unpriced: int = 0
@@ -132,7 +136,7 @@ class Tally:
             self.rows_prior_error = self.prior_errors.count(1)
 
     def record_row(self, row: dict[str, Any]) -> None:
-        """Count a journalled row (called for every row: plain attribute arithmetic)."""
+        """Count a journalled row (called for every row: kept to counters and sums)."""
         self.rows_done += 1
         prior = self.prior_errors
         if prior is not None:
@@ -146,7 +150,7 @@ class Tally:
             self.rows_error += 1
             self.errors_by_class[row.get("error_class") or "unknown"] += 1
         usage = self.usage
-        for name in USAGE_COLUMNS:
+        for name in TALLIED_USAGE:
             if (value := row[name]) is not None:
                 total = usage[name]
                 usage[name] = value if total is None else total + value

@@ -131,15 +131,14 @@ class RowMaker:
     """Turns work items into result rows; one per run, shared by its workers.
 
     Args:
-        send: sends a body for a position (through the endpoint gate), raising `Abandoned`
-            when the run stops meanwhile.
-        send_keeps_deadline: `send` keeps the lease's deadline itself: it waits only
-            where the wait is known to end before the lease expires, or under
-            `attempt.deadline()` (`AttemptMeter.attempt`'s deferred deadline; the pool's
-            `send` does). Then the common attempt enters no cancel scope; else every
-            attempt's block is cut short at its lease's expiry.
+        send: sends a body for a position under its `Attempt` (through the endpoint gate),
+            raising `Abandoned` when the run stops meanwhile. It keeps the lease's deadline
+            itself (`AttemptMeter.attempt`'s deferred deadline): it waits only where the wait
+            is known to end before the lease expires, or under `attempt.deadline()`, so the
+            common attempt enters no cancel scope.
         journal: writes a row at once, before it is final (paid answers of a re-asked row).
-        keep: records a finished row (used for the paid answers of a row cancelled outright).
+        keep: records a finished row (used for the paid answers of a row cancelled outright);
+            the next journal write (at the latest, the run's last flush) counts it as done.
         stopping: whether the run is stopping.
         sleep: sleeps, returning early when the run stops.
     """
@@ -155,7 +154,6 @@ class RowMaker:
     sleep: Callable[[float], Awaitable[None]]
     variants: list[Variant]
     cache: RequestCache | None = None
-    send_keeps_deadline: bool = False
 
     def __post_init__(self) -> None:
         self.shapes = [RequestShape.from_job(self.job, v.settings) for v in self.variants]
@@ -324,7 +322,7 @@ class RowMaker:
     async def _send_once(self, state: RowState, request: MeteredRequest) -> Completion:
         if self.stopping():
             raise Abandoned
-        attempt = self.meter.attempt(request, deferred_deadline=self.send_keeps_deadline)
+        attempt = self.meter.attempt(request, deferred_deadline=True)
         try:
             async with attempt:
                 if self.stopping():  # stopped while waiting for the budget: nothing is sent
@@ -341,15 +339,15 @@ class RowMaker:
         return attempt.answer
 
     def _sending_at_once(self, state: RowState, request: MeteredRequest) -> Attempt | None:
-        """The start of `_send_once` for the common first send (issue 12): when `send`
-        keeps the lease's deadline itself and the meter takes and settles the attempt's
-        budgets without a wait (`Attempt.enter_at_once`), the attempt is entered and
-        counted as sent here, and `_ask` awaits `send` itself: a request in flight then
-        resumes through one coroutine fewer, and no `async with` coroutines are made.
+        """The start of `_send_once` for the common first send (issue 12): when the meter
+        takes and settles the attempt's budgets without a wait (`Attempt.enter_at_once`),
+        the attempt is entered and counted as sent here, and `_ask` awaits `send` itself: a
+        request in flight then resumes through one coroutine fewer, and no `async with`
+        coroutines are made.
         Returns None, with nothing taken, where anything would wait or the run is stopping:
         then `_send_once`. The same steps as `_send_once`'s, none of which can suspend;
         `_sent` ends it as leaving `_send_once`'s block does."""
-        if not self.send_keeps_deadline or self.stopping():
+        if self.stopping():
             return None
         attempt = self.meter.attempt(request, deferred_deadline=True)
         if not attempt.enter_at_once():

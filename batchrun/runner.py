@@ -331,7 +331,7 @@ def _run_with_checkpoint(
     *,
     rate_limiter: Callable[[Limits], RateLimiter] | None,
     spend_cap: SpendBudget | None = None,
-    prices: PriceTable | None = None,
+    prices: PriceTable,
 ) -> RunSummary:
     from batchrun.limits import SpendCap
 

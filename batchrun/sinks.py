@@ -548,7 +548,7 @@ def read_part(path: Path, schema: pa.Schema) -> pa.Table:
 
     file = pq.ParquetFile(path)  # one footer read: its schema, then the columns
     present = set(file.schema_arrow.names)
-    # a part of a few hundred rows: pyarrow's thread pool costs more than it saves
+    # a part of at most a few thousand rows, read one at a time: no thread pool for it
     table = file.read(columns=[name for name in schema.names if name in present], use_threads=False)
     for field in schema:
         if field.name not in present:
@@ -756,7 +756,7 @@ class _PartSpan:
 
 def _part_spans(parts: list[Path]) -> list[_PartSpan]:
     """The span of each part that holds rows."""
-    # the footers are not kept for the reads: 2,000 of them (a 1M-row run) hold ~60 MB
+    # the footers are not kept for the reads: they add up over a big run's parts
     spans = []
     for path in parts:
         positions = _index_bounds(path)
